@@ -1,0 +1,243 @@
+/*
+ * auth - Cyrus SASL server glue (RFC 4954).
+ * Passwords are checked by our SASL_CB_SERVER_USERDB_CHECKPASS callback against the salted
+ * slow hashes in SQLite (userdb); Cyrus's own verifiers are switched off by naming a
+ * pwcheck_method that does not exist, so a system sasldb or saslauthd is never consulted.
+ * Threads: SASL steps run on workq threads, each with its own userdb connection. A request
+ * is touched by one thread at a time (the loop, or the worker running it).
+ * Secrets: decoded client data is wiped after each step; no password is ever logged.
+ */
+#include "auth.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "config.h"
+#include "log.h"
+#include "userdb.h"
+
+static char auth_dbpath[PATH_MAX];
+static __thread struct userdb *auth_db;
+static pthread_mutex_t auth_conn_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int auth_getopt(void *ctx, const char *plugin, const char *option, const char **result, unsigned *len)
+{
+	(void)ctx; (void)plugin;
+	if (!strcmp(option, "mech_list"))
+		*result = "PLAIN LOGIN";
+	else if (!strcmp(option, "pwcheck_method"))
+		*result = "relayd-userdb"; /* no such verifier: only our callback decides */
+	else if (!strcmp(option, "auxprop_plugin"))
+		*result = "relayd-none";
+	else
+		return SASL_FAIL;
+	if (len)
+		*len = (unsigned)strlen(*result);
+	return SASL_OK;
+}
+
+static int auth_sasl_log(void *ctx, int level, const char *message)
+{
+	(void)ctx;
+	if (level <= SASL_LOG_ERR && !strstr(message, "password verifier") && !strstr(message, "auxprop"))
+		log_debug("auth event=sasl-log level=%d message=\"%s\"", level, message);
+	return SASL_OK;
+}
+
+static void *auth_mutex_alloc(void)
+{
+	pthread_mutex_t *m = malloc(sizeof(*m));
+	if (m)
+		pthread_mutex_init(m, NULL);
+	return m;
+}
+static int auth_mutex_lock(void *m) { return pthread_mutex_lock(m) ? SASL_FAIL : SASL_OK; }
+static int auth_mutex_unlock(void *m) { return pthread_mutex_unlock(m) ? SASL_FAIL : SASL_OK; }
+static void auth_mutex_free(void *m) { pthread_mutex_destroy(m); free(m); }
+
+static const sasl_callback_t auth_global_cb[] = {
+	{ SASL_CB_GETOPT, (int (*)(void))(void (*)(void))auth_getopt, NULL },
+	{ SASL_CB_LOG, (int (*)(void))(void (*)(void))auth_sasl_log, NULL },
+	{ SASL_CB_LIST_END, NULL, NULL },
+};
+
+/* auth_init - initialise Cyrus SASL's server side */
+int auth_init(const struct config *cfg, char *err, size_t errlen)
+{
+	snprintf(auth_dbpath, sizeof(auth_dbpath), "%s", cfg->database);
+	sasl_set_mutex(auth_mutex_alloc, auth_mutex_lock, auth_mutex_unlock, auth_mutex_free);
+	int rc = sasl_server_init(auth_global_cb, "relayd");
+	if (rc != SASL_OK) {
+		snprintf(err, errlen, "sasl_server_init: %s", sasl_errstring(rc, NULL, NULL));
+		return -1;
+	}
+	const char **mechs = sasl_global_listmech();
+	bool plain = false, login = false;
+	for (int i = 0; mechs && mechs[i]; i++) {
+		plain |= !strcasecmp(mechs[i], "PLAIN");
+		login |= !strcasecmp(mechs[i], "LOGIN");
+	}
+	if (!plain || !login) {
+		snprintf(err, errlen, "Cyrus SASL PLAIN/LOGIN plugins missing: install the Debian package libsasl2-modules");
+		return -1;
+	}
+	return 0;
+}
+
+/* the password check, called by SASL inside a step on a worker thread */
+static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const char *pass, unsigned passlen,
+			  struct propctx *propctx)
+{
+	struct auth_req *r = ctx;
+	(void)conn; (void)propctx;
+	if (!auth_db) {
+		char err[256];
+		auth_db = userdb_open(auth_dbpath, err, sizeof(err));
+		if (!auth_db) {
+			log_err("auth event=db-open-failed error=\"%s\"", err);
+			r->check = USERDB_ERROR;
+			return SASL_FAIL;
+		}
+	}
+	char *pw = strndup(pass, passlen);
+	if (!pw) {
+		r->check = USERDB_ERROR;
+		return SASL_NOMEM;
+	}
+	r->check = (int)userdb_check_password(auth_db, user, pw);
+	explicit_bzero(pw, passlen);
+	free(pw);
+	switch (r->check) {
+	case USERDB_OK: return SASL_OK;
+	case USERDB_NO_USER: return SASL_NOUSER;
+	case USERDB_BAD_PASSWORD: return SASL_BADAUTH;
+	default: return SASL_FAIL;
+	}
+}
+
+/* auth_mech_supported - the mechanisms we offer */
+bool auth_mech_supported(const char *mech)
+{
+	return !strcasecmp(mech, "PLAIN") || !strcasecmp(mech, "LOGIN");
+}
+
+/* after SASL_OK: who it is and which senders they may use */
+static void auth_load_user(struct auth_req *r)
+{
+	const void *name = NULL;
+	if (sasl_getprop(r->sasl, SASL_USERNAME, &name) != SASL_OK || !name) {
+		r->result = AUTH_TEMPFAIL;
+		return;
+	}
+	snprintf(r->user, sizeof(r->user), "%s", (const char *)name);
+	struct userdb_user u;
+	if (!auth_db || userdb_user_get(auth_db, r->user, &u) != 0) {
+		r->result = AUTH_TEMPFAIL;
+		return;
+	}
+	r->senders = u.senders;
+	r->nsenders = u.nsenders;
+	u.senders = NULL;
+	u.nsenders = 0;
+	userdb_user_free(&u);
+}
+
+static void auth_run(struct workq_job *j)
+{
+	struct auth_req *r = (struct auth_req *)j;
+	const char *out = NULL;
+	unsigned outlen = 0;
+	int rc;
+	r->check = -1;
+	if (r->start)
+		rc = sasl_server_start(r->sasl, r->mech, r->have_input ? r->input : NULL, r->inlen, &out, &outlen);
+	else
+		rc = sasl_server_step(r->sasl, r->input, r->inlen, &out, &outlen);
+	if (r->input) {
+		explicit_bzero(r->input, r->inlen);
+		free(r->input);
+		r->input = NULL;
+	}
+	r->challenge[0] = '\0';
+	if (rc == SASL_OK) {
+		r->result = AUTH_OK;
+		auth_load_user(r);
+	} else if (rc == SASL_CONTINUE) {
+		unsigned elen;
+		r->result = sasl_encode64(out, outlen, r->challenge, sizeof(r->challenge), &elen) == SASL_OK ?
+				    AUTH_CONTINUE : AUTH_BADPROT;
+	} else if (rc == SASL_NOMECH) {
+		r->result = AUTH_BADMECH;
+	} else if (r->check == USERDB_ERROR || rc == SASL_NOMEM || rc == SASL_TRYAGAIN) {
+		r->result = AUTH_TEMPFAIL;
+	} else if (rc == SASL_BADPROT && r->check < 0) {
+		r->result = AUTH_BADPROT;
+	} else {
+		r->result = AUTH_FAIL;
+	}
+}
+
+static void auth_done(struct workq_job *j)
+{
+	struct auth_req *r = (struct auth_req *)j;
+	r->cb(r);
+}
+
+/* auth_req_new - a SASL server connection for one session */
+struct auth_req *auth_req_new(uint64_t session_id, const char *hostname)
+{
+	struct auth_req *r = calloc(1, sizeof(*r));
+	if (!r)
+		return NULL;
+	r->session_id = session_id;
+	r->job.run = auth_run;
+	r->job.done = auth_done;
+	r->callbacks[0].id = SASL_CB_SERVER_USERDB_CHECKPASS;
+	r->callbacks[0].proc = (int (*)(void))(void (*)(void))auth_checkpass;
+	r->callbacks[0].context = r;
+	r->callbacks[1].id = SASL_CB_LIST_END;
+	pthread_mutex_lock(&auth_conn_lock);
+	int rc = sasl_server_new("smtp", hostname, NULL, NULL, NULL, r->callbacks, 0, &r->sasl);
+	pthread_mutex_unlock(&auth_conn_lock);
+	if (rc != SASL_OK) {
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+/* auth_submit - queue the next step */
+void auth_submit(struct auth_req *r)
+{
+	workq_submit(&r->job);
+}
+
+/* auth_senders_free - free a sender list */
+void auth_senders_free(char **senders, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(senders[i]);
+	free(senders);
+}
+
+/* auth_req_free - dispose and wipe */
+void auth_req_free(struct auth_req *r)
+{
+	if (!r)
+		return;
+	if (r->sasl) {
+		pthread_mutex_lock(&auth_conn_lock);
+		sasl_dispose(&r->sasl);
+		pthread_mutex_unlock(&auth_conn_lock);
+	}
+	if (r->input) {
+		explicit_bzero(r->input, r->inlen);
+		free(r->input);
+	}
+	auth_senders_free(r->senders, r->nsenders);
+	explicit_bzero(r, sizeof(*r));
+	free(r);
+}

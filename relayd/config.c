@@ -1,0 +1,468 @@
+/*
+ * config - parse and validate relayd.conf.
+ * Grammar: one directive per line, words separated by blanks, '#' to end of line is a
+ * comment. `listen ADDR:PORT MODE` and `upstream HOST:PORT [key=value ...]` repeat; every
+ * other directive appears once. IPv6 addresses are written in brackets: [::1]:587.
+ * Invariant: a config that loads without error is complete (paths absolute, a listener,
+ * a certificate when any listener needs TLS).
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define CONFIG_MAX_WORDS 16
+
+struct config_ctx {
+	struct config *c;
+	const char *file;
+	int line;
+	char *err;
+	size_t errlen;
+};
+
+static int config_error(struct config_ctx *x, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int config_error(struct config_ctx *x, const char *fmt, ...)
+{
+	char what[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	if (x->line > 0)
+		snprintf(x->err, x->errlen, "%s:%d: %s", x->file, x->line, what);
+	else
+		snprintf(x->err, x->errlen, "%s: %s", x->file, what);
+	return -1;
+}
+
+/* config_defaults - built-in defaults */
+void config_defaults(struct config *c)
+{
+	memset(c, 0, sizeof(*c));
+	snprintf(c->hostname, sizeof(c->hostname), "localhost");
+	c->max_message_size = 35u * 1024 * 1024;
+	c->max_recipients = 100;
+	c->timeout_idle = 300;
+	c->timeout_session = 3600;
+	c->max_errors = 10;
+	c->max_sessions = 10000;
+	c->retry_min = 60;
+	c->retry_max = 3600;
+	c->queue_lifetime = 5 * 86400;
+	c->check_header_from = true;
+	c->auth_cache_ttl = 300;
+}
+
+/* config_parse_size - "35M" -> bytes */
+long long config_parse_size(const char *s)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (errno || end == s || v < 0)
+		return -1;
+	long long mul = 1;
+	switch (tolower((unsigned char)*end)) {
+	case '\0': break;
+	case 'k': mul = 1024; end++; break;
+	case 'm': mul = 1024 * 1024; end++; break;
+	case 'g': mul = 1024LL * 1024 * 1024; end++; break;
+	default: return -1;
+	}
+	if (*end == 'b' || *end == 'B')
+		end++;
+	if (*end || v > (1LL << 40) / mul)
+		return -1;
+	return v * mul;
+}
+
+/* config_parse_duration - "5m" -> 300 */
+long long config_parse_duration(const char *s)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (errno || end == s || v < 0)
+		return -1;
+	long long mul = 1;
+	switch (*end) {
+	case '\0': break;
+	case 's': mul = 1; end++; break;
+	case 'm': mul = 60; end++; break;
+	case 'h': mul = 3600; end++; break;
+	case 'd': mul = 86400; end++; break;
+	default: return -1;
+	}
+	if (*end || v > (1LL << 31) / mul)
+		return -1;
+	return v * mul;
+}
+
+/* config_listen_mode_str - name of a listen mode */
+const char *config_listen_mode_str(enum listen_mode m)
+{
+	switch (m) {
+	case LISTEN_STARTTLS: return "starttls";
+	case LISTEN_TLS: return "tls";
+	case LISTEN_PLAIN: return "plain";
+	}
+	return "?";
+}
+
+/* split "host:port" or "[v6]:port" */
+static int config_hostport(struct config_ctx *x, const char *s, char *host, size_t hostlen,
+			   char *port, size_t portlen)
+{
+	const char *colon;
+	size_t hl;
+	if (s[0] == '[') {
+		const char *rb = strchr(s, ']');
+		if (!rb || rb[1] != ':')
+			return config_error(x, "expected [IPv6]:PORT, got \"%s\"", s);
+		hl = (size_t)(rb - s - 1);
+		s++;
+		colon = rb + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (!colon || strchr(s, ':') != colon)
+			return config_error(x, "expected HOST:PORT, got \"%s\"", s);
+		hl = (size_t)(colon - s);
+	}
+	if (hl == 0 || hl >= hostlen)
+		return config_error(x, "bad host in \"%s\"", s);
+	memcpy(host, s, hl);
+	host[hl] = '\0';
+	const char *p = colon + 1;
+	char *end;
+	long v = strtol(p, &end, 10);
+	if (*p == '\0' || *end || v < 1 || v > 65535 || strlen(p) >= portlen)
+		return config_error(x, "bad port in \"%s\" (1-65535)", s);
+	snprintf(port, portlen, "%s", p);
+	return 0;
+}
+
+/* make a path absolute relative to the config file's folder */
+static int config_path(struct config_ctx *x, const char *v, char *out, size_t outlen)
+{
+	int n;
+	if (v[0] == '/')
+		n = snprintf(out, outlen, "%s", v);
+	else
+		n = snprintf(out, outlen, "%s/%s", x->c->dir, v);
+	if (n < 0 || (size_t)n >= outlen)
+		return config_error(x, "path too long");
+	return 0;
+}
+
+static int config_bool(struct config_ctx *x, const char *v, bool *out)
+{
+	if (!strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "true"))
+		*out = true;
+	else if (!strcmp(v, "no") || !strcmp(v, "off") || !strcmp(v, "false"))
+		*out = false;
+	else
+		return config_error(x, "expected yes or no, got \"%s\"", v);
+	return 0;
+}
+
+static int config_listen(struct config_ctx *x, int argc, char **argv)
+{
+	struct config *c = x->c;
+	if (argc != 3)
+		return config_error(x, "expected: listen ADDRESS:PORT starttls|tls|plain");
+	if (c->nlisten == CONFIG_MAX_LISTEN)
+		return config_error(x, "too many listen lines (at most %d)", CONFIG_MAX_LISTEN);
+	struct listen_cfg *l = &c->listen[c->nlisten];
+	if (config_hostport(x, argv[1], l->host, sizeof(l->host), l->port, sizeof(l->port)) < 0)
+		return -1;
+	if (!strcmp(argv[2], "starttls"))
+		l->mode = LISTEN_STARTTLS;
+	else if (!strcmp(argv[2], "tls"))
+		l->mode = LISTEN_TLS;
+	else if (!strcmp(argv[2], "plain"))
+		l->mode = LISTEN_PLAIN;
+	else
+		return config_error(x, "listen mode must be starttls, tls or plain, got \"%s\"", argv[2]);
+	if (l->mode == LISTEN_PLAIN && strcmp(l->host, "127.0.0.1") && strcmp(l->host, "::1") &&
+	    strcmp(l->host, "localhost"))
+		return config_error(x, "listen mode plain is allowed on loopback addresses only");
+	l->line = x->line;
+	c->nlisten++;
+	return 0;
+}
+
+static int config_rate(struct config_ctx *x, const char *v, struct upstream_cfg *u)
+{
+	char *end;
+	long n = strtol(v, &end, 10);
+	if (end == v || n <= 0 || *end != '/')
+		return config_error(x, "rate must look like 250/hour, got \"%s\"", v);
+	end++;
+	if (!strcmp(end, "second") || !strcmp(end, "s"))
+		u->rate_window = 1;
+	else if (!strcmp(end, "minute") || !strcmp(end, "min"))
+		u->rate_window = 60;
+	else if (!strcmp(end, "hour") || !strcmp(end, "h"))
+		u->rate_window = 3600;
+	else if (!strcmp(end, "day") || !strcmp(end, "d"))
+		u->rate_window = 86400;
+	else
+		return config_error(x, "rate unit must be second, minute, hour or day, got \"%s\"", end);
+	u->rate_count = (unsigned)n;
+	return 0;
+}
+
+static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, const char *opt)
+{
+	const char *eq = strchr(opt, '=');
+	if (!eq)
+		return config_error(x, "expected key=value on the upstream line, got \"%s\"", opt);
+	const char *v = eq + 1;
+	size_t kl = (size_t)(eq - opt);
+	if (kl == 3 && !strncmp(opt, "tls", kl)) {
+		if (!strcmp(v, "starttls"))
+			u->tls = UPSTREAM_TLS_STARTTLS;
+		else if (!strcmp(v, "implicit"))
+			u->tls = UPSTREAM_TLS_IMPLICIT;
+		else if (!strcmp(v, "none"))
+			u->tls = UPSTREAM_TLS_NONE;
+		else
+			return config_error(x, "tls= must be starttls, implicit or none, got \"%s\"", v);
+	} else if (kl == 6 && !strncmp(opt, "verify", kl)) {
+		return config_bool(x, v, &u->verify);
+	} else if (kl == 2 && !strncmp(opt, "ca", kl)) {
+		return config_path(x, v, u->ca, sizeof(u->ca));
+	} else if (kl == 4 && !strncmp(opt, "auth", kl)) {
+		return config_path(x, v, u->auth_file, sizeof(u->auth_file));
+	} else if (kl == 4 && !strncmp(opt, "rate", kl)) {
+		return config_rate(x, v, u);
+	} else if (kl == 11 && !strncmp(opt, "connections", kl)) {
+		long n = strtol(v, NULL, 10);
+		if (n < 1 || n > 100)
+			return config_error(x, "connections= must be 1 to 100");
+		u->max_connections = (unsigned)n;
+	} else {
+		return config_error(x, "unknown upstream option \"%.*s\" (tls, verify, ca, auth, rate, connections)",
+				    (int)kl, opt);
+	}
+	return 0;
+}
+
+static int config_upstream(struct config_ctx *x, int argc, char **argv)
+{
+	struct config *c = x->c;
+	if (argc < 2)
+		return config_error(x, "expected: upstream HOST:PORT [tls=starttls|implicit|none] [verify=yes|no] [ca=FILE] [auth=FILE] [rate=N/hour]");
+	if (c->nupstream == CONFIG_MAX_UPSTREAM)
+		return config_error(x, "too many upstream lines (at most %d)", CONFIG_MAX_UPSTREAM);
+	struct upstream_cfg *u = &c->upstream[c->nupstream];
+	memset(u, 0, sizeof(*u));
+	u->tls = UPSTREAM_TLS_STARTTLS;
+	u->verify = true;
+	u->max_connections = 4;
+	if (config_hostport(x, argv[1], u->host, sizeof(u->host), u->port, sizeof(u->port)) < 0)
+		return -1;
+	for (int i = 2; i < argc; i++)
+		if (config_upstream_opt(x, u, argv[i]) < 0)
+			return -1;
+	u->line = x->line;
+	c->nupstream++;
+	return 0;
+}
+
+static int config_string(struct config_ctx *x, int argc, char **argv, char *out, size_t outlen)
+{
+	if (argc != 2)
+		return config_error(x, "%s takes one value", argv[0]);
+	if (strlen(argv[1]) >= outlen)
+		return config_error(x, "%s: value too long", argv[0]);
+	snprintf(out, outlen, "%s", argv[1]);
+	return 0;
+}
+
+static int config_unsigned(struct config_ctx *x, int argc, char **argv, unsigned *out, long long max,
+			   long long (*parse)(const char *))
+{
+	if (argc != 2)
+		return config_error(x, "%s takes one value", argv[0]);
+	long long v = parse ? parse(argv[1]) : -1;
+	if (!parse) {
+		char *end;
+		v = strtoll(argv[1], &end, 10);
+		if (*end || end == argv[1])
+			v = -1;
+	}
+	if (v < 0 || v > max)
+		return config_error(x, "%s: bad value \"%s\"", argv[0], argv[1]);
+	*out = (unsigned)v;
+	return 0;
+}
+
+static int config_directive(struct config_ctx *x, int argc, char **argv)
+{
+	struct config *c = x->c;
+	const char *d = argv[0];
+
+	if (!strcmp(d, "listen"))
+		return config_listen(x, argc, argv);
+	if (!strcmp(d, "upstream"))
+		return config_upstream(x, argc, argv);
+	if (!strcmp(d, "hostname"))
+		return config_string(x, argc, argv, c->hostname, sizeof(c->hostname));
+	if (!strcmp(d, "user"))
+		return config_string(x, argc, argv, c->user, sizeof(c->user));
+	if (argc == 2 && !strcmp(d, "tls_cert"))
+		return config_path(x, argv[1], c->tls_cert, sizeof(c->tls_cert));
+	if (argc == 2 && !strcmp(d, "tls_key"))
+		return config_path(x, argv[1], c->tls_key, sizeof(c->tls_key));
+	if (argc == 2 && !strcmp(d, "database"))
+		return config_path(x, argv[1], c->database, sizeof(c->database));
+	if (argc == 2 && !strcmp(d, "queue"))
+		return config_path(x, argv[1], c->queue, sizeof(c->queue));
+	if (argc == 2 && !strcmp(d, "pidfile"))
+		return config_path(x, argv[1], c->pidfile, sizeof(c->pidfile));
+	if (argc == 2 && !strcmp(d, "control"))
+		return config_path(x, argv[1], c->control, sizeof(c->control));
+	if (!strcmp(d, "max_message_size")) {
+		long long v = argc == 2 ? config_parse_size(argv[1]) : -1;
+		if (v < 1024)
+			return config_error(x, "max_message_size: expected a size such as 35M (at least 1k)");
+		c->max_message_size = (size_t)v;
+		return 0;
+	}
+	if (!strcmp(d, "max_recipients"))
+		return config_unsigned(x, argc, argv, &c->max_recipients, 100000, NULL);
+	if (!strcmp(d, "max_errors"))
+		return config_unsigned(x, argc, argv, &c->max_errors, 1000, NULL);
+	if (!strcmp(d, "max_sessions"))
+		return config_unsigned(x, argc, argv, &c->max_sessions, 1000000, NULL);
+	if (!strcmp(d, "timeout_idle"))
+		return config_unsigned(x, argc, argv, &c->timeout_idle, 86400, config_parse_duration);
+	if (!strcmp(d, "timeout_session"))
+		return config_unsigned(x, argc, argv, &c->timeout_session, 86400 * 7, config_parse_duration);
+	if (!strcmp(d, "retry_min"))
+		return config_unsigned(x, argc, argv, &c->retry_min, 86400, config_parse_duration);
+	if (!strcmp(d, "retry_max"))
+		return config_unsigned(x, argc, argv, &c->retry_max, 86400 * 7, config_parse_duration);
+	if (!strcmp(d, "queue_lifetime"))
+		return config_unsigned(x, argc, argv, &c->queue_lifetime, 86400 * 60, config_parse_duration);
+	if (!strcmp(d, "auth_cache_ttl"))
+		return config_unsigned(x, argc, argv, &c->auth_cache_ttl, 86400, config_parse_duration);
+	if (!strcmp(d, "check_header_from")) {
+		if (argc != 2)
+			return config_error(x, "check_header_from takes yes or no");
+		return config_bool(x, argv[1], &c->check_header_from);
+	}
+	if (argc != 2 && (!strcmp(d, "tls_cert") || !strcmp(d, "tls_key") || !strcmp(d, "database") ||
+			  !strcmp(d, "queue") || !strcmp(d, "pidfile") || !strcmp(d, "control")))
+		return config_error(x, "%s takes one path", d);
+	return config_error(x, "unknown directive \"%s\"", d);
+}
+
+/* split a line into words; strips the comment */
+static int config_split(char *line, char **argv)
+{
+	int argc = 0;
+	char *hash = strchr(line, '#');
+	if (hash)
+		*hash = '\0';
+	for (char *p = line; *p;) {
+		while (*p && isspace((unsigned char)*p))
+			*p++ = '\0';
+		if (!*p)
+			break;
+		if (argc == CONFIG_MAX_WORDS)
+			return -1;
+		argv[argc++] = p;
+		while (*p && !isspace((unsigned char)*p))
+			p++;
+	}
+	return argc;
+}
+
+static int config_check(struct config_ctx *x)
+{
+	struct config *c = x->c;
+	bool need_tls = false;
+	x->line = 0;
+	if (c->nlisten == 0)
+		return config_error(x, "no listen line");
+	for (int i = 0; i < c->nlisten; i++)
+		if (c->listen[i].mode != LISTEN_PLAIN)
+			need_tls = true;
+	if (need_tls && (!c->tls_cert[0] || !c->tls_key[0]))
+		return config_error(x, "tls_cert and tls_key are needed for starttls and tls listeners");
+	if (!c->database[0])
+		return config_error(x, "no database line");
+	if (!c->queue[0])
+		return config_error(x, "no queue line");
+	if (c->retry_min == 0 || c->retry_max < c->retry_min)
+		return config_error(x, "retry_min must be at least 1s and not above retry_max");
+	if (!c->control[0]) {
+		int n = snprintf(c->control, sizeof(c->control), "%s/control.sock", c->queue);
+		if (n < 0 || (size_t)n >= sizeof(c->control))
+			return config_error(x, "control socket path too long");
+	}
+	return 0;
+}
+
+/* config_load - parse a config file */
+int config_load(const char *path, struct config *c, char *err, size_t errlen)
+{
+	struct config_ctx x = { .c = c, .file = path, .line = 0, .err = err, .errlen = errlen };
+	char line[4096];
+	char *argv[CONFIG_MAX_WORDS];
+
+	config_defaults(c);
+	snprintf(c->path, sizeof(c->path), "%s", path);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return config_error(&x, "cannot open: %s", strerror(errno));
+	if (path[0] == '/' || strchr(path, '/')) {
+		char tmp[PATH_MAX];
+		snprintf(tmp, sizeof(tmp), "%s", path);
+		char *slash = strrchr(tmp, '/');
+		*slash = '\0';
+		if (tmp[0] != '/' ) {
+			char cwd[PATH_MAX];
+			if (!getcwd(cwd, sizeof(cwd)))
+				cwd[0] = '\0';
+			snprintf(c->dir, sizeof(c->dir), "%.2000s/%.2000s", cwd, tmp);
+		} else {
+			snprintf(c->dir, sizeof(c->dir), "%s", tmp[0] ? tmp : "/");
+		}
+	} else if (!getcwd(c->dir, sizeof(c->dir))) {
+		snprintf(c->dir, sizeof(c->dir), ".");
+	}
+	int rc = 0;
+	while (fgets(line, sizeof(line), f)) {
+		x.line++;
+		size_t len = strlen(line);
+		if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
+			rc = config_error(&x, "line too long");
+			break;
+		}
+		int argc = config_split(line, argv);
+		if (argc < 0) {
+			rc = config_error(&x, "too many words");
+			break;
+		}
+		if (argc == 0)
+			continue;
+		if (config_directive(&x, argc, argv) < 0) {
+			rc = -1;
+			break;
+		}
+	}
+	fclose(f);
+	if (rc == 0)
+		rc = config_check(&x);
+	return rc;
+}

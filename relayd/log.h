@@ -1,0 +1,26 @@
+/*
+ * log - one line per event, key=value, to stderr (foreground) or syslog.
+ * Lines start with the session or queue id when there is one:
+ *   a1b2c3d4e5f60718 smtp event=auth result=fail user=alice reason=bad-password
+ * Never pass a password or a secret to these functions.
+ */
+#ifndef RELAYD_LOG_H
+#define RELAYD_LOG_H
+
+#include <stdarg.h>
+
+enum log_level { LOG_LVL_ERR, LOG_LVL_WARN, LOG_LVL_INFO, LOG_LVL_DEBUG };
+
+/* log_init - choose stderr (foreground) or syslog; ident is the program name */
+void log_init(const char *ident, int to_stderr, int debug);
+/* log_msg - write one event line at the given level */
+void log_msg(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* fatal - log and exit(1); only for broken invariants and start-up failures */
+void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+#define log_err(...)   log_msg(LOG_LVL_ERR, __VA_ARGS__)
+#define log_warn(...)  log_msg(LOG_LVL_WARN, __VA_ARGS__)
+#define log_info(...)  log_msg(LOG_LVL_INFO, __VA_ARGS__)
+#define log_debug(...) log_msg(LOG_LVL_DEBUG, __VA_ARGS__)
+
+#endif

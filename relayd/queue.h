@@ -1,0 +1,115 @@
+/*
+ * queue - the durable store of accepted messages.
+ *
+ * Layout: QUEUE/msg/<id> holds one message:
+ *     RELAYD-QUEUE 1\n
+ *     id <16 hex>\n
+ *     created <unix seconds>\n
+ *     user <sasl user>\n
+ *     from <reverse-path, empty for the null sender>\n
+ *     ret <FULL|HDRS|->\n
+ *     envid <xtext or ->\n
+ *     body <7BIT|8BITMIME|BINARYMIME>\n
+ *     smtputf8 <0|1>\n
+ *     rcpt <notify bits> <orcpt or -> <address>\n      (one line per recipient, in order)
+ *     size <N>\n
+ *     \n
+ *     <N bytes: the message exactly as it is to be sent, headers added, NOT dot-stuffed>
+ *     \nEND <crc32 of the N bytes, 8 hex>\n
+ *     then zero or more status records appended later, each one line:
+ *     D <rcpt index> <smtp code> <text>\n     recipient finished (delivered 2xx or failed 5xx)
+ *     T <attempts> <next attempt unix time> <text>\n   transient failure, retry later
+ *     B <bounce queue id>\n                    the bounce for failed recipients is committed
+ * A file without a valid END trailer never got a 250 and is discarded at recovery.
+ * A message is removed (unlink) only when every recipient has a D record and, where any
+ * recipient failed, its bounce is committed (B record), or it is a bounce itself.
+ *
+ * Group commit: queue_commit() hands a message to the commit thread, which writes every
+ * pending message of a batch, makes them durable with one syncfs(2), and then reports each
+ * result back to the loop through ev_async. 250 is sent only from that callback.
+ */
+#ifndef RELAYD_QUEUE_H
+#define RELAYD_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "buf.h"
+
+struct ev_loop;
+
+#define QUEUE_ID_LEN 16
+
+/* DSN NOTIFY bits (RFC 3461); 0 = not given (default: failure) */
+#define DSN_NOTIFY_NEVER   0x1
+#define DSN_NOTIFY_SUCCESS 0x2
+#define DSN_NOTIFY_FAILURE 0x4
+#define DSN_NOTIFY_DELAY   0x8
+
+enum queue_body { QUEUE_BODY_7BIT, QUEUE_BODY_8BITMIME, QUEUE_BODY_BINARYMIME };
+
+struct queue_rcpt {
+	char *addr;
+	char *orcpt;          /* NULL if not given */
+	unsigned notify;      /* DSN_NOTIFY_* bits */
+	int done_code;        /* 0 = pending, else the final SMTP code (2xx delivered, 5xx failed) */
+	char *done_text;      /* upstream reply text for done recipients (NULL if pending) */
+};
+
+struct queue_envelope {
+	char id[QUEUE_ID_LEN + 1];
+	time_t created;
+	char *user;
+	char *from;           /* "" for the null sender */
+	char *ret;            /* "FULL", "HDRS" or NULL */
+	char *envid;          /* NULL if not given */
+	enum queue_body body;
+	bool smtputf8;
+	struct queue_rcpt *rcpt;
+	size_t nrcpt;
+	/* state from the status records */
+	unsigned attempts;
+	time_t next_attempt;
+	char *last_error;     /* text of the last T record, NULL if none */
+	char bounce_id[QUEUE_ID_LEN + 1]; /* "" if no B record */
+	/* the message */
+	size_t size;
+	off_t body_offset;    /* where the N message bytes start in the file */
+};
+
+/* called on the loop thread when a commit finished: qerrno 0 = durable, else an errno */
+typedef void (*queue_commit_cb)(uint64_t owner, const char *id, int qerrno);
+
+/* queue_new_id - a fresh unique 16-hex-digit id (also used for session ids) */
+void queue_new_id(char out[QUEUE_ID_LEN + 1]);
+/* queue_init - create QUEUE/msg if needed and start the commit thread */
+int queue_init(struct ev_loop *loop, const char *dir, char *err, size_t errlen);
+/* queue_shutdown - finish pending commits and stop the commit thread */
+void queue_shutdown(void);
+/* queue_commit - make env + message durable; takes ownership of msg's contents (msg is emptied).
+ * cb(owner, id, 0) runs on the loop when it is on disk. env->id is assigned here when empty. */
+int queue_commit(struct queue_envelope *env, struct buf *msg, queue_commit_cb cb, uint64_t owner);
+
+/* queue_path - QUEUE/msg/<id> into out */
+int queue_path(const char *dir, const char *id, char *out, size_t outlen);
+/* queue_load - parse a queue file's envelope and status records (not the body); 0, or -1 if
+ * missing or invalid (no END trailer or bad crc: it never got a 250) */
+int queue_load(const char *dir, const char *id, struct queue_envelope *env);
+/* queue_read_body - read the N message bytes of a loaded message into out (malloc'd) */
+int queue_read_body(const char *dir, const struct queue_envelope *env, char **out);
+/* queue_envelope_free - release what queue_load allocated */
+void queue_envelope_free(struct queue_envelope *env);
+/* queue_append_status - append one status record line (without '\n') durably (fdatasync) */
+int queue_append_status(const char *dir, const char *id, const char *record);
+/* queue_remove - unlink a finished message (and fsync the folder) */
+int queue_remove(const char *dir, const char *id);
+/* queue_scan - call fn for each message id in the queue; returns the count or -1 */
+int queue_scan(const char *dir, void (*fn)(const char *id, void *arg), void *arg);
+/* queue_write_sync - write and fsync one message synchronously (for bounces made off the
+ * session path, and for tools); env->id assigned; 0 or -1 with errno */
+int queue_write_sync(const char *dir, struct queue_envelope *env, const char *msg, size_t len);
+
+#endif

@@ -1,0 +1,326 @@
+/*
+ * smtp_parse - command and parameter parsing (RFC 5321 §4.1.1-4.1.2, RFC 1870, RFC 3461,
+ * RFC 3030, RFC 6531, RFC 4954 §5).
+ * Invariants: never reads past the NUL, never allocates; every error is a full reply with
+ * an enhanced status code (RFC 3463).
+ */
+#include "smtp_parse.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "queue.h"
+
+static const struct {
+	const char *name;
+	enum smtp_verb verb;
+} smtp_verbs[] = {
+	{ "HELO", SMTP_HELO }, { "EHLO", SMTP_EHLO }, { "MAIL", SMTP_MAIL }, { "RCPT", SMTP_RCPT },
+	{ "DATA", SMTP_DATA }, { "BDAT", SMTP_BDAT }, { "RSET", SMTP_RSET }, { "NOOP", SMTP_NOOP },
+	{ "QUIT", SMTP_QUIT }, { "HELP", SMTP_HELP }, { "VRFY", SMTP_VRFY }, { "EXPN", SMTP_EXPN },
+	{ "STARTTLS", SMTP_STARTTLS }, { "AUTH", SMTP_AUTH },
+};
+
+/* smtp_verb_name - verb for logs */
+const char *smtp_verb_name(enum smtp_verb v)
+{
+	for (size_t i = 0; i < sizeof(smtp_verbs) / sizeof(smtp_verbs[0]); i++)
+		if (smtp_verbs[i].verb == v)
+			return smtp_verbs[i].name;
+	return "UNKNOWN";
+}
+
+/* smtp_parse_command - verb and argument */
+void smtp_parse_command(char *line, struct smtp_cmd *cmd)
+{
+	size_t vl = strcspn(line, " ");
+	cmd->verb = SMTP_UNKNOWN;
+	cmd->arg = line + vl;
+	if (*cmd->arg == ' ')
+		cmd->arg++;
+	for (size_t i = 0; i < sizeof(smtp_verbs) / sizeof(smtp_verbs[0]); i++) {
+		if (strlen(smtp_verbs[i].name) == vl && !strncasecmp(line, smtp_verbs[i].name, vl)) {
+			cmd->verb = smtp_verbs[i].verb;
+			break;
+		}
+	}
+	/* trailing blanks are tolerated (RFC 5321 §4.1.1 says none, clients send them) */
+	size_t al = strlen(cmd->arg);
+	while (al > 0 && (cmd->arg[al - 1] == ' ' || cmd->arg[al - 1] == '\t'))
+		cmd->arg[--al] = '\0';
+}
+
+static bool smtp_domain_valid(const char *d, bool utf8)
+{
+	size_t n = strlen(d);
+	if (n == 0 || n > 255)
+		return false;
+	if (d[0] == '[')
+		return d[n - 1] == ']' && n > 2 && strspn(d + 1, "0123456789abcdefABCDEF.:IPv6") == n - 2;
+	if (d[0] == '.' || d[0] == '-' || d[n - 1] == '.' || strstr(d, ".."))
+		return false;
+	for (const unsigned char *p = (const unsigned char *)d; *p; p++) {
+		if (*p >= 0x80 && utf8)
+			continue;
+		if (!isalnum(*p) && *p != '-' && *p != '.' && *p != '_')
+			return false;
+	}
+	return true;
+}
+
+/* smtp_addr_valid - mailbox syntax */
+bool smtp_addr_valid(const char *addr, bool utf8)
+{
+	size_t n = strlen(addr);
+	if (n == 0 || n > 254)
+		return false;
+	const char *at = strrchr(addr, '@');
+	if (!at || at == addr)
+		return false;
+	size_t ll = (size_t)(at - addr);
+	if (ll > 64 && addr[0] != '"')
+		return false;
+	for (size_t i = 0; i < ll; i++) {
+		unsigned char ch = (unsigned char)addr[i];
+		if (ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8))
+			return false;
+		if (addr[0] != '"' && strchr("<>()[],;:\\\"", ch))
+			return false;
+	}
+	if (addr[0] == '"' && (ll < 2 || addr[ll - 1] != '"'))
+		return false;
+	return smtp_domain_valid(at + 1, utf8);
+}
+
+/* smtp_xtext_valid - xtext: printable ASCII but '+' and '=', or "+HH" */
+bool smtp_xtext_valid(const char *s)
+{
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '+') {
+			if (!isxdigit((unsigned char)s[1]) || !isxdigit((unsigned char)s[2]))
+				return false;
+			s += 2;
+		} else if (ch < 33 || ch > 126 || ch == '=') {
+			return false;
+		}
+	}
+	return true;
+}
+
+static bool smtp_has_8bit(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s >= 0x80)
+			return true;
+	return false;
+}
+
+/* take "<path>" (after optional blanks); sets *rest to the parameters */
+static int smtp_path(char *s, char **addr, char **rest)
+{
+	while (*s == ' ')
+		s++;
+	if (*s != '<')
+		return -1;
+	char *end = strchr(s, '>');
+	if (!end)
+		return -1;
+	*end = '\0';
+	s++;
+	/* RFC 5321 §4.1.2: a source route "@a,@b:" is accepted and ignored */
+	if (*s == '@') {
+		char *colon = strchr(s, ':');
+		if (!colon)
+			return -1;
+		s = colon + 1;
+	}
+	*addr = s;
+	*rest = end + 1;
+	if (**rest != '\0' && **rest != ' ')
+		return -1;
+	return 0;
+}
+
+/* next "KEY[=VALUE]" word from a parameter list, NUL-terminated in place */
+static char *smtp_next_param(char **p, char **value)
+{
+	char *s = *p;
+	while (*s == ' ')
+		s++;
+	if (!*s)
+		return NULL;
+	char *end = s + strcspn(s, " ");
+	if (*end)
+		*end++ = '\0';
+	*p = end;
+	char *eq = strchr(s, '=');
+	*value = NULL;
+	if (eq) {
+		*eq = '\0';
+		*value = eq + 1;
+	}
+	return s;
+}
+
+static int smtp_mail_param(struct smtp_mail_args *m, const char *key, char *val, const char **reply)
+{
+	if (!strcasecmp(key, "SIZE")) {
+		char *end;
+		errno = 0;
+		long long v = val ? strtoll(val, &end, 10) : -1;
+		if (!val || errno || *end || end == val || v < 0) {
+			*reply = "501 5.5.4 Bad SIZE parameter";
+			return -1;
+		}
+		m->size = v;
+	} else if (!strcasecmp(key, "BODY")) {
+		if (val && !strcasecmp(val, "7BIT"))
+			m->body = SMTP_BODY_7BIT;
+		else if (val && !strcasecmp(val, "8BITMIME"))
+			m->body = SMTP_BODY_8BITMIME;
+		else {
+			*reply = "501 5.5.4 BODY must be 7BIT or 8BITMIME";
+			return -1;
+		}
+	} else if (!strcasecmp(key, "SMTPUTF8") && !val) {
+		m->smtputf8 = true;
+	} else if (!strcasecmp(key, "RET")) {
+		if (!val || (strcasecmp(val, "FULL") && strcasecmp(val, "HDRS")) || m->ret) {
+			*reply = "501 5.5.4 RET must be FULL or HDRS";
+			return -1;
+		}
+		for (char *p = val; *p; p++)
+			*p = (char)toupper((unsigned char)*p);
+		m->ret = val;
+	} else if (!strcasecmp(key, "ENVID")) {
+		if (!val || !*val || strlen(val) > 100 || !smtp_xtext_valid(val) || m->envid) {
+			*reply = "501 5.5.4 Bad ENVID parameter";
+			return -1;
+		}
+		m->envid = val;
+	} else if (!strcasecmp(key, "AUTH")) {
+		/* RFC 4954 §5: accepted; we trust only our own authentication */
+	} else {
+		*reply = "555 5.5.4 Unsupported MAIL parameter";
+		return -1;
+	}
+	return 0;
+}
+
+/* smtp_parse_mail - MAIL FROM:<addr> [params] */
+int smtp_parse_mail(char *arg, struct smtp_mail_args *m, const char **reply)
+{
+	memset(m, 0, sizeof(*m));
+	m->size = -1;
+	if (strncasecmp(arg, "FROM:", 5)) {
+		*reply = "501 5.5.4 Syntax: MAIL FROM:<address>";
+		return -1;
+	}
+	char *rest;
+	if (smtp_path(arg + 5, &m->addr, &rest) < 0) {
+		*reply = "501 5.1.7 Bad sender address syntax";
+		return -1;
+	}
+	char *key, *val;
+	while ((key = smtp_next_param(&rest, &val)))
+		if (smtp_mail_param(m, key, val, reply) < 0)
+			return -1;
+	if (m->addr[0] && !smtp_addr_valid(m->addr, m->smtputf8)) {
+		*reply = !m->smtputf8 && smtp_has_8bit(m->addr) ? "553 5.6.7 Non-ASCII sender address needs SMTPUTF8" :
+								   "501 5.1.7 Bad sender address syntax";
+		return -1;
+	}
+	return 0;
+}
+
+static int smtp_notify(char *val, unsigned *bits)
+{
+	*bits = 0;
+	for (char *tok = strtok(val, ","); tok; tok = strtok(NULL, ",")) {
+		if (!strcasecmp(tok, "NEVER"))
+			*bits |= DSN_NOTIFY_NEVER;
+		else if (!strcasecmp(tok, "SUCCESS"))
+			*bits |= DSN_NOTIFY_SUCCESS;
+		else if (!strcasecmp(tok, "FAILURE"))
+			*bits |= DSN_NOTIFY_FAILURE;
+		else if (!strcasecmp(tok, "DELAY"))
+			*bits |= DSN_NOTIFY_DELAY;
+		else
+			return -1;
+	}
+	/* NEVER excludes the others (RFC 3461 §4.1) */
+	if (*bits == 0 || ((*bits & DSN_NOTIFY_NEVER) && *bits != DSN_NOTIFY_NEVER))
+		return -1;
+	return 0;
+}
+
+/* smtp_parse_rcpt - RCPT TO:<addr> [params] */
+int smtp_parse_rcpt(char *arg, bool smtputf8, struct smtp_rcpt_args *r, const char **reply)
+{
+	memset(r, 0, sizeof(*r));
+	if (strncasecmp(arg, "TO:", 3)) {
+		*reply = "501 5.5.4 Syntax: RCPT TO:<address>";
+		return -1;
+	}
+	char *rest;
+	if (smtp_path(arg + 3, &r->addr, &rest) < 0) {
+		*reply = "501 5.1.3 Bad recipient address syntax";
+		return -1;
+	}
+	if (!smtp_addr_valid(r->addr, smtputf8)) {
+		*reply = !smtputf8 && smtp_has_8bit(r->addr) ? "553 5.6.7 Non-ASCII recipient address needs SMTPUTF8" :
+							     "501 5.1.3 Bad recipient address syntax";
+		return -1;
+	}
+	char *key, *val;
+	while ((key = smtp_next_param(&rest, &val))) {
+		if (!strcasecmp(key, "NOTIFY") && val && !r->notify) {
+			if (smtp_notify(val, &r->notify) < 0) {
+				*reply = "501 5.5.4 Bad NOTIFY parameter";
+				return -1;
+			}
+		} else if (!strcasecmp(key, "ORCPT") && val && !r->orcpt) {
+			char *semi = strchr(val, ';');
+			if (!semi || semi == val || !smtp_xtext_valid(semi + 1) || strlen(val) > 500) {
+				*reply = "501 5.5.4 Bad ORCPT parameter";
+				return -1;
+			}
+			r->orcpt = val;
+		} else {
+			*reply = "555 5.5.4 Unsupported RCPT parameter";
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* smtp_parse_bdat - BDAT size [LAST] (RFC 3030 §2) */
+int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **reply)
+{
+	char *end;
+	*last = false;
+	if (!isdigit((unsigned char)arg[0])) {
+		*reply = "501 5.5.4 Syntax: BDAT size [LAST]";
+		return -1;
+	}
+	errno = 0;
+	unsigned long long v = strtoull(arg, &end, 10);
+	if (errno || v > (1ULL << 40)) {
+		*reply = "501 5.5.4 Bad BDAT size";
+		return -1;
+	}
+	while (*end == ' ')
+		end++;
+	if (!strcasecmp(end, "LAST"))
+		*last = true;
+	else if (*end) {
+		*reply = "501 5.5.4 Syntax: BDAT size [LAST]";
+		return -1;
+	}
+	*size = (size_t)v;
+	return 0;
+}

@@ -1,0 +1,56 @@
+/*
+ * smtp_parse - pure parsing of SMTP command lines and their parameters (RFC 5321 §4.1,
+ * RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 6531 SMTPUTF8, RFC 3461 DSN, RFC 3030 BDAT,
+ * RFC 4954 AUTH=). No I/O, no allocation: results point into the line, which is modified
+ * in place. Errors come back as a complete reply ("501 5.5.4 ...") for the session to send.
+ */
+#ifndef RELAYD_SMTP_PARSE_H
+#define RELAYD_SMTP_PARSE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+enum smtp_verb {
+	SMTP_UNKNOWN, SMTP_HELO, SMTP_EHLO, SMTP_MAIL, SMTP_RCPT, SMTP_DATA, SMTP_BDAT, SMTP_RSET,
+	SMTP_NOOP, SMTP_QUIT, SMTP_HELP, SMTP_VRFY, SMTP_EXPN, SMTP_STARTTLS, SMTP_AUTH
+};
+
+struct smtp_cmd {
+	enum smtp_verb verb;
+	char *arg;               /* text after the verb and one space; "" if none */
+};
+
+enum smtp_body { SMTP_BODY_NONE, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME, SMTP_BODY_BINARYMIME };
+
+struct smtp_mail_args {
+	char *addr;              /* reverse-path without <>; "" for the null sender */
+	long long size;          /* SIZE= or -1 */
+	enum smtp_body body;
+	bool smtputf8;
+	char *ret;               /* "FULL" / "HDRS" or NULL */
+	char *envid;             /* xtext or NULL */
+};
+
+struct smtp_rcpt_args {
+	char *addr;              /* forward-path without <> */
+	unsigned notify;         /* DSN_NOTIFY_* bits from queue.h, 0 if not given */
+	char *orcpt;             /* "rfc822;..." or NULL */
+};
+
+/* smtp_parse_command - split a line (no CRLF, NUL-terminated) into verb and argument */
+void smtp_parse_command(char *line, struct smtp_cmd *cmd);
+/* smtp_parse_mail - parse "FROM:<addr> params"; 0, or -1 with *reply set */
+int smtp_parse_mail(char *arg, struct smtp_mail_args *m, const char **reply);
+/* smtp_parse_rcpt - parse "TO:<addr> params"; 0, or -1 with *reply set */
+int smtp_parse_rcpt(char *arg, bool smtputf8, struct smtp_rcpt_args *r, const char **reply);
+/* smtp_parse_bdat - parse "SIZE [LAST]"; 0, or -1 with *reply set */
+int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **reply);
+/* smtp_addr_valid - a mailbox local@domain (RFC 5321 §4.1.2, lenient on the local part);
+ * non-ASCII only when utf8 */
+bool smtp_addr_valid(const char *addr, bool utf8);
+/* smtp_xtext_valid - RFC 3461 §4 xtext */
+bool smtp_xtext_valid(const char *s);
+/* smtp_verb_name - "MAIL", "RCPT", ... for logs */
+const char *smtp_verb_name(enum smtp_verb v);
+
+#endif

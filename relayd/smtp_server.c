@@ -1,0 +1,1079 @@
+/*
+ * smtp_server - the submission session: RFC 5321 state machine with RFC 6409 submission
+ * rules, STARTTLS (RFC 3207), AUTH (RFC 4954), PIPELINING (RFC 2920), SIZE (RFC 1870),
+ * 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034/3463), SMTPUTF8 (RFC 6531),
+ * CHUNKING (RFC 3030) and DSN parameters (RFC 3461).
+ *
+ * Invariants:
+ *  - every reply carries an enhanced status code;
+ *  - state changes go through session_enter_state();
+ *  - MAIL is refused before AUTH; AUTH is refused before TLS on starttls/tls listeners;
+ *  - after STARTTLS all earlier state is forgotten (conn.c drops pipelined clear text);
+ *  - lines must end in CRLF; bare LF, bare CR and NUL are refused (SMTP smuggling);
+ *  - "250 queued" is sent only from the commit callback, i.e. after the message is on disk;
+ *  - async work (AUTH steps, commits) finds its session again by id, never by pointer.
+ */
+#include "smtp_server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "auth.h"
+#include "conn.h"
+#include "log.h"
+#include "queue.h"
+#include "smtp_parse.h"
+#include "userdb.h"
+
+#define SMTP_LINE_MAX       512     /* RFC 5321 §4.5.3.1.4, CRLF included */
+#define SMTP_AUTH_LINE_MAX  12288   /* RFC 4954 §4 */
+#define SMTP_TEXT_LINE_MAX  1000    /* RFC 5321 §4.5.3.1.6, CRLF included */
+#define SMTP_OUT_HIGH       (256 * 1024) /* stop reading while this much output waits */
+#define SMTP_BUCKETS        4096
+
+enum session_state {
+	SS_TLS_HANDSHAKE, /* implicit TLS: waiting for the handshake before the greeting */
+	SS_CONNECTED,     /* greeting sent, no EHLO yet */
+	SS_GREETED,       /* EHLO/HELO done, no transaction */
+	SS_AUTH,          /* inside an AUTH exchange */
+	SS_MAIL,          /* MAIL accepted */
+	SS_RCPT,          /* at least one RCPT accepted */
+	SS_DATA,          /* reading DATA */
+	SS_BDAT,          /* reading a BDAT chunk */
+	SS_QUIT           /* closing after the last reply */
+};
+
+struct session {
+	uint64_t id;
+	char idstr[QUEUE_ID_LEN + 1];
+	struct session *hnext;          /* registry bucket chain */
+	struct conn conn;
+	enum listen_mode mode;
+	enum session_state state;
+	char peer[INET6_ADDRSTRLEN];
+	char helo[256];
+	bool esmtp;
+	bool tls;
+	bool authed;
+	bool busy;                      /* waiting for an AUTH step or a commit */
+	bool out_blocked;               /* waiting for the client to read its replies */
+	bool discard_line;              /* skipping the rest of an overlong command line */
+	char user[256];
+	char **senders;
+	size_t nsenders;
+	struct auth_req *auth;
+	unsigned errors;
+	unsigned auth_failures;
+	ev_timer timer;
+	ev_tstamp started;
+	/* the transaction */
+	struct queue_envelope env;
+	size_t rcpt_cap;
+	struct buf msg;
+	bool bdat_used;
+	bool bdat_last;
+	bool bdat_discard;              /* reading a refused chunk only to stay in sync */
+	enum session_state bdat_return; /* state after a refused chunk */
+	size_t bdat_left;
+	/* DATA/BDAT scanner state */
+	bool at_line_start;
+	size_t line_len;
+	bool prev_cr;
+	bool bad_oversize, bad_bare, bad_nul, bad_longline;
+};
+
+static struct ev_loop *smtp_loop;
+static const struct config *smtp_cfg;
+static gnutls_certificate_credentials_t smtp_cred;
+static struct session *smtp_registry[SMTP_BUCKETS];
+static unsigned smtp_sessions;
+static uint64_t smtp_next_id;
+
+static void session_process(struct session *s);
+static void session_free(struct session *s, const char *reason);
+static void session_auth_abandon(struct session *s);
+
+/* --- registry: async results find their session by id ---------------------- */
+
+static void session_register(struct session *s)
+{
+	struct session **b = &smtp_registry[s->id % SMTP_BUCKETS];
+	s->hnext = *b;
+	*b = s;
+	smtp_sessions++;
+}
+
+static void session_unregister(struct session *s)
+{
+	for (struct session **p = &smtp_registry[s->id % SMTP_BUCKETS]; *p; p = &(*p)->hnext) {
+		if (*p == s) {
+			*p = s->hnext;
+			smtp_sessions--;
+			return;
+		}
+	}
+}
+
+static struct session *session_find(uint64_t id)
+{
+	for (struct session *s = smtp_registry[id % SMTP_BUCKETS]; s; s = s->hnext)
+		if (s->id == id)
+			return s;
+	return NULL;
+}
+
+/* smtp_server_count - live sessions */
+unsigned smtp_server_count(void)
+{
+	return smtp_sessions;
+}
+
+static const char *session_strstate(enum session_state st)
+{
+	static const char *names[] = { "tls-handshake", "connected", "greeted", "auth", "mail", "rcpt",
+				       "data", "bdat", "quit" };
+	return names[st];
+}
+
+static void session_enter_state(struct session *s, enum session_state st)
+{
+	log_debug("%s smtp event=state from=%s to=%s", s->idstr, session_strstate(s->state), session_strstate(st));
+	s->state = st;
+}
+
+/* --- replies ----------------------------------------------------------------- */
+
+static void session_reply(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void session_reply(struct session *s, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n > sizeof(line) - 3)
+		n = (int)sizeof(line) - 3;
+	line[n++] = '\r';
+	line[n++] = '\n';
+	conn_write(&s->conn, line, (size_t)n);
+}
+
+/* a 5xx for a bad command: counts toward max_errors (RFC 5321 §4.5.4 gives leeway) */
+static void session_error(struct session *s, const char *reply)
+{
+	session_reply(s, "%s", reply);
+	if (++s->errors >= smtp_cfg->max_errors) {
+		session_reply(s, "421 4.7.0 %s Too many errors, closing connection", smtp_cfg->hostname);
+		log_info("%s smtp event=disconnect reason=too-many-errors", s->idstr);
+		session_enter_state(s, SS_QUIT);
+	}
+}
+
+/* --- transaction ------------------------------------------------------------- */
+
+static void session_reset_transaction(struct session *s)
+{
+	queue_envelope_free(&s->env);
+	s->rcpt_cap = 0;
+	buf_free(&s->msg);
+	s->bdat_used = s->bdat_last = s->bdat_discard = false;
+	s->bdat_left = 0;
+	s->at_line_start = true;
+	s->line_len = 0;
+	s->prev_cr = false;
+	s->bad_oversize = s->bad_bare = s->bad_nul = s->bad_longline = false;
+	if (s->state >= SS_MAIL && s->state <= SS_BDAT)
+		session_enter_state(s, SS_GREETED);
+}
+
+static void session_forget_auth(struct session *s)
+{
+	auth_senders_free(s->senders, s->nsenders);
+	s->senders = NULL;
+	s->nsenders = 0;
+	s->authed = false;
+	s->user[0] = '\0';
+}
+
+/* --- the commands ------------------------------------------------------------ */
+
+static void session_ehlo_reply(struct session *s)
+{
+	session_reply(s, "250-%s Hello %s [%s]", smtp_cfg->hostname, s->helo, s->peer);
+	session_reply(s, "250-PIPELINING");
+	session_reply(s, "250-SIZE %zu", smtp_cfg->max_message_size);
+	session_reply(s, "250-8BITMIME");
+	session_reply(s, "250-ENHANCEDSTATUSCODES");
+	session_reply(s, "250-SMTPUTF8");
+	session_reply(s, "250-CHUNKING");
+	session_reply(s, "250-DSN");
+	if (s->mode == LISTEN_STARTTLS && !s->tls)
+		session_reply(s, "250-STARTTLS");
+	if ((s->tls || s->mode == LISTEN_PLAIN) && !s->authed)
+		session_reply(s, "250-AUTH PLAIN LOGIN");
+	session_reply(s, "250 HELP");
+}
+
+static void cmd_helo(struct session *s, struct smtp_cmd *c, bool ehlo)
+{
+	if (!c->arg[0] || strlen(c->arg) >= sizeof(s->helo) || strchr(c->arg, ' ')) {
+		session_error(s, ehlo ? "501 5.5.4 Syntax: EHLO domain" : "501 5.5.4 Syntax: HELO domain");
+		return;
+	}
+	/* RFC 5321 §4.1.4: EHLO/HELO also resets the transaction */
+	session_reset_transaction(s);
+	snprintf(s->helo, sizeof(s->helo), "%s", c->arg);
+	s->esmtp = ehlo;
+	session_enter_state(s, SS_GREETED);
+	if (ehlo)
+		session_ehlo_reply(s);
+	else
+		session_reply(s, "250 %s", smtp_cfg->hostname);
+}
+
+static void cmd_starttls(struct session *s, struct smtp_cmd *c)
+{
+	if (s->mode != LISTEN_STARTTLS || s->tls) {
+		session_error(s, "502 5.5.1 STARTTLS not available");
+		return;
+	}
+	if (c->arg[0]) {
+		session_error(s, "501 5.5.4 Syntax: STARTTLS");
+		return;
+	}
+	session_reply(s, "220 2.0.0 Ready to start TLS");
+	/* RFC 3207 §4.2: forget everything; conn drops pipelined clear text */
+	session_reset_transaction(s);
+	s->helo[0] = '\0';
+	s->esmtp = false;
+	session_enter_state(s, SS_TLS_HANDSHAKE);
+	if (conn_start_tls_server(&s->conn, smtp_cred) < 0) {
+		session_reply(s, "454 4.7.0 TLS not available due to temporary reason");
+		session_enter_state(s, SS_QUIT);
+	}
+}
+
+static void session_auth_done(struct auth_req *r);
+
+static void session_auth_submit(struct session *s)
+{
+	s->busy = true;
+	conn_pause_read(&s->conn);
+	s->auth->cb = session_auth_done;
+	auth_submit(s->auth);
+}
+
+/* decode a base64 client response; "=" is the empty initial response (RFC 4954 §4) */
+static int session_auth_decode(struct session *s, const char *b64, bool initial)
+{
+	size_t blen = strlen(b64);
+	unsigned outlen = 0;
+	char *out = malloc(blen + 1);
+	if (!out)
+		return -1;
+	if (initial && !strcmp(b64, "=")) {
+		out[0] = '\0';
+	} else if (blen == 0 || sasl_decode64(b64, (unsigned)blen, out, (unsigned)blen + 1, &outlen) != SASL_OK) {
+		free(out);
+		return -1;
+	}
+	s->auth->input = out;
+	s->auth->inlen = outlen;
+	s->auth->have_input = true;
+	return 0;
+}
+
+static void cmd_auth(struct session *s, struct smtp_cmd *c)
+{
+	if (!s->tls && s->mode != LISTEN_PLAIN) {
+		session_error(s, "530 5.7.0 Must issue a STARTTLS command first");
+		return;
+	}
+	if (s->state == SS_CONNECTED) {
+		session_error(s, "503 5.5.1 Send EHLO first");
+		return;
+	}
+	if (s->authed) {
+		session_error(s, "503 5.5.1 Already authenticated");
+		return;
+	}
+	if (s->state != SS_GREETED) {
+		session_error(s, "503 5.5.1 AUTH not allowed during a mail transaction");
+		return;
+	}
+	char *mech = c->arg, *initial = strchr(c->arg, ' ');
+	if (initial)
+		*initial++ = '\0';
+	if (!mech[0]) {
+		session_error(s, "501 5.5.4 Syntax: AUTH mechanism [initial-response]");
+		return;
+	}
+	if (!auth_mech_supported(mech)) {
+		session_error(s, "504 5.5.4 Unrecognized authentication type");
+		return;
+	}
+	s->auth = auth_req_new(s->id, smtp_cfg->hostname);
+	if (!s->auth) {
+		session_reply(s, "454 4.7.0 Temporary authentication failure");
+		return;
+	}
+	s->auth->start = true;
+	snprintf(s->auth->mech, sizeof(s->auth->mech), "%s", mech);
+	if (initial && session_auth_decode(s, initial, true) < 0) {
+		auth_req_free(s->auth);
+		s->auth = NULL;
+		session_error(s, "501 5.5.2 Cannot decode the initial response");
+		return;
+	}
+	session_enter_state(s, SS_AUTH);
+	session_auth_submit(s);
+}
+
+/* a client line inside the AUTH exchange (RFC 4954 §4) */
+static void session_auth_response(struct session *s, char *line)
+{
+	if (!strcmp(line, "*")) {
+		session_auth_abandon(s);
+		session_error(s, "501 5.0.0 Authentication aborted");
+		return;
+	}
+	s->auth->start = false;
+	if (session_auth_decode(s, line, false) < 0) {
+		session_auth_abandon(s);
+		session_error(s, "501 5.5.2 Cannot decode the response");
+		return;
+	}
+	session_auth_submit(s);
+}
+
+static void session_auth_done(struct auth_req *r)
+{
+	struct session *s = session_find(r->session_id);
+	if (!s || s->auth != r) {
+		auth_req_free(r);
+		return;
+	}
+	s->busy = false;
+	switch (r->result) {
+	case AUTH_CONTINUE:
+		session_reply(s, "334 %s", r->challenge);
+		break;
+	case AUTH_OK:
+		s->authed = true;
+		snprintf(s->user, sizeof(s->user), "%s", r->user);
+		s->senders = r->senders;
+		s->nsenders = r->nsenders;
+		r->senders = NULL;
+		r->nsenders = 0;
+		log_info("%s smtp event=auth result=ok user=%s mech=%s", s->idstr, s->user, r->mech);
+		session_reply(s, "235 2.7.0 Authentication successful");
+		break;
+	case AUTH_TEMPFAIL:
+		log_warn("%s smtp event=auth result=tempfail mech=%s", s->idstr, r->mech);
+		session_reply(s, "454 4.7.0 Temporary authentication failure");
+		break;
+	case AUTH_BADMECH:
+		session_error(s, "504 5.5.4 Unrecognized authentication type");
+		break;
+	case AUTH_BADPROT:
+		session_error(s, "501 5.5.2 Malformed authentication exchange");
+		break;
+	case AUTH_FAIL:
+		s->auth_failures++;
+		log_info("%s smtp event=auth result=fail mech=%s client=%s reason=bad-credentials", s->idstr, r->mech,
+			 s->peer);
+		session_error(s, "535 5.7.8 Authentication credentials invalid");
+		break;
+	}
+	if (r->result != AUTH_CONTINUE) {
+		auth_req_free(r);
+		s->auth = NULL;
+		if (s->state == SS_AUTH)
+			session_enter_state(s, SS_GREETED);
+	}
+	session_process(s);
+}
+
+static bool session_need_greeting(struct session *s)
+{
+	if (s->state == SS_CONNECTED) {
+		session_error(s, "503 5.5.1 Send EHLO first");
+		return true;
+	}
+	return false;
+}
+
+static void cmd_mail(struct session *s, struct smtp_cmd *c)
+{
+	struct smtp_mail_args m;
+	const char *reply;
+	if (session_need_greeting(s))
+		return;
+	if (!s->authed) {
+		session_error(s, "530 5.7.0 Authentication required");
+		return;
+	}
+	if (s->state != SS_GREETED) {
+		session_error(s, "503 5.5.1 Nested MAIL command");
+		return;
+	}
+	if (smtp_parse_mail(c->arg, &m, &reply) < 0) {
+		session_error(s, reply);
+		return;
+	}
+	if (m.size >= 0 && (size_t)m.size > smtp_cfg->max_message_size) {
+		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
+		return;
+	}
+	if (!userdb_sender_match(s->user, s->senders, s->nsenders, m.addr)) {
+		log_info("%s smtp event=reject reason=sender-not-allowed user=%s from=<%s>", s->idstr, s->user, m.addr);
+		session_reply(s, "553 5.7.1 Sender address <%s> not allowed for user %s", m.addr, s->user);
+		return;
+	}
+	session_reset_transaction(s);
+	s->env.from = strdup(m.addr);
+	s->env.user = strdup(s->user);
+	s->env.ret = m.ret ? strdup(m.ret) : NULL;
+	s->env.envid = m.envid ? strdup(m.envid) : NULL;
+	s->env.body = m.body == SMTP_BODY_8BITMIME ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
+	s->env.smtputf8 = m.smtputf8;
+	if (!s->env.from || !s->env.user) {
+		session_reply(s, "451 4.3.0 Out of memory");
+		session_reset_transaction(s);
+		return;
+	}
+	session_enter_state(s, SS_MAIL);
+	session_reply(s, "250 2.1.0 Sender <%s> ok", m.addr);
+}
+
+static void cmd_rcpt(struct session *s, struct smtp_cmd *c)
+{
+	struct smtp_rcpt_args r;
+	const char *reply;
+	if (s->state != SS_MAIL && s->state != SS_RCPT) {
+		session_error(s, s->authed ? "503 5.5.1 Need MAIL before RCPT" : "530 5.7.0 Authentication required");
+		return;
+	}
+	if (s->env.nrcpt >= smtp_cfg->max_recipients) {
+		session_reply(s, "452 4.5.3 Too many recipients");
+		return;
+	}
+	if (smtp_parse_rcpt(c->arg, s->env.smtputf8, &r, &reply) < 0) {
+		session_error(s, reply);
+		return;
+	}
+	if (s->env.nrcpt == s->rcpt_cap) {
+		size_t ncap = s->rcpt_cap ? s->rcpt_cap * 2 : 4;
+		struct queue_rcpt *p = realloc(s->env.rcpt, ncap * sizeof(*p));
+		if (!p) {
+			session_reply(s, "452 4.3.0 Out of memory");
+			return;
+		}
+		s->env.rcpt = p;
+		s->rcpt_cap = ncap;
+	}
+	struct queue_rcpt *q = &s->env.rcpt[s->env.nrcpt];
+	memset(q, 0, sizeof(*q));
+	q->addr = strdup(r.addr);
+	q->orcpt = r.orcpt ? strdup(r.orcpt) : NULL;
+	q->notify = r.notify;
+	if (!q->addr) {
+		session_reply(s, "452 4.3.0 Out of memory");
+		return;
+	}
+	s->env.nrcpt++;
+	session_enter_state(s, SS_RCPT);
+	session_reply(s, "250 2.1.5 Recipient <%s> ok", r.addr);
+}
+
+static void session_begin_body(struct session *s)
+{
+	queue_new_id(s->env.id);
+	s->at_line_start = true;
+	s->line_len = 0;
+	s->prev_cr = false;
+}
+
+static void cmd_data(struct session *s, struct smtp_cmd *c)
+{
+	if (c->arg[0]) {
+		session_error(s, "501 5.5.4 Syntax: DATA");
+		return;
+	}
+	if (s->bdat_used) {
+		session_error(s, "503 5.5.1 DATA not allowed after BDAT");
+		return;
+	}
+	if (s->state != SS_RCPT) {
+		session_error(s, s->state == SS_MAIL ? "554 5.5.1 No valid recipients" : "503 5.5.1 Need RCPT before DATA");
+		return;
+	}
+	session_begin_body(s);
+	session_enter_state(s, SS_DATA);
+	session_reply(s, "354 End data with <CR><LF>.<CR><LF>");
+}
+
+static void cmd_bdat(struct session *s, struct smtp_cmd *c)
+{
+	size_t size;
+	bool last;
+	const char *reply;
+	if (smtp_parse_bdat(c->arg, &size, &last, &reply) < 0) {
+		session_error(s, reply);
+		return;
+	}
+	if (s->state != SS_RCPT) {
+		/* RFC 3030 §2: the refused chunk must still be read to stay in sync */
+		session_error(s, s->state == SS_MAIL ? "554 5.5.1 No valid recipients" : "503 5.5.1 Need RCPT before BDAT");
+		if (s->state == SS_QUIT)
+			return;
+		s->bdat_return = s->state;
+		s->bdat_discard = true;
+		s->bdat_left = size;
+		session_enter_state(s, SS_BDAT);
+		return;
+	}
+	if (!s->bdat_used) {
+		session_begin_body(s);
+		s->bdat_used = true;
+	}
+	s->bdat_left = size;
+	s->bdat_last = last;
+	session_enter_state(s, SS_BDAT);
+}
+
+static void cmd_rset(struct session *s, struct smtp_cmd *c)
+{
+	(void)c;
+	session_reset_transaction(s);
+	session_reply(s, "250 2.0.0 Ok");
+}
+
+static void cmd_simple(struct session *s, struct smtp_cmd *c)
+{
+	switch (c->verb) {
+	case SMTP_NOOP:
+		session_reply(s, "250 2.0.0 Ok");
+		break;
+	case SMTP_QUIT:
+		session_reply(s, "221 2.0.0 %s Bye", smtp_cfg->hostname);
+		session_enter_state(s, SS_QUIT);
+		break;
+	case SMTP_HELP:
+		session_reply(s, "214 2.0.0 relayd: EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT");
+		break;
+	case SMTP_VRFY:
+		session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+		break;
+	case SMTP_EXPN:
+		session_error(s, "502 5.5.1 EXPN not supported");
+		break;
+	default:
+		session_error(s, "500 5.5.1 Command unrecognized");
+		break;
+	}
+}
+
+/* dispatch one complete command line (no CRLF) */
+static void session_command(struct session *s, char *line)
+{
+	struct smtp_cmd c;
+	smtp_parse_command(line, &c);
+	log_debug("%s smtp event=command verb=%s", s->idstr, smtp_verb_name(c.verb));
+	switch (c.verb) {
+	case SMTP_EHLO: cmd_helo(s, &c, true); break;
+	case SMTP_HELO: cmd_helo(s, &c, false); break;
+	case SMTP_STARTTLS: cmd_starttls(s, &c); break;
+	case SMTP_AUTH: cmd_auth(s, &c); break;
+	case SMTP_MAIL: cmd_mail(s, &c); break;
+	case SMTP_RCPT: cmd_rcpt(s, &c); break;
+	case SMTP_DATA: cmd_data(s, &c); break;
+	case SMTP_BDAT: cmd_bdat(s, &c); break;
+	case SMTP_RSET: cmd_rset(s, &c); break;
+	default: cmd_simple(s, &c); break;
+	}
+}
+
+/* --- the message body --------------------------------------------------------- */
+
+static void session_commit_done(uint64_t owner, const char *id, int qerrno);
+
+static bool session_has_header(const char *hdrs, size_t len, const char *name)
+{
+	size_t nl = strlen(name);
+	for (size_t i = 0; i + nl < len;) {
+		if (!strncasecmp(hdrs + i, name, nl))
+			return true;
+		const char *eol = memchr(hdrs + i, '\n', len - i);
+		if (!eol)
+			break;
+		i = (size_t)(eol - hdrs) + 1;
+	}
+	return false;
+}
+
+/* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the final message. */
+static int session_add_headers(struct session *s, struct buf *out)
+{
+	char date[64], tlsinfo[128];
+	time_t now = time(NULL);
+	struct tm tm;
+	localtime_r(&now, &tm);
+	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z", &tm);
+	conn_tls_info(&s->conn, tlsinfo, sizeof(tlsinfo));
+	const char *with = s->tls ? (s->authed ? "ESMTPSA" : "ESMTPS") : (s->authed ? "ESMTPA" : "ESMTP");
+	if (s->env.smtputf8)
+		with = s->tls ? "UTF8SMTPSA" : "UTF8SMTPA";
+	int rc = buf_printf(out, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, s->peer,
+			    smtp_cfg->hostname, with, s->env.id);
+	if (tlsinfo[0])
+		rc |= buf_printf(out, "\r\n\t(%s)", tlsinfo);
+	if (s->env.nrcpt == 1)
+		rc |= buf_printf(out, "\r\n\tfor <%s>", s->env.rcpt[0].addr);
+	rc |= buf_printf(out, ";\r\n\t%s\r\n", date);
+	/* the header section ends at the first empty line */
+	size_t hlen = s->msg.len;
+	const char *p = s->msg.data ? s->msg.data : "";
+	if (s->msg.len >= 2 && p[0] == '\r' && p[1] == '\n')
+		hlen = 0;
+	else {
+		const char *e = memmem(p, s->msg.len, "\r\n\r\n", 4);
+		if (e)
+			hlen = (size_t)(e - p) + 2;
+	}
+	rc |= buf_append(out, p, hlen);
+	if (!session_has_header(p, hlen, "Message-ID:"))
+		rc |= buf_printf(out, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
+	if (!session_has_header(p, hlen, "Date:"))
+		rc |= buf_printf(out, "Date: %s\r\n", date);
+	rc |= buf_append(out, p + hlen, s->msg.len - hlen);
+	return rc ? -1 : 0;
+}
+
+/* the end of DATA or BDAT LAST: refuse bad content or commit */
+static void session_end_body(struct session *s)
+{
+	const char *reply = NULL;
+	if (s->bad_oversize)
+		reply = "552 5.3.4 Message size exceeds fixed limit";
+	else if (s->bad_nul)
+		reply = "554 5.6.0 Message contains NUL bytes";
+	else if (s->bad_bare)
+		reply = "554 5.6.0 Message contains bare LF or bare CR (RFC 5321 §2.3.8)";
+	else if (s->bad_longline)
+		reply = "554 5.6.0 Message contains a line longer than 998 characters (RFC 5322 §2.1.1)";
+	if (reply) {
+		log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
+		session_reply(s, "%s", reply);
+		session_reset_transaction(s);
+		return;
+	}
+	struct buf final = { 0 };
+	if (session_add_headers(s, &final) < 0) {
+		buf_free(&final);
+		session_reply(s, "451 4.3.0 Out of memory");
+		session_reset_transaction(s);
+		return;
+	}
+	if (final.len > smtp_cfg->max_message_size + 4096) {
+		buf_free(&final);
+		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
+		session_reset_transaction(s);
+		return;
+	}
+	buf_free(&s->msg);
+	if (queue_commit(&s->env, &final, session_commit_done, s->id) < 0) {
+		buf_free(&final);
+		session_reply(s, "451 4.3.0 Cannot queue the message");
+		session_reset_transaction(s);
+		return;
+	}
+	s->busy = true;
+	conn_pause_read(&s->conn);
+}
+
+static void session_commit_done(uint64_t owner, const char *id, int qerrno)
+{
+	struct session *s = session_find(owner);
+	if (!s) {
+		if (!qerrno)
+			log_info("%s smtp event=accepted-after-disconnect", id);
+		return;
+	}
+	s->busy = false;
+	if (qerrno == 0) {
+		log_info("%s smtp event=accepted user=%s from=<%s> rcpts=%zu size=%zu session=%s", id, s->user, s->env.from,
+			 s->env.nrcpt, s->env.size, s->idstr);
+		session_reply(s, "250 2.0.0 Ok: queued as %s", id);
+	} else if (qerrno == ENOSPC || qerrno == EDQUOT) {
+		session_reply(s, "452 4.3.1 Insufficient system storage");
+	} else {
+		session_reply(s, "451 4.3.0 Local error writing the queue");
+	}
+	session_reset_transaction(s);
+	session_process(s);
+}
+
+/* append body bytes unless the message is already too big */
+static void session_body_append(struct session *s, const char *p, size_t n)
+{
+	if (s->bad_oversize)
+		return;
+	if (s->msg.len + n > smtp_cfg->max_message_size) {
+		s->bad_oversize = true;
+		buf_free(&s->msg);
+		return;
+	}
+	if (buf_append(&s->msg, p, n) < 0) {
+		s->bad_oversize = true;
+		buf_free(&s->msg);
+	}
+	s->env.size = s->msg.len;
+}
+
+/* check line syntax of body bytes: CRLF only, no NUL, lines <= 1000 octets */
+static void session_body_scan(struct session *s, const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		char ch = p[i];
+		if (ch == '\n') {
+			if (!s->prev_cr)
+				s->bad_bare = true;
+			s->line_len = 0;
+		} else {
+			if (s->prev_cr)
+				s->bad_bare = true;
+			if (ch == '\0')
+				s->bad_nul = true;
+			if (ch != '\r' && ++s->line_len > SMTP_TEXT_LINE_MAX - 2)
+				s->bad_longline = true;
+		}
+		s->prev_cr = ch == '\r';
+	}
+}
+
+/* one piece of a DATA line (the whole line, or a passed-through part of an overlong one) */
+static void session_data_piece(struct session *s, const char *p, size_t n)
+{
+	if (s->at_line_start && n > 0 && p[0] == '.') {
+		p++; /* RFC 5321 §4.5.2 dot-unstuffing */
+		n--;
+	}
+	bool cr_before = s->prev_cr;
+	session_body_scan(s, p, n);
+	session_body_append(s, p, n);
+	/* only CRLF starts a new line for the end-of-data check: "\n.\n" ends nothing */
+	if (n > 0 && p[n - 1] == '\n')
+		s->at_line_start = n >= 2 ? p[n - 2] == '\r' : cr_before;
+	else if (n > 0)
+		s->at_line_start = false;
+}
+
+/* DATA: consume lines from the input; returns true when the final dot was seen */
+static bool session_data_input(struct session *s)
+{
+	struct buf *in = &s->conn.in;
+	size_t off = 0;
+	bool done = false;
+	while (off < in->len) {
+		const char *line = in->data + off;
+		size_t avail = in->len - off;
+		const char *nl = memchr(line, '\n', avail);
+		if (!nl) {
+			if (avail <= SMTP_TEXT_LINE_MAX)
+				break; /* wait for the rest of the line */
+			/* an overlong line: pass it on (refused at the end), keep a possible CR */
+			session_data_piece(s, line, avail - 1);
+			off += avail - 1;
+			break;
+		}
+		size_t len = (size_t)(nl - line) + 1;
+		if (s->at_line_start && len == 3 && line[0] == '.' && line[1] == '\r') {
+			off += len;
+			done = true;
+			break;
+		}
+		session_data_piece(s, line, len);
+		off += len;
+	}
+	buf_consume(in, off);
+	return done;
+}
+
+/* BDAT: consume up to bdat_left raw bytes; returns true when the chunk is complete */
+static bool session_bdat_input(struct session *s)
+{
+	struct buf *in = &s->conn.in;
+	size_t take = in->len < s->bdat_left ? in->len : s->bdat_left;
+	if (!s->bdat_discard) {
+		session_body_scan(s, in->data, take);
+		session_body_append(s, in->data, take);
+	}
+	buf_consume(in, take);
+	s->bdat_left -= take;
+	return s->bdat_left == 0;
+}
+
+static void session_bdat_chunk_done(struct session *s)
+{
+	if (s->bdat_discard) {
+		s->bdat_discard = false;
+		session_enter_state(s, s->bdat_return);
+		return;
+	}
+	if (s->bdat_last) {
+		/* the body must end with CRLF for SMTP relaying */
+		if (s->msg.len > 0 && !(s->msg.len >= 2 && s->msg.data[s->msg.len - 2] == '\r' &&
+					s->msg.data[s->msg.len - 1] == '\n'))
+			session_body_append(s, "\r\n", 2);
+		session_end_body(s);
+		return;
+	}
+	session_enter_state(s, SS_RCPT);
+	session_reply(s, "250 2.0.0 %zu octets received", s->msg.len);
+}
+
+/* --- the input loop ------------------------------------------------------------ */
+
+static void session_auth_abandon(struct session *s)
+{
+	auth_req_free(s->auth);
+	s->auth = NULL;
+	session_enter_state(s, SS_GREETED);
+}
+
+/* one command line from the input; false when no complete line is there yet.
+ * Lines up to SMTP_AUTH_LINE_MAX are buffered (AUTH initial responses are long); other
+ * commands are limited to SMTP_LINE_MAX. A longer line is skipped up to its LF and
+ * answered then, so the session stays in sync. */
+static bool session_command_input(struct session *s)
+{
+	struct buf *in = &s->conn.in;
+	char *nl = memchr(in->data, '\n', in->len);
+	if (!nl) {
+		if (in->len > SMTP_AUTH_LINE_MAX) {
+			s->discard_line = true;
+			buf_consume(in, in->len);
+		}
+		return false;
+	}
+	size_t len = (size_t)(nl - in->data);
+	bool too_long = s->discard_line || len + 1 > SMTP_AUTH_LINE_MAX;
+	bool bare_lf = len == 0 || in->data[len - 1] != '\r';
+	size_t text = bare_lf ? len : len - 1;
+	bool nul = !too_long && memchr(in->data, '\0', text) != NULL;
+	char line[SMTP_AUTH_LINE_MAX + 2];
+	line[0] = '\0';
+	if (!too_long) {
+		memcpy(line, in->data, text);
+		line[text] = '\0';
+	}
+	s->discard_line = false;
+	buf_consume(in, len + 1);
+	bool in_auth = s->state == SS_AUTH;
+	if (too_long) {
+		session_error(s, in_auth ? "500 5.5.6 Authentication exchange line is too long" : "500 5.5.2 Line too long");
+	} else if (bare_lf) {
+		session_error(s, "500 5.5.2 Line must end with CRLF");
+	} else if (nul) {
+		session_error(s, "500 5.5.2 NUL byte in command line");
+	} else if (in_auth) {
+		session_auth_response(s, line);
+		return true;
+	} else if (text + 2 > SMTP_LINE_MAX && strncasecmp(line, "AUTH ", 5)) {
+		session_error(s, "500 5.5.2 Line too long");
+	} else {
+		session_command(s, line);
+		return true;
+	}
+	if (in_auth)
+		session_auth_abandon(s);
+	return true;
+}
+
+/* process as much buffered input as the state allows */
+static void session_process(struct session *s)
+{
+	while (!s->busy && s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE) {
+		if (s->conn.out.len > SMTP_OUT_HIGH) {
+			s->out_blocked = true; /* resumed by on_drain */
+			conn_pause_read(&s->conn);
+			return;
+		}
+		if (s->state == SS_DATA) {
+			if (!session_data_input(s))
+				break;
+			session_end_body(s);
+		} else if (s->state == SS_BDAT) {
+			if (!session_bdat_input(s))
+				break;
+			session_bdat_chunk_done(s);
+		} else if (!session_command_input(s)) {
+			break;
+		}
+		ev_timer_again(smtp_loop, &s->timer);
+	}
+	if (s->state == SS_QUIT)
+		conn_pause_read(&s->conn);
+	else if (!s->busy && s->state != SS_TLS_HANDSHAKE)
+		conn_resume_read(&s->conn);
+}
+
+/* --- connection callbacks ----------------------------------------------------- */
+
+static void session_on_read(struct conn *c, void *arg)
+{
+	struct session *s = arg;
+	(void)c;
+	ev_timer_again(smtp_loop, &s->timer);
+	session_process(s);
+}
+
+static void session_greet(struct session *s)
+{
+	session_enter_state(s, SS_CONNECTED);
+	session_reply(s, "220 %s ESMTP relayd", smtp_cfg->hostname);
+}
+
+static void session_on_tls(struct conn *c, void *arg)
+{
+	struct session *s = arg;
+	char info[128];
+	s->tls = true;
+	conn_tls_info(c, info, sizeof(info));
+	log_info("%s smtp event=tls version=%s", s->idstr, info);
+	if (s->mode == LISTEN_TLS)
+		session_greet(s);
+	else
+		session_enter_state(s, SS_CONNECTED);
+	session_process(s);
+}
+
+static void session_on_drain(struct conn *c, void *arg)
+{
+	struct session *s = arg;
+	(void)c;
+	if (s->state == SS_QUIT) {
+		session_free(s, "quit");
+		return;
+	}
+	if (s->out_blocked) {
+		s->out_blocked = false;
+		session_process(s);
+	}
+}
+
+static void session_on_error(struct conn *c, void *arg, const char *why)
+{
+	(void)c;
+	session_free(arg, why);
+}
+
+static const struct conn_ops session_conn_ops = {
+	.on_read = session_on_read,
+	.on_tls = session_on_tls,
+	.on_drain = session_on_drain,
+	.on_error = session_on_error,
+};
+
+static void session_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+	(void)loop; (void)revents;
+	if (s->state == SS_QUIT) { /* the client does not read its last reply */
+		session_free(s, "timeout-closing");
+		return;
+	}
+	log_info("%s smtp event=timeout state=%s", s->idstr, session_strstate(s->state));
+	session_reply(s, "421 4.4.2 %s Idle timeout, closing connection", smtp_cfg->hostname);
+	session_enter_state(s, SS_QUIT);
+	conn_pause_read(&s->conn);
+	s->timer.repeat = 10.;
+	ev_timer_again(smtp_loop, &s->timer);
+}
+
+static void session_free(struct session *s, const char *reason)
+{
+	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
+		 ev_now(smtp_loop) - s->started);
+	session_unregister(s);
+	ev_timer_stop(smtp_loop, &s->timer);
+	conn_close(&s->conn);
+	if (s->auth && !s->busy)
+		auth_req_free(s->auth); /* a busy request is freed when its step comes back */
+	session_forget_auth(s);
+	session_reset_transaction(s);
+	free(s);
+}
+
+/* smtp_server_accept - a new session */
+void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum listen_mode mode)
+{
+	struct session *s = calloc(1, sizeof(*s));
+	if (!s) {
+		close(fd);
+		return;
+	}
+	s->id = ++smtp_next_id;
+	queue_new_id(s->idstr);
+	s->mode = mode;
+	s->started = ev_now(smtp_loop);
+	if (getnameinfo(sa, salen, s->peer, sizeof(s->peer), NULL, 0, NI_NUMERICHOST) != 0)
+		snprintf(s->peer, sizeof(s->peer), "unknown");
+	session_register(s);
+	conn_init(&s->conn, smtp_loop, fd, &session_conn_ops, s);
+	s->conn.in_max = SMTP_AUTH_LINE_MAX + 16384;
+	ev_init(&s->timer, session_timeout);
+	s->timer.repeat = smtp_cfg->timeout_idle;
+	s->timer.data = s;
+	ev_timer_again(smtp_loop, &s->timer);
+	log_info("%s smtp event=connect client=%s mode=%s", s->idstr, s->peer, config_listen_mode_str(mode));
+	if (smtp_sessions > smtp_cfg->max_sessions) {
+		session_reply(s, "421 4.7.0 %s Too many connections, try again later", smtp_cfg->hostname);
+		session_enter_state(s, SS_QUIT);
+		conn_pause_read(&s->conn);
+		return;
+	}
+	if (mode == LISTEN_TLS) {
+		s->state = SS_TLS_HANDSHAKE;
+		if (conn_start_tls_server(&s->conn, smtp_cred) < 0)
+			session_free(s, "tls-init-failed");
+		return;
+	}
+	session_greet(s);
+}
+
+/* smtp_server_init - module set-up */
+void smtp_server_init(struct ev_loop *loop, const struct config *cfg, gnutls_certificate_credentials_t cred)
+{
+	smtp_loop = loop;
+	smtp_cfg = cfg;
+	smtp_cred = cred;
+}
+
+/* smtp_server_set_creds - new sessions use this certificate */
+void smtp_server_set_creds(gnutls_certificate_credentials_t cred)
+{
+	smtp_cred = cred;
+}
+
+/* smtp_server_shutdown - close every session */
+void smtp_server_shutdown(void)
+{
+	for (int i = 0; i < SMTP_BUCKETS; i++)
+		while (smtp_registry[i])
+			session_free(smtp_registry[i], "shutdown");
+}

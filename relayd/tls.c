@@ -1,0 +1,56 @@
+/*
+ * tls - GnuTLS global state and certificate credentials.
+ * Server credentials carry the chain and key (reloadable: a new credentials object is made,
+ * sessions in progress keep the old one). Client credentials carry the trust anchors used
+ * to verify the upstream (RFC 8314 / RFC 7817 host name checks are done by GnuTLS through
+ * gnutls_session_set_verify_cert in conn.c).
+ */
+#include "tls.h"
+
+#include <stdio.h>
+
+/* tls_global_init - initialise GnuTLS once */
+int tls_global_init(void)
+{
+	return gnutls_global_init() < 0 ? -1 : 0;
+}
+
+/* tls_server_creds - load a certificate chain and its key */
+gnutls_certificate_credentials_t tls_server_creds(const char *cert, const char *key, char *err, size_t errlen)
+{
+	gnutls_certificate_credentials_t cred;
+	int rc = gnutls_certificate_allocate_credentials(&cred);
+	if (rc < 0) {
+		snprintf(err, errlen, "gnutls: %s", gnutls_strerror(rc));
+		return NULL;
+	}
+	rc = gnutls_certificate_set_x509_key_file2(cred, cert, key, GNUTLS_X509_FMT_PEM, NULL, 0);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot load certificate %s / key %s: %s", cert, key, gnutls_strerror(rc));
+		gnutls_certificate_free_credentials(cred);
+		return NULL;
+	}
+	return cred;
+}
+
+/* tls_client_creds - trust anchors for verifying an upstream */
+gnutls_certificate_credentials_t tls_client_creds(const char *ca, char *err, size_t errlen)
+{
+	gnutls_certificate_credentials_t cred;
+	int rc = gnutls_certificate_allocate_credentials(&cred);
+	if (rc < 0) {
+		snprintf(err, errlen, "gnutls: %s", gnutls_strerror(rc));
+		return NULL;
+	}
+	if (ca && ca[0])
+		rc = gnutls_certificate_set_x509_trust_file(cred, ca, GNUTLS_X509_FMT_PEM);
+	else
+		rc = gnutls_certificate_set_x509_system_trust(cred);
+	if (rc <= 0) {
+		snprintf(err, errlen, "cannot load trust anchors from %s: %s", ca && ca[0] ? ca : "the system store",
+			 rc == 0 ? "no certificates found" : gnutls_strerror(rc));
+		gnutls_certificate_free_credentials(cred);
+		return NULL;
+	}
+	return cred;
+}

@@ -1,0 +1,20 @@
+/*
+ * tls - GnuTLS global set-up and certificate credentials for the server and the client.
+ * Sessions themselves live in conn.c.
+ */
+#ifndef RELAYD_TLS_H
+#define RELAYD_TLS_H
+
+#include <gnutls/gnutls.h>
+
+/* the priority string for every session: TLS 1.2 or newer */
+#define TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:%SERVER_PRECEDENCE"
+
+/* tls_global_init - gnutls_global_init once */
+int tls_global_init(void);
+/* tls_server_creds - load a certificate chain and key; NULL with err on failure */
+gnutls_certificate_credentials_t tls_server_creds(const char *cert, const char *key, char *err, size_t errlen);
+/* tls_client_creds - trust the CA file, or the system trust store when ca is NULL or "" */
+gnutls_certificate_credentials_t tls_client_creds(const char *ca, char *err, size_t errlen);
+
+#endif

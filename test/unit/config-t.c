@@ -1,0 +1,74 @@
+/*
+ * config-t - unit tests of relayd.conf parsing and its error messages.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../../relayd/config.h"
+#include "tap.h"
+
+static char dir[] = "/tmp/config-t.XXXXXX";
+
+static int load(const char *text, struct config *c, char *err, size_t errlen)
+{
+	char path[256];
+	snprintf(path, sizeof(path), "%s/relayd.conf", dir);
+	FILE *f = fopen(path, "w");
+	fputs(text, f);
+	fclose(f);
+	return config_load(path, c, err, errlen);
+}
+
+#define BASE "listen 127.0.0.1:2587 starttls\ntls_cert c.pem\ntls_key k.pem\ndatabase db.sqlite\nqueue q\n"
+
+int main(void)
+{
+	struct config c;
+	char err[512], want[512];
+	if (!mkdtemp(dir))
+		return 1;
+
+	ok(load(BASE "listen [::1]:2465 tls # implicit\nupstream smtp.example.net:587 tls=starttls auth=up.secret rate=250/hour\n"
+		"max_message_size 10M\ntimeout_idle 5m\n", &c, err, sizeof(err)) == 0, "a full config loads: %s", err);
+	is_int(c.nlisten, 2, "two listeners");
+	is_str(c.listen[1].host, "::1", "IPv6 host without brackets");
+	is_str(c.listen[1].port, "2465", "port");
+	ok(c.listen[1].mode == LISTEN_TLS, "tls mode");
+	is_int(c.nupstream, 1, "one upstream");
+	ok(c.upstream[0].verify, "verify defaults to yes");
+	is_int((int)c.upstream[0].rate_count, 250, "rate count");
+	is_int((int)c.upstream[0].rate_window, 3600, "rate window");
+	snprintf(want, sizeof(want), "%s/up.secret", dir);
+	is_str(c.upstream[0].auth_file, want, "auth path relative to the config folder");
+	is_int((int)c.max_message_size, 10 * 1024 * 1024, "10M");
+	is_int((int)c.timeout_idle, 300, "5m");
+	snprintf(want, sizeof(want), "%s/db.sqlite", dir);
+	is_str(c.database, want, "database path made absolute");
+
+	ok(load(BASE "listen 0.0.0.0:25 plain\n", &c, err, sizeof(err)) < 0, "plain on a public address refused");
+	snprintf(want, sizeof(want), "%s/relayd.conf:6: listen mode plain is allowed on loopback addresses only", dir);
+	is_str(err, want, "error names file and line");
+	ok(load(BASE "bogus 1\n", &c, err, sizeof(err)) < 0 && strstr(err, ":6: unknown directive \"bogus\""),
+	   "unknown directive: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 tls=maybe\n", &c, err, sizeof(err)) < 0 && strstr(err, "tls= must be"),
+	   "bad tls= value: %s", err);
+	ok(load(BASE "listen 127.0.0.1:99999 tls\n", &c, err, sizeof(err)) < 0 && strstr(err, "bad port"), "bad port: %s", err);
+	ok(load("listen 127.0.0.1:2587 starttls\ndatabase d\nqueue q\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "tls_cert and tls_key"), "TLS listener without certificate: %s", err);
+	ok(load("tls_cert c\ntls_key k\ndatabase d\nqueue q\n", &c, err, sizeof(err)) < 0 && strstr(err, "no listen line"),
+	   "no listener: %s", err);
+	ok(load(BASE "max_message_size lots\n", &c, err, sizeof(err)) < 0, "bad size refused");
+	is_int((int)config_parse_size("35M"), 35 * 1024 * 1024, "35M");
+	is_int((int)config_parse_size("10k"), 10240, "10k");
+	ok(config_parse_size("-1") < 0, "negative size refused");
+	is_int((int)config_parse_duration("2h"), 7200, "2h");
+	ok(config_parse_duration("5x") < 0, "bad unit refused");
+
+	char path[300];
+	snprintf(path, sizeof(path), "%s/relayd.conf", dir);
+	unlink(path);
+	rmdir(dir);
+	return done_testing();
+}

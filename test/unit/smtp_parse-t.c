@@ -1,0 +1,121 @@
+/*
+ * smtp_parse-t - unit tests of the pure command and parameter parser.
+ */
+#include <string.h>
+
+#include "../../relayd/queue.h"
+#include "../../relayd/smtp_parse.h"
+#include "tap.h"
+
+static void test_command(void)
+{
+	struct smtp_cmd c;
+	char l1[] = "ehlo client.example";
+	smtp_parse_command(l1, &c);
+	ok(c.verb == SMTP_EHLO && !strcmp(c.arg, "client.example"), "EHLO case-insensitive with argument");
+	char l2[] = "QUIT";
+	smtp_parse_command(l2, &c);
+	ok(c.verb == SMTP_QUIT && c.arg[0] == '\0', "QUIT without argument");
+	char l3[] = "MAILX FROM:<a@b>";
+	smtp_parse_command(l3, &c);
+	ok(c.verb == SMTP_UNKNOWN, "MAILX is not MAIL");
+	char l4[] = "NOOP   ";
+	smtp_parse_command(l4, &c);
+	ok(c.verb == SMTP_NOOP && c.arg[0] == '\0', "trailing blanks tolerated");
+	char l5[] = "STARTTLS";
+	smtp_parse_command(l5, &c);
+	ok(c.verb == SMTP_STARTTLS, "STARTTLS");
+	char l6[] = "";
+	smtp_parse_command(l6, &c);
+	ok(c.verb == SMTP_UNKNOWN, "empty line is unknown");
+}
+
+static void test_mail(void)
+{
+	struct smtp_mail_args m;
+	const char *reply = NULL;
+	char a1[] = "FROM:<alice@example.org> SIZE=1000 BODY=8BITMIME RET=hdrs ENVID=abc+2Bx";
+	ok(smtp_parse_mail(a1, &m, &reply) == 0, "MAIL with parameters parses");
+	is_str(m.addr, "alice@example.org", "sender address");
+	is_int((int)m.size, 1000, "SIZE");
+	ok(m.body == SMTP_BODY_8BITMIME, "BODY=8BITMIME");
+	is_str(m.ret, "HDRS", "RET upper-cased");
+	is_str(m.envid, "abc+2Bx", "ENVID");
+	char a2[] = "FROM:<>";
+	ok(smtp_parse_mail(a2, &m, &reply) == 0 && m.addr[0] == '\0', "null sender");
+	char a3[] = "FROM: <bob@example.org>";
+	ok(smtp_parse_mail(a3, &m, &reply) == 0 && !strcmp(m.addr, "bob@example.org"), "space after colon tolerated");
+	char a4[] = "FROM:bob@example.org";
+	ok(smtp_parse_mail(a4, &m, &reply) < 0 && !strncmp(reply, "501 5.1.7", 9), "missing brackets: 501 5.1.7");
+	char a5[] = "FROM:<a@b.org> FOO=1";
+	ok(smtp_parse_mail(a5, &m, &reply) < 0 && !strncmp(reply, "555 5.5.4", 9), "unknown parameter: 555 5.5.4");
+	char a6[] = "FROM:<a@b.org> SIZE=abc";
+	ok(smtp_parse_mail(a6, &m, &reply) < 0 && !strncmp(reply, "501 5.5.4", 9), "bad SIZE: 501 5.5.4");
+	char a7[] = "TO:<a@b.org>";
+	ok(smtp_parse_mail(a7, &m, &reply) < 0 && !strncmp(reply, "501", 3), "MAIL TO: refused");
+	char a8[] = "FROM:<j\xc3\xb6rg@example.org>";
+	ok(smtp_parse_mail(a8, &m, &reply) < 0 && !strncmp(reply, "553 5.6.7", 9), "UTF-8 sender without SMTPUTF8: 553 5.6.7");
+	char a9[] = "FROM:<j\xc3\xb6rg@example.org> SMTPUTF8";
+	ok(smtp_parse_mail(a9, &m, &reply) == 0 && m.smtputf8, "UTF-8 sender with SMTPUTF8");
+	char a10[] = "FROM:<@relay.example:a@b.org>";
+	ok(smtp_parse_mail(a10, &m, &reply) == 0 && !strcmp(m.addr, "a@b.org"), "source route ignored");
+	char a11[] = "FROM:<a@b.org> BODY=BINARYMIME";
+	ok(smtp_parse_mail(a11, &m, &reply) < 0, "BINARYMIME not offered");
+	char a12[] = "FROM:<a@b.org>x";
+	ok(smtp_parse_mail(a12, &m, &reply) < 0, "junk after the path refused");
+}
+
+static void test_rcpt(void)
+{
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	char a1[] = "TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.net";
+	ok(smtp_parse_rcpt(a1, false, &r, &reply) == 0, "RCPT with DSN parameters");
+	ok(r.notify == (DSN_NOTIFY_SUCCESS | DSN_NOTIFY_FAILURE), "NOTIFY bits");
+	is_str(r.orcpt, "rfc822;bob@example.net", "ORCPT");
+	char a2[] = "TO:<bob@example.net> NOTIFY=NEVER,SUCCESS";
+	ok(smtp_parse_rcpt(a2, false, &r, &reply) < 0, "NOTIFY=NEVER with others refused");
+	char a3[] = "TO:<>";
+	ok(smtp_parse_rcpt(a3, false, &r, &reply) < 0 && !strncmp(reply, "501 5.1.3", 9), "empty recipient: 501 5.1.3");
+	char a4[] = "TO:<bob>";
+	ok(smtp_parse_rcpt(a4, false, &r, &reply) < 0, "recipient without domain refused");
+	char a5[] = "TO:<bob@exa mple.net>";
+	ok(smtp_parse_rcpt(a5, false, &r, &reply) < 0, "space in domain refused");
+	char a6[] = "TO:<bob@example..net>";
+	ok(smtp_parse_rcpt(a6, false, &r, &reply) < 0, "empty domain label refused");
+	char a7[] = "TO:<bob@[192.0.2.1]>";
+	ok(smtp_parse_rcpt(a7, false, &r, &reply) == 0, "address literal accepted");
+}
+
+static void test_bdat(void)
+{
+	size_t n;
+	bool last;
+	const char *reply;
+	ok(smtp_parse_bdat("100 LAST", &n, &last, &reply) == 0 && n == 100 && last, "BDAT 100 LAST");
+	ok(smtp_parse_bdat("0", &n, &last, &reply) == 0 && n == 0 && !last, "BDAT 0");
+	ok(smtp_parse_bdat("x", &n, &last, &reply) < 0, "BDAT x refused");
+	ok(smtp_parse_bdat("10 FIRST", &n, &last, &reply) < 0, "BDAT 10 FIRST refused");
+	ok(smtp_parse_bdat("-1", &n, &last, &reply) < 0, "negative BDAT refused");
+}
+
+static void test_xtext(void)
+{
+	ok(smtp_xtext_valid("abc+2B"), "xtext with hex escape");
+	ok(!smtp_xtext_valid("a=b"), "'=' not allowed in xtext");
+	ok(!smtp_xtext_valid("a+2"), "short escape refused");
+	ok(smtp_addr_valid("a.b-c+d@sub.example.org", false), "ordinary address");
+	ok(!smtp_addr_valid("a@", false), "no domain");
+	ok(!smtp_addr_valid("@b.org", false), "no local part");
+	ok(!smtp_addr_valid("a<b@c.org", false), "'<' in local part refused");
+}
+
+int main(void)
+{
+	test_command();
+	test_mail();
+	test_rcpt();
+	test_bdat();
+	test_xtext();
+	return done_testing();
+}
