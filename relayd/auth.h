@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "policy.h"
 #include "workq.h"
 
 struct config;
@@ -40,6 +41,8 @@ struct auth_req {
 	enum auth_result result;
 	char challenge[1024];              /* base64 server challenge for 334 */
 	char user[256];
+	char attempted[256];               /* the user name the client tried (for lockouts) */
+	struct policy_limits limits;       /* defaults from relayd.conf, overridden per user */
 	char **senders;                    /* allowed sender patterns of user */
 	size_t nsenders;
 	int check;                         /* enum userdb_check of the last password check, -1 none */

@@ -7,6 +7,7 @@
  * a certificate when any listener needs TLS).
  */
 #include "config.h"
+#include "ratelimit.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -58,6 +59,11 @@ void config_defaults(struct config *c)
 	c->queue_lifetime = 5 * 86400;
 	c->check_header_from = true;
 	c->auth_cache_ttl = 300;
+	c->limit_msgs_window = c->limit_rcpts_window = c->limit_bytes_window = 3600;
+	c->max_conn_per_ip = 20;
+	c->max_conn_rate_per_ip = 120;
+	c->auth_fail_limit = 5;
+	c->auth_lockout = 900;
 }
 
 /* config_parse_size - "35M" -> bytes */
@@ -305,6 +311,18 @@ static int config_unsigned(struct config_ctx *x, int argc, char **argv, unsigned
 	return 0;
 }
 
+/* "100/hour", "50M/day" (the unit is minute, hour or day) */
+static int config_limit(struct config_ctx *x, int argc, char **argv, unsigned long long *limit, unsigned *window)
+{
+	uint64_t l;
+	uint32_t w;
+	if (argc != 2 || ratelimit_parse(argv[1], &l, &w) < 0)
+		return config_error(x, "%s: expected N/minute, N/hour or N/day (0 = unlimited)", argv[0]);
+	*limit = l;
+	*window = w;
+	return 0;
+}
+
 static int config_directive(struct config_ctx *x, int argc, char **argv)
 {
 	struct config *c = x->c;
@@ -355,6 +373,25 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_unsigned(x, argc, argv, &c->queue_lifetime, 86400 * 60, config_parse_duration);
 	if (!strcmp(d, "auth_cache_ttl"))
 		return config_unsigned(x, argc, argv, &c->auth_cache_ttl, 86400, config_parse_duration);
+	if (!strcmp(d, "limit_msgs"))
+		return config_limit(x, argc, argv, &c->limit_msgs, &c->limit_msgs_window);
+	if (!strcmp(d, "limit_rcpts"))
+		return config_limit(x, argc, argv, &c->limit_rcpts, &c->limit_rcpts_window);
+	if (!strcmp(d, "limit_bytes"))
+		return config_limit(x, argc, argv, &c->limit_bytes, &c->limit_bytes_window);
+	if (!strcmp(d, "max_conn_per_ip"))
+		return config_unsigned(x, argc, argv, &c->max_conn_per_ip, 1000000, NULL);
+	if (!strcmp(d, "max_conn_rate_per_ip"))
+		return config_unsigned(x, argc, argv, &c->max_conn_rate_per_ip, 1000000, NULL);
+	if (!strcmp(d, "auth_fail_limit"))
+		return config_unsigned(x, argc, argv, &c->auth_fail_limit, 1000, NULL);
+	if (!strcmp(d, "auth_lockout"))
+		return config_unsigned(x, argc, argv, &c->auth_lockout, 86400 * 7, config_parse_duration);
+	if (!strcmp(d, "limit_loopback")) {
+		if (argc != 2)
+			return config_error(x, "limit_loopback takes yes or no");
+		return config_bool(x, argv[1], &c->limit_loopback);
+	}
 	if (!strcmp(d, "check_header_from")) {
 		if (argc != 2)
 			return config_error(x, "check_header_from takes yes or no");

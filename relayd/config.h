@@ -64,6 +64,15 @@ struct config {
 	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days) */
 	bool check_header_from;   /* check From: against allowed senders (default yes) */
 	unsigned auth_cache_ttl;  /* verified-credential cache, seconds (default 300, 0 = off) */
+
+	/* per-user limit defaults: N per window seconds; 0 = unlimited */
+	unsigned long long limit_msgs, limit_rcpts, limit_bytes;
+	unsigned limit_msgs_window, limit_rcpts_window, limit_bytes_window;
+	unsigned max_conn_per_ip;      /* concurrent (default 20, 0 = off) */
+	unsigned max_conn_rate_per_ip; /* new connections per minute (default 120, 0 = off) */
+	bool limit_loopback;           /* apply per-IP limits to loopback too (default no) */
+	unsigned auth_fail_limit;      /* failures per IP or user name before lockout (default 5) */
+	unsigned auth_lockout;         /* seconds (default 900) */
 };
 
 /* config_defaults - fill c with the built-in defaults */

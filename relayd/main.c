@@ -20,6 +20,7 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "policy.h"
 #include "queue.h"
 #include "smtp_server.h"
 #include "tls.h"
@@ -187,6 +188,8 @@ int main(int argc, char **argv)
 	if (queue_init(loop, main_cfg.queue, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_recover(main_cfg.queue);
+	if (policy_init(&main_cfg, err, sizeof(err)) < 0)
+		fatal("%s", err);
 	main_drop_privileges(&main_cfg);
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
@@ -201,6 +204,7 @@ int main(int argc, char **argv)
 	ev_run(loop, 0);
 	workq_shutdown();
 	queue_shutdown();
+	policy_shutdown();
 	if (cred)
 		gnutls_certificate_free_credentials(cred);
 	sasl_server_done();

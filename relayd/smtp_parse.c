@@ -324,3 +324,74 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 	*size = (size_t)v;
 	return 0;
 }
+
+/* the unfolded value of the first header `name`, into out; false if absent */
+static bool smtp_header_value(const char *h, size_t len, const char *name, char *out, size_t outlen)
+{
+	size_t nl = strlen(name), o = 0;
+	for (size_t i = 0; i < len;) {
+		const char *eol = memchr(h + i, '\n', len - i);
+		size_t end = eol ? (size_t)(eol - h) : len;
+		if (end - i > nl && !strncasecmp(h + i, name, nl) && h[i + nl] == ':') {
+			size_t j = i + nl + 1;
+			for (;;) { /* the value and its continuation lines (RFC 5322 §2.2.3) */
+				for (; j < end && o + 1 < outlen; j++)
+					if (h[j] != '\r')
+						out[o++] = h[j];
+				if (end + 1 >= len || (h[end + 1] != ' ' && h[end + 1] != '\t'))
+					break;
+				j = end + 1;
+				eol = memchr(h + j, '\n', len - j);
+				end = eol ? (size_t)(eol - h) : len;
+			}
+			out[o] = '\0';
+			return true;
+		}
+		i = end + 1;
+	}
+	return false;
+}
+
+/* smtp_header_addresses - addresses of From:, Sender: ... */
+int smtp_header_addresses(const char *hdrs, size_t len, const char *name, char out[][256], int max)
+{
+	char v[4096];
+	if (!smtp_header_value(hdrs, len, name, v, sizeof(v)))
+		return 0;
+	int n = 0;
+	char *p = v;
+	while (*p && n < max) {
+		/* one mailbox: up to a comma or semicolon outside quotes, comments and <> */
+		char item[1024];
+		size_t il = 0;
+		int depth = 0;
+		bool quoted = false, angle = false;
+		for (; *p; p++) {
+			if (quoted) {
+				if (*p == '\\' && p[1])
+					p++;
+				else if (*p == '"')
+					quoted = false;
+				continue;
+			}
+			if (*p == '"') { quoted = true; continue; }
+			if (*p == '(') { depth++; continue; }
+			if (*p == ')' && depth) { depth--; continue; }
+			if (depth)
+				continue;
+			if (*p == '<') { angle = true; il = 0; continue; }
+			if (*p == '>' && angle) { angle = false; continue; }
+			if ((*p == ',' || *p == ';') && !angle) { p++; break; }
+			if (*p == ':' && !angle) { il = 0; continue; } /* group name */
+			if (*p != ' ' && *p != '\t' && il + 1 < sizeof(item))
+				item[il++] = *p;
+		}
+		item[il] = '\0';
+		if (il == 0)
+			continue;
+		if (!strchr(item, '@') || il > 255)
+			return -1;
+		memcpy(out[n++], item, il + 1);
+	}
+	return n ? n : -1;
+}

@@ -50,6 +50,11 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 bool smtp_addr_valid(const char *addr, bool utf8);
 /* smtp_xtext_valid - RFC 3461 §4 xtext */
 bool smtp_xtext_valid(const char *s);
+/* smtp_header_addresses - the addr-specs of the first header `name` (e.g. "From") in the
+ * header section hdrs[0..len): unfolded, display names and comments skipped, group syntax
+ * tolerated. Writes up to max addresses of up to 255 chars; returns the count, 0 if the
+ * header is absent, -1 if it is present but holds no parsable address. */
+int smtp_header_addresses(const char *hdrs, size_t len, const char *name, char out[][256], int max);
 /* smtp_verb_name - "MAIL", "RCPT", ... for logs */
 const char *smtp_verb_name(enum smtp_verb v);
 

@@ -31,6 +31,8 @@
 #include "auth.h"
 #include "conn.h"
 #include "log.h"
+#include "policy.h"
+#include "ratelimit.h"
 #include "queue.h"
 #include "smtp_parse.h"
 #include "userdb.h"
@@ -71,7 +73,9 @@ struct session {
 	char user[256];
 	char **senders;
 	size_t nsenders;
+	struct policy_limits limits;    /* this user's limits, read at AUTH */
 	struct auth_req *auth;
+	ev_timer delay;                 /* holds a failed AUTH's reply (brute-force tarpit) */
 	unsigned errors;
 	unsigned auth_failures;
 	ev_timer timer;
@@ -325,6 +329,11 @@ static void cmd_auth(struct session *s, struct smtp_cmd *c)
 		session_error(s, "504 5.5.4 Unrecognized authentication type");
 		return;
 	}
+	if (!policy_auth_allowed(s->peer, NULL)) {
+		log_info("%s smtp event=auth result=refused client=%s reason=lockout", s->idstr, s->peer);
+		session_reply(s, "454 4.7.0 Too many authentication failures, try again later");
+		return;
+	}
 	s->auth = auth_req_new(s->id, smtp_cfg->hostname);
 	if (!s->auth) {
 		session_reply(s, "454 4.7.0 Temporary authentication failure");
@@ -359,6 +368,34 @@ static void session_auth_response(struct session *s, char *line)
 	session_auth_submit(s);
 }
 
+static void session_delay_done(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct session *s = w->data;
+	(void)loop; (void)revents;
+	s->busy = false;
+	session_error(s, "535 5.7.8 Authentication credentials invalid");
+	session_process(s);
+}
+
+/* a failed AUTH: count it, and answer after a growing delay (RFC 4954 §4 leaves the timing to us) */
+static void session_auth_failed(struct session *s, struct auth_req *r)
+{
+	bool known = r->check == USERDB_BAD_PASSWORD; /* only real names get a per-name count */
+	s->auth_failures++;
+	log_info("%s smtp event=auth result=fail mech=%s client=%s user=%s reason=%s", s->idstr, r->mech, s->peer,
+		 known ? r->attempted : "-", known ? "bad-password" : "bad-credentials");
+	if (known)
+		policy_count(r->attempted, PC_AUTH_FAIL);
+	double delay = policy_auth_failed(s->peer, known ? r->attempted : NULL);
+	if (delay <= 0) {
+		session_error(s, "535 5.7.8 Authentication credentials invalid");
+		return;
+	}
+	s->busy = true;
+	ev_timer_set(&s->delay, delay, 0.);
+	ev_timer_start(smtp_loop, &s->delay);
+}
+
 static void session_auth_done(struct auth_req *r)
 {
 	struct session *s = session_find(r->session_id);
@@ -372,6 +409,13 @@ static void session_auth_done(struct auth_req *r)
 		session_reply(s, "334 %s", r->challenge);
 		break;
 	case AUTH_OK:
+		if (!policy_auth_allowed(s->peer, r->user)) {
+			log_info("%s smtp event=auth result=refused user=%s reason=lockout", s->idstr, r->user);
+			session_reply(s, "454 4.7.0 Too many authentication failures, try again later");
+			break;
+		}
+		policy_auth_ok(s->peer);
+		s->limits = r->limits;
 		s->authed = true;
 		snprintf(s->user, sizeof(s->user), "%s", r->user);
 		s->senders = r->senders;
@@ -392,10 +436,7 @@ static void session_auth_done(struct auth_req *r)
 		session_error(s, "501 5.5.2 Malformed authentication exchange");
 		break;
 	case AUTH_FAIL:
-		s->auth_failures++;
-		log_info("%s smtp event=auth result=fail mech=%s client=%s reason=bad-credentials", s->idstr, r->mech,
-			 s->peer);
-		session_error(s, "535 5.7.8 Authentication credentials invalid");
+		session_auth_failed(s, r);
 		break;
 	}
 	if (r->result != AUTH_CONTINUE) {
@@ -404,7 +445,8 @@ static void session_auth_done(struct auth_req *r)
 		if (s->state == SS_AUTH)
 			session_enter_state(s, SS_GREETED);
 	}
-	session_process(s);
+	if (!s->busy)
+		session_process(s);
 }
 
 static bool session_need_greeting(struct session *s)
@@ -414,6 +456,23 @@ static bool session_need_greeting(struct session *s)
 		return true;
 	}
 	return false;
+}
+
+/* a per-user limit reached: 450 4.7.1 with the wait (RFC 6409 §8: the client retries later) */
+static bool session_over_limit(struct session *s, uint64_t msgs, uint64_t rcpts, uint64_t bytes)
+{
+	enum policy_metric metric;
+	uint32_t wait;
+	if (policy_check(s->user, &s->limits, msgs, rcpts, bytes, &metric, &wait) == 0)
+		return false;
+	char lim[64];
+	ratelimit_format(s->limits.limit[metric], s->limits.window[metric], lim, sizeof(lim));
+	policy_count(s->user, PC_REJECT_LIMIT);
+	log_info("%s smtp event=reject reason=rate-limit user=%s metric=%s limit=%s wait=%u", s->idstr, s->user,
+		 policy_metric_name(metric), lim, wait);
+	session_reply(s, "450 4.7.1 Limit of %s %s reached for %s, try again in %u seconds", lim,
+		      policy_metric_name(metric), s->user, wait);
+	return true;
 }
 
 static void cmd_mail(struct session *s, struct smtp_cmd *c)
@@ -440,9 +499,12 @@ static void cmd_mail(struct session *s, struct smtp_cmd *c)
 	}
 	if (!userdb_sender_match(s->user, s->senders, s->nsenders, m.addr)) {
 		log_info("%s smtp event=reject reason=sender-not-allowed user=%s from=<%s>", s->idstr, s->user, m.addr);
+		policy_count(s->user, PC_REJECT_SENDER);
 		session_reply(s, "553 5.7.1 Sender address <%s> not allowed for user %s", m.addr, s->user);
 		return;
 	}
+	if (session_over_limit(s, 1, 0, m.size > 0 ? (uint64_t)m.size : 0))
+		return;
 	session_reset_transaction(s);
 	s->env.from = strdup(m.addr);
 	s->env.user = strdup(s->user);
@@ -475,6 +537,8 @@ static void cmd_rcpt(struct session *s, struct smtp_cmd *c)
 		session_error(s, reply);
 		return;
 	}
+	if (session_over_limit(s, 0, s->env.nrcpt + 1, 0))
+		return;
 	if (s->env.nrcpt == s->rcpt_cap) {
 		size_t ncap = s->rcpt_cap ? s->rcpt_cap * 2 : 4;
 		struct queue_rcpt *p = realloc(s->env.rcpt, ncap * sizeof(*p));
@@ -663,6 +727,33 @@ static int session_add_headers(struct session *s, struct buf *out)
 	return rc ? -1 : 0;
 }
 
+/* the From: header must name only addresses the user may send as (RFC 6409 §8.1 lets the
+ * submission server enforce this); switched off with check_header_from no */
+static bool session_header_from_ok(struct session *s)
+{
+	char addrs[8][256];
+	if (!smtp_cfg->check_header_from)
+		return true;
+	const char *p = s->msg.data ? s->msg.data : "";
+	const char *e = s->msg.len ? memmem(p, s->msg.len, "\r\n\r\n", 4) : NULL;
+	size_t hlen = e ? (size_t)(e - p) + 2 : s->msg.len;
+	int n = smtp_header_addresses(p, hlen, "From", addrs, 8);
+	for (int i = 0; i < n; i++) {
+		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
+			policy_count(s->user, PC_REJECT_SENDER);
+			log_info("%s smtp event=reject reason=header-from-not-allowed user=%s from=<%s>", s->idstr, s->user,
+				 addrs[i]);
+			session_reply(s, "553 5.7.1 From: header address <%s> not allowed for user %s", addrs[i], s->user);
+			return false;
+		}
+	}
+	if (n < 0) {
+		session_reply(s, "550 5.6.0 From: header has no valid address");
+		return false;
+	}
+	return true;
+}
+
 /* the end of DATA or BDAT LAST: refuse bad content or commit */
 static void session_end_body(struct session *s)
 {
@@ -694,8 +785,17 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
+	if (!session_header_from_ok(s) || session_over_limit(s, 1, s->env.nrcpt, final.len)) {
+		buf_free(&final);
+		session_reset_transaction(s);
+		return;
+	}
 	buf_free(&s->msg);
+	s->env.size = final.len;
+	/* counted before the commit: the commit's syncfs makes the usage line durable too */
+	policy_record(s->user, s->env.nrcpt, final.len);
 	if (queue_commit(&s->env, &final, session_commit_done, s->id) < 0) {
+		policy_unrecord(s->user, s->env.nrcpt, final.len);
 		buf_free(&final);
 		session_reply(s, "451 4.3.0 Cannot queue the message");
 		session_reset_transaction(s);
@@ -714,6 +814,10 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		return;
 	}
 	s->busy = false;
+	if (qerrno == 0)
+		policy_count(s->user, PC_ACCEPTED);
+	else
+		policy_unrecord(s->user, s->env.nrcpt, s->env.size);
 	if (qerrno == 0) {
 		log_info("%s smtp event=accepted user=%s from=<%s> rcpts=%zu size=%zu session=%s", id, s->user, s->env.from,
 			 s->env.nrcpt, s->env.size, s->idstr);
@@ -1010,7 +1114,9 @@ static void session_free(struct session *s, const char *reason)
 	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
 		 ev_now(smtp_loop) - s->started);
 	session_unregister(s);
+	policy_ip_disconnect(s->peer);
 	ev_timer_stop(smtp_loop, &s->timer);
+	ev_timer_stop(smtp_loop, &s->delay);
 	conn_close(&s->conn);
 	if (s->auth && !s->busy)
 		auth_req_free(s->auth); /* a busy request is freed when its step comes back */
@@ -1036,11 +1142,22 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	session_register(s);
 	conn_init(&s->conn, smtp_loop, fd, &session_conn_ops, s);
 	s->conn.in_max = SMTP_AUTH_LINE_MAX + 16384;
+	ev_init(&s->delay, session_delay_done);
+	s->delay.data = s;
 	ev_init(&s->timer, session_timeout);
 	s->timer.repeat = smtp_cfg->timeout_idle;
 	s->timer.data = s;
 	ev_timer_again(smtp_loop, &s->timer);
 	log_info("%s smtp event=connect client=%s mode=%s", s->idstr, s->peer, config_listen_mode_str(mode));
+	const char *why = NULL;
+	if (policy_ip_connect(s->peer, &why) < 0) {
+		log_info("%s smtp event=refused client=%s reason=%s", s->idstr, s->peer, why);
+		session_reply(s, "421 4.7.0 %s Too many connections from your address, try again later",
+			      smtp_cfg->hostname);
+		session_enter_state(s, SS_QUIT);
+		conn_pause_read(&s->conn);
+		return;
+	}
 	if (smtp_sessions > smtp_cfg->max_sessions) {
 		session_reply(s, "421 4.7.0 %s Too many connections, try again later", smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);

@@ -1,5 +1,5 @@
 /*
- * userdb - users, password hashes and allowed senders in SQLite.
+ * userdb - users, password hashes, allowed senders and per-user limits in SQLite.
  * One struct userdb is one sqlite3 connection, used by one thread at a time (opened
  * without SQLite's own mutex; each worker thread opens its own). WAL journal, a 5 s
  * busy timeout, foreign keys on (deleting a user cascades to senders and limits).
@@ -9,7 +9,8 @@
  * Invariants: all SQL goes through prepared statements with bound parameters; the file
  * is created 0600; userdb_check_password costs one slow hash whether or not the user
  * exists, so timing does not tell which names exist. Sender patterns are stored in
- * lower case (matching is case-insensitive).
+ * lower case (matching is case-insensitive). A limit is stored as a (count, window)
+ * pair, both NULL when unset (relayd.conf's default applies).
  */
 #include "userdb.h"
 
@@ -601,6 +602,133 @@ int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, 
 	}
 	if (sqlite3_changes(db->db) == 0) {
 		userdb_seterr(err, errlen, "%s has no sender pattern %s", name, pat);
+		return -1;
+	}
+	return 0;
+}
+
+/* 1 if the user exists, 0 if not or on error */
+static int userdb_user_exists(struct userdb *db, const char *name)
+{
+	sqlite3_stmt *st;
+	int rc;
+
+	if (sqlite3_prepare_v2(db->db, "SELECT 1 FROM users WHERE name = ?", -1, &st,
+	    NULL) != SQLITE_OK)
+		return 0;
+	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	return rc == SQLITE_ROW;
+}
+
+/* userdb_limits_get - a user's limit overrides; 0 (all unset when there is no row), -1 error */
+int userdb_limits_get(struct userdb *db, const char *name, struct userdb_limits *l)
+{
+	sqlite3_stmt *st;
+	int rc, i;
+
+	memset(l, 0, sizeof(*l));
+	if (!name || !*name)
+		return 0;
+	if (sqlite3_prepare_v2(db->db,
+	    "SELECT msgs, msgs_window, rcpts, rcpts_window, bytes, bytes_window"
+	    " FROM limits WHERE user = ?", -1, &st, NULL) != SQLITE_OK)
+		return -1;
+	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		for (i = 0; i < USERDB_NLIMITS; i++) {
+			sqlite3_int64 lim, win;
+
+			/* a pair is set only when both halves are there and make sense */
+			if (sqlite3_column_type(st, 2 * i) == SQLITE_NULL ||
+			    sqlite3_column_type(st, 2 * i + 1) == SQLITE_NULL)
+				continue;
+			lim = sqlite3_column_int64(st, 2 * i);
+			win = sqlite3_column_int64(st, 2 * i + 1);
+			if (lim < 0 || win <= 0 || win > (sqlite3_int64)UINT32_MAX)
+				continue;
+			l->limit[i] = (uint64_t)lim;
+			l->window[i] = (uint32_t)win;
+			l->set[i] = true;
+		}
+	}
+	sqlite3_finalize(st);
+	if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+		memset(l, 0, sizeof(*l));
+		return -1;
+	}
+	return 0;
+}
+
+/* userdb_limits_set - replace a user's overrides with l (no row when all are unset) */
+int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_limits *l,
+    char *err, size_t errlen)
+{
+	static const char *const what[USERDB_NLIMITS] = { "msgs", "rcpts", "bytes" };
+	sqlite3_stmt *st;
+	bool any = false;
+	int rc, i;
+
+	if (!name || !*name) {
+		userdb_seterr(err, errlen, "user name is empty");
+		return -1;
+	}
+	for (i = 0; i < USERDB_NLIMITS; i++) {
+		if (!l->set[i])
+			continue;
+		if (l->window[i] == 0) {
+			userdb_seterr(err, errlen, "%s: the window must be at least one second",
+			    what[i]);
+			return -1;
+		}
+		if (l->limit[i] > (uint64_t)INT64_MAX) {
+			userdb_seterr(err, errlen, "%s: limit too large", what[i]);
+			return -1;
+		}
+		any = true;
+	}
+	if (any)
+		rc = sqlite3_prepare_v2(db->db,
+		    "INSERT INTO limits (user, msgs, msgs_window, rcpts, rcpts_window, bytes,"
+		    " bytes_window) SELECT name, ?, ?, ?, ?, ?, ? FROM users WHERE name = ?"
+		    " ON CONFLICT (user) DO UPDATE SET msgs = excluded.msgs,"
+		    " msgs_window = excluded.msgs_window, rcpts = excluded.rcpts,"
+		    " rcpts_window = excluded.rcpts_window, bytes = excluded.bytes,"
+		    " bytes_window = excluded.bytes_window", -1, &st, NULL);
+	else
+		rc = sqlite3_prepare_v2(db->db,
+		    "DELETE FROM limits WHERE user = (SELECT name FROM users WHERE name = ?)",
+		    -1, &st, NULL);
+	if (rc != SQLITE_OK) {
+		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		return -1;
+	}
+	if (any) {
+		for (i = 0; i < USERDB_NLIMITS; i++) {
+			if (l->set[i]) {
+				sqlite3_bind_int64(st, 2 * i + 1, (sqlite3_int64)l->limit[i]);
+				sqlite3_bind_int64(st, 2 * i + 2, (sqlite3_int64)l->window[i]);
+			} else {
+				sqlite3_bind_null(st, 2 * i + 1);
+				sqlite3_bind_null(st, 2 * i + 2);
+			}
+		}
+		sqlite3_bind_text(st, 7, name, -1, SQLITE_STATIC);
+	} else {
+		sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+	}
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE) {
+		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		return -1;
+	}
+	/* the INSERT ... SELECT wrote nothing when the user does not exist; the DELETE may
+	 * write nothing for an existing user without overrides, so ask */
+	if (sqlite3_changes(db->db) == 0 && (any || !userdb_user_exists(db, name))) {
+		userdb_seterr(err, errlen, "no such user: %s", name);
 		return -1;
 	}
 	return 0;

@@ -1,5 +1,5 @@
 /*
- * userdb - users, password hashes, allowed senders (and later per-user limits) in SQLite.
+ * userdb - users, password hashes, allowed senders and per-user limits in SQLite.
  * One struct userdb wraps one sqlite3 connection; a connection is used by one thread at a
  * time (each worker thread opens its own). Migrations from schema/ are applied on open;
  * a database whose schema is newer than this build knows is refused.
@@ -54,6 +54,22 @@ int userdb_user_list(struct userdb *db, void (*fn)(const char *name, void *arg),
 int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, char *err, size_t errlen);
 /* userdb_sender_del - remove a sender pattern; -1 with err if it was not there */
 int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, char *err, size_t errlen);
+
+/* per-user rate limit overrides; index USERDB_LIMIT_MSGS, _RCPTS, _BYTES */
+enum { USERDB_LIMIT_MSGS, USERDB_LIMIT_RCPTS, USERDB_LIMIT_BYTES, USERDB_NLIMITS };
+
+struct userdb_limits {
+	uint64_t limit[USERDB_NLIMITS];   /* units per window; 0 = unlimited */
+	uint32_t window[USERDB_NLIMITS];  /* seconds (> 0 when set) */
+	bool set[USERDB_NLIMITS];         /* false: use the relayd.conf default */
+};
+
+/* userdb_limits_get - a user's limit overrides; 0 (all unset when there is no row), -1 error */
+int userdb_limits_get(struct userdb *db, const char *name, struct userdb_limits *l);
+/* userdb_limits_set - replace a user's overrides with l (unset ones stored as NULL; no row
+ * when all are unset); -1 with err if no such user, a window is 0 or a limit too large */
+int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_limits *l,
+    char *err, size_t errlen);
 
 /* userdb_check_password - check name/password against the stored salted slow hash (slow: call off the loop) */
 enum userdb_check userdb_check_password(struct userdb *db, const char *name, const char *password);

@@ -21,8 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "userdb.h"
+#include "../relayd/config.h"
+#include "../relayd/userdb.h"
 
 #ifndef SYSCONFDIR
 #define SYSCONFDIR "/etc"

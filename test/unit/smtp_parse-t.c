@@ -110,8 +110,28 @@ static void test_xtext(void)
 	ok(!smtp_addr_valid("a<b@c.org", false), "'<' in local part refused");
 }
 
+static void test_header_from(void)
+{
+	char a[4][256];
+	const char *h1 = "Subject: x\r\nFrom: \"Alice, A.\" <alice@example.org>\r\nTo: b@c.d\r\n";
+	ok(smtp_header_addresses(h1, strlen(h1), "From", a, 4) == 1 && !strcmp(a[0], "alice@example.org"),
+	   "display name with a quoted comma");
+	const char *h2 = "from: bob@example.net (Bob),\r\n\tcarol@example.net\r\n";
+	int n = smtp_header_addresses(h2, strlen(h2), "From", a, 4);
+	ok(n == 2 && !strcmp(a[0], "bob@example.net") && !strcmp(a[1], "carol@example.net"),
+	   "two mailboxes, a comment and a folded line (%d)", n);
+	const char *h3 = "To: x@y.z\r\n";
+	ok(smtp_header_addresses(h3, strlen(h3), "From", a, 4) == 0, "absent From: gives 0");
+	const char *h4 = "From: undisclosed\r\n";
+	ok(smtp_header_addresses(h4, strlen(h4), "From", a, 4) == -1, "From: without an address gives -1");
+	const char *h5 = "From-Extra: e@x.y\r\nFrom: <d@example.com>\r\n";
+	ok(smtp_header_addresses(h5, strlen(h5), "From", a, 4) == 1 && !strcmp(a[0], "d@example.com"),
+	   "From-Extra: is not From:");
+}
+
 int main(void)
 {
+	test_header_from();
 	test_command();
 	test_mail();
 	test_rcpt();

@@ -1,9 +1,10 @@
 /*
  * userdb-t - unit tests for userdb and passwd against a real SQLite file in a
- * temporary folder: migrations, users, passwords, sender patterns, the newer-schema
- * refusal and the pure sender match.
+ * temporary folder: migrations, users, passwords, sender patterns, per-user limits,
+ * the newer-schema refusal and the pure sender match.
  */
 #include <sqlite3.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,8 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "passwd.h"
-#include "userdb.h"
+#include "../../relayd/passwd.h"
+#include "../../relayd/userdb.h"
 #include "tap.h"
 
 static char tmpdir[256];
@@ -201,6 +202,84 @@ static void test_open_and_users(void)
 	is_int(raw_user_version(dbpath), userdb_schema_version(), "user_version unchanged");
 }
 
+static void test_limits(void)
+{
+	char err[256] = "";
+	struct userdb *db = userdb_open(dbpath, err, sizeof(err));
+	struct userdb_limits l, g;
+
+	if (!ok(db != NULL, "open for limits"))
+		return;
+	ok(userdb_user_add(db, "lim", "pw", err, sizeof(err)) == 0, "add user lim");
+	memset(&g, 0xff, sizeof(g));
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get limits without a row");
+	ok(!g.set[0] && !g.set[1] && !g.set[2], "no row: all unset");
+	is_int(userdb_limits_get(db, "nobody", &g), 0, "get limits of unknown user: 0");
+	ok(!g.set[0] && !g.set[1] && !g.set[2], "unknown user: all unset");
+
+	memset(&l, 0, sizeof(l));
+	l.set[USERDB_LIMIT_MSGS] = true;
+	l.limit[USERDB_LIMIT_MSGS] = 100;
+	l.window[USERDB_LIMIT_MSGS] = 3600;
+	l.set[USERDB_LIMIT_BYTES] = true;
+	l.limit[USERDB_LIMIT_BYTES] = 50ull << 20;
+	l.window[USERDB_LIMIT_BYTES] = 86400;
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == 0, "set msgs and bytes");
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get limits");
+	ok(g.set[0] && g.limit[0] == 100 && g.window[0] == 3600, "msgs 100/hour");
+	ok(!g.set[1], "rcpts unset");
+	ok(g.set[2] && g.limit[2] == 50ull << 20 && g.window[2] == 86400, "bytes 50M/day");
+
+	/* replace: msgs unset, rcpts 0 (unlimited) */
+	l.set[USERDB_LIMIT_MSGS] = false;
+	l.set[USERDB_LIMIT_RCPTS] = true;
+	l.limit[USERDB_LIMIT_RCPTS] = 0;
+	l.window[USERDB_LIMIT_RCPTS] = 60;
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == 0, "update limits");
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get updated limits");
+	ok(!g.set[0], "msgs unset again");
+	ok(g.set[1] && g.limit[1] == 0 && g.window[1] == 60, "rcpts 0/minute (unlimited) kept as set");
+	ok(g.set[2] && g.limit[2] == 50ull << 20, "bytes unchanged");
+
+	/* refusals */
+	l.window[USERDB_LIMIT_RCPTS] = 0;
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == -1, "window 0 refused");
+	l.window[USERDB_LIMIT_RCPTS] = 60;
+	l.limit[USERDB_LIMIT_BYTES] = UINT64_MAX;
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == -1, "limit above INT64_MAX refused");
+	l.limit[USERDB_LIMIT_BYTES] = 1000;
+	err[0] = '\0';
+	ok(userdb_limits_set(db, "nobody", &l, err, sizeof(err)) == -1, "set for unknown user fails");
+	ok(strstr(err, "no such user") != NULL, "and says so: %s", err);
+	memset(&l, 0, sizeof(l));
+	err[0] = '\0';
+	ok(userdb_limits_set(db, "nobody", &l, err, sizeof(err)) == -1,
+	    "clear for unknown user fails");
+	ok(strstr(err, "no such user") != NULL, "and says so: %s", err);
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == 0, "clear all");
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get cleared limits");
+	ok(!g.set[0] && !g.set[1] && !g.set[2], "all unset after clear");
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == 0, "clear again is fine");
+
+	/* a half-written pair (window NULL) reads as unset */
+	ok(raw_exec(dbpath, "INSERT INTO limits (user, msgs) VALUES ('lim', 5)") == 0,
+	    "write a count without a window directly");
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get half pair");
+	ok(!g.set[0], "count without window: unset");
+
+	/* cascade */
+	l.set[USERDB_LIMIT_RCPTS] = true;
+	l.limit[USERDB_LIMIT_RCPTS] = 10;
+	l.window[USERDB_LIMIT_RCPTS] = 86400;
+	ok(userdb_limits_set(db, "lim", &l, err, sizeof(err)) == 0, "set rcpts 10/day");
+	ok(userdb_user_del(db, "lim", err, sizeof(err)) == 0, "delete user lim");
+	ok(userdb_user_add(db, "lim", "pw", err, sizeof(err)) == 0, "re-add user lim");
+	is_int(userdb_limits_get(db, "lim", &g), 0, "get limits of the new lim");
+	ok(!g.set[0] && !g.set[1] && !g.set[2], "limits went with the old user (cascade)");
+	userdb_user_del(db, "lim", err, sizeof(err));
+	userdb_close(db);
+}
+
 static double now_sec(void)
 {
 	struct timespec ts;
@@ -326,6 +405,7 @@ int main(void)
 
 	test_open_and_users();
 	test_timing();
+	test_limits();
 	test_newer_schema();
 	test_bad_path();
 	test_passwd();

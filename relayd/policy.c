@@ -1,0 +1,392 @@
+/*
+ * policy - per-user limits, per-IP limits, AUTH brute-force defence, per-user counters.
+ * Loop thread only (no locking). Tables are small chained hash maps keyed by name or IP.
+ *
+ * Usage journal QUEUE/usage.log, one line per accepted message:
+ *     <unix time> <msgs +1|-1> <rcpts> <bytes> <user>
+ * written (not fsync'd) before the message is handed to the commit thread: the commit's
+ * syncfs(2) covers the whole file system, so the line is durable when the 250 is sent.
+ * At start the last day is replayed and the file rewritten with only that day.
+ *
+ * Brute force: each AUTH failure from an IP (and for a user name) counts; the reply is
+ * delayed 1, 2, 4 ... s (at most 8); at auth_fail_limit failures the IP (or name) is
+ * locked out for auth_lockout seconds: AUTH gets 454 4.7.0 and new connections from a
+ * locked IP get 421 4.7.0. Every lockout is logged (event=auth-lockout) for fail2ban.
+ * Loopback clients are exempt from every per-IP rule unless limit_loopback is yes; the
+ * per-user-name count applies to everyone.
+ */
+#include "policy.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "ratelimit.h"
+
+#define POLICY_BUCKETS 1024
+#define POLICY_DAY 86400
+
+static const uint32_t policy_windows[3] = { 60, 3600, 86400 };
+
+struct policy_user {
+	struct policy_user *next;
+	char name[256];
+	struct ratelimit_window w[POLICY_NMETRICS][3];
+	uint64_t counters[PC_NCOUNTERS];
+};
+
+struct policy_ip {
+	struct policy_ip *next;
+	char key[272];                 /* "ip:1.2.3.4" or "user:alice" */
+	unsigned conns;
+	struct ratelimit_window rate;  /* new connections per minute */
+	unsigned auth_fails;
+	time_t locked_until;
+	time_t last_fail;
+};
+
+static const struct config *policy_cfg;
+static struct policy_user *policy_users[POLICY_BUCKETS];
+static struct policy_ip *policy_ips[POLICY_BUCKETS];
+static int policy_journal = -1;
+
+static unsigned policy_hash(const char *s)
+{
+	unsigned h = 5381;
+	for (; *s; s++)
+		h = h * 33 + (unsigned char)*s;
+	return h % POLICY_BUCKETS;
+}
+
+static struct policy_user *policy_user_get(const char *name)
+{
+	unsigned h = policy_hash(name);
+	for (struct policy_user *u = policy_users[h]; u; u = u->next)
+		if (!strcmp(u->name, name))
+			return u;
+	struct policy_user *u = calloc(1, sizeof(*u));
+	if (!u)
+		return NULL;
+	snprintf(u->name, sizeof(u->name), "%s", name);
+	for (int m = 0; m < POLICY_NMETRICS; m++)
+		for (int g = 0; g < 3; g++)
+			ratelimit_set(&u->w[m][g], 0, policy_windows[g]);
+	u->next = policy_users[h];
+	policy_users[h] = u;
+	return u;
+}
+
+static void policy_user_add(struct policy_user *u, time_t t, int64_t msgs, int64_t rcpts, int64_t bytes)
+{
+	int64_t v[POLICY_NMETRICS] = { msgs, rcpts, bytes };
+	for (int m = 0; m < POLICY_NMETRICS; m++)
+		for (int g = 0; g < 3; g++)
+			ratelimit_add(&u->w[m][g], t, (uint64_t)v[m]); /* -1 wraps: unsigned add takes it back */
+}
+
+static void policy_replay(const char *path, time_t now)
+{
+	char tmp[PATH_MAX + 32], line[512];
+	FILE *in = fopen(path, "r");
+	if (!in)
+		return;
+	snprintf(tmp, sizeof(tmp), "%s.new", path);
+	FILE *out = fopen(tmp, "w");
+	int n = 0;
+	while (fgets(line, sizeof(line), in)) {
+		long long t, msgs, rcpts, bytes;
+		char user[256];
+		if (sscanf(line, "%lld %lld %lld %lld %255s", &t, &msgs, &rcpts, &bytes, user) != 5)
+			continue; /* a torn last line after a crash */
+		if (t <= (long long)now - POLICY_DAY || t > (long long)now + 60)
+			continue;
+		struct policy_user *u = policy_user_get(user);
+		if (u)
+			policy_user_add(u, (time_t)t, msgs, rcpts, bytes);
+		if (out)
+			fputs(line, out);
+		n++;
+	}
+	fclose(in);
+	if (out && fflush(out) == 0 && fsync(fileno(out)) == 0 && fclose(out) == 0)
+		rename(tmp, path);
+	else if (out)
+		fclose(out);
+	log_info("policy event=usage-replayed entries=%d", n);
+}
+
+/* policy_init - defaults, journal replay */
+int policy_init(const struct config *cfg, char *err, size_t errlen)
+{
+	char path[PATH_MAX + 16];
+	policy_cfg = cfg;
+	snprintf(path, sizeof(path), "%s/usage.log", cfg->queue);
+	policy_replay(path, time(NULL));
+	policy_journal = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (policy_journal < 0) {
+		snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* policy_shutdown - free everything */
+void policy_shutdown(void)
+{
+	for (int i = 0; i < POLICY_BUCKETS; i++) {
+		while (policy_users[i]) {
+			struct policy_user *u = policy_users[i];
+			policy_users[i] = u->next;
+			free(u);
+		}
+		while (policy_ips[i]) {
+			struct policy_ip *p = policy_ips[i];
+			policy_ips[i] = p->next;
+			free(p);
+		}
+	}
+	if (policy_journal >= 0)
+		close(policy_journal);
+	policy_journal = -1;
+}
+
+/* policy_default_limits - from relayd.conf */
+void policy_default_limits(struct policy_limits *l)
+{
+	l->limit[POLICY_MSGS] = policy_cfg->limit_msgs;
+	l->window[POLICY_MSGS] = policy_cfg->limit_msgs_window;
+	l->limit[POLICY_RCPTS] = policy_cfg->limit_rcpts;
+	l->window[POLICY_RCPTS] = policy_cfg->limit_rcpts_window;
+	l->limit[POLICY_BYTES] = policy_cfg->limit_bytes;
+	l->window[POLICY_BYTES] = policy_cfg->limit_bytes_window;
+}
+
+/* policy_metric_name - for replies and logs */
+const char *policy_metric_name(enum policy_metric m)
+{
+	static const char *names[] = { "messages", "recipients", "bytes" };
+	return names[m];
+}
+
+static int policy_granularity(uint32_t window)
+{
+	return window <= 60 ? 0 : window <= 3600 ? 1 : 2;
+}
+
+/* policy_check - room for this much more? */
+int policy_check(const char *user, const struct policy_limits *l, uint64_t msgs, uint64_t rcpts, uint64_t bytes,
+		 enum policy_metric *metric, uint32_t *wait)
+{
+	struct policy_user *u = policy_user_get(user);
+	uint64_t want[POLICY_NMETRICS] = { msgs, rcpts, bytes };
+	time_t now = time(NULL);
+	if (!u)
+		return 0;
+	for (int m = 0; m < POLICY_NMETRICS; m++) {
+		if (!l->limit[m] || !want[m])
+			continue;
+		struct ratelimit_window *w = &u->w[m][policy_granularity(l->window[m])];
+		w->limit = l->limit[m];
+		if (!ratelimit_allows(w, now, want[m])) {
+			*metric = (enum policy_metric)m;
+			*wait = ratelimit_wait(w, now, want[m]);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static void policy_journal_write(const char *user, int msgs, uint64_t rcpts, uint64_t bytes)
+{
+	char line[512];
+	if (policy_journal < 0)
+		return;
+	int n = snprintf(line, sizeof(line), "%lld %d %lld %lld %s\n", (long long)time(NULL), msgs,
+			 (long long)rcpts * msgs, (long long)bytes * msgs, user);
+	if (n > 0 && (size_t)n < sizeof(line) && write(policy_journal, line, (size_t)n) != n)
+		log_warn("policy event=journal-write-failed error=\"%s\"", strerror(errno));
+}
+
+/* policy_record - count an accepted message */
+void policy_record(const char *user, uint64_t rcpts, uint64_t bytes)
+{
+	struct policy_user *u = policy_user_get(user);
+	if (!u)
+		return;
+	policy_user_add(u, time(NULL), 1, (int64_t)rcpts, (int64_t)bytes);
+	policy_journal_write(user, 1, rcpts, bytes);
+}
+
+/* policy_unrecord - the commit failed: give the budget back */
+void policy_unrecord(const char *user, uint64_t rcpts, uint64_t bytes)
+{
+	struct policy_user *u = policy_user_get(user);
+	if (!u)
+		return;
+	policy_user_add(u, time(NULL), -1, -(int64_t)rcpts, -(int64_t)bytes);
+	policy_journal_write(user, -1, rcpts, bytes);
+}
+
+/* policy_count - per-user counters */
+void policy_count(const char *user, enum policy_counter c)
+{
+	struct policy_user *u = user && user[0] ? policy_user_get(user) : NULL;
+	if (u)
+		u->counters[c]++;
+}
+
+/* --- per IP and per user name ------------------------------------------------ */
+
+static bool policy_is_loopback(const char *ip)
+{
+	return !strncmp(ip, "127.", 4) || !strcmp(ip, "::1") || !strncmp(ip, "::ffff:127.", 11);
+}
+
+static struct policy_ip *policy_ip_get(const char *kind, const char *id, bool create)
+{
+	char key[272];
+	snprintf(key, sizeof(key), "%s:%s", kind, id);
+	unsigned h = policy_hash(key);
+	for (struct policy_ip *p = policy_ips[h]; p; p = p->next)
+		if (!strcmp(p->key, key))
+			return p;
+	if (!create)
+		return NULL;
+	struct policy_ip *p = calloc(1, sizeof(*p));
+	if (!p)
+		return NULL;
+	snprintf(p->key, sizeof(p->key), "%s", key);
+	ratelimit_set(&p->rate, 0, 60);
+	p->next = policy_ips[h];
+	policy_ips[h] = p;
+	return p;
+}
+
+/* drop an entry that holds nothing worth remembering */
+static void policy_ip_gc(struct policy_ip *p, time_t now)
+{
+	if (p->conns || p->locked_until > now || (p->auth_fails && now - p->last_fail < (time_t)policy_cfg->auth_lockout) ||
+	    ratelimit_usage(&p->rate, now))
+		return;
+	for (struct policy_ip **pp = &policy_ips[policy_hash(p->key)]; *pp; pp = &(*pp)->next) {
+		if (*pp == p) {
+			*pp = p->next;
+			free(p);
+			return;
+		}
+	}
+}
+
+/* policy_ip_connect - count and maybe refuse a new connection */
+int policy_ip_connect(const char *ip, const char **why)
+{
+	time_t now = time(NULL);
+	struct policy_ip *p = policy_ip_get("ip", ip, true);
+	if (!p)
+		return 0;
+	p->conns++;
+	if (p->locked_until > now) {
+		*why = "auth-lockout";
+		return -1;
+	}
+	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
+		return 0;
+	ratelimit_add(&p->rate, now, 1);
+	if (policy_cfg->max_conn_per_ip && p->conns > policy_cfg->max_conn_per_ip) {
+		*why = "too-many-connections";
+		return -1;
+	}
+	p->rate.limit = policy_cfg->max_conn_rate_per_ip;
+	if (policy_cfg->max_conn_rate_per_ip && !ratelimit_allows(&p->rate, now, 0)) {
+		*why = "connection-rate";
+		return -1;
+	}
+	return 0;
+}
+
+/* policy_ip_disconnect - one connection fewer */
+void policy_ip_disconnect(const char *ip)
+{
+	struct policy_ip *p = policy_ip_get("ip", ip, false);
+	if (!p)
+		return;
+	if (p->conns)
+		p->conns--;
+	policy_ip_gc(p, time(NULL));
+}
+
+static bool policy_locked(const char *kind, const char *id, time_t now)
+{
+	struct policy_ip *p = id && id[0] ? policy_ip_get(kind, id, false) : NULL;
+	return p && p->locked_until > now;
+}
+
+/* policy_auth_allowed - not locked out */
+bool policy_auth_allowed(const char *ip, const char *name)
+{
+	time_t now = time(NULL);
+	return !policy_locked("ip", ip, now) && !policy_locked("user", name, now);
+}
+
+static unsigned policy_fail_one(const char *kind, const char *id, time_t now)
+{
+	struct policy_ip *p = policy_ip_get(kind, id, true);
+	if (!p)
+		return 0;
+	if (p->auth_fails && now - p->last_fail >= (time_t)policy_cfg->auth_lockout)
+		p->auth_fails = 0; /* old failures are forgiven */
+	p->auth_fails++;
+	p->last_fail = now;
+	if (policy_cfg->auth_fail_limit && p->auth_fails >= policy_cfg->auth_fail_limit && p->locked_until <= now) {
+		p->locked_until = now + (time_t)policy_cfg->auth_lockout;
+		log_warn("policy event=auth-lockout %s=%s failures=%u seconds=%u", kind, id, p->auth_fails,
+			 policy_cfg->auth_lockout);
+	}
+	return p->auth_fails;
+}
+
+/* policy_auth_failed - count, lock out past the limit, say how long to wait */
+double policy_auth_failed(const char *ip, const char *name)
+{
+	time_t now = time(NULL);
+	if (name && name[0])
+		policy_fail_one("user", name, now);
+	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
+		return 0; /* loopback is exempt from per-IP policy unless limit_loopback yes */
+	unsigned fails = policy_fail_one("ip", ip, now);
+	double delay = 1;
+	for (unsigned i = 1; i < fails && delay < 8; i++)
+		delay *= 2;
+	return delay;
+}
+
+/* policy_auth_ok - forget the IP's failures */
+void policy_auth_ok(const char *ip)
+{
+	struct policy_ip *p = policy_ip_get("ip", ip, false);
+	if (p && p->locked_until <= time(NULL))
+		p->auth_fails = 0;
+}
+
+/* policy_stats - per-user counters and current usage */
+void policy_stats(struct buf *out)
+{
+	static const char *names[] = { "accepted", "rejected_limit", "rejected_sender", "auth_failures" };
+	time_t now = time(NULL);
+	for (int i = 0; i < POLICY_BUCKETS; i++) {
+		for (struct policy_user *u = policy_users[i]; u; u = u->next) {
+			buf_printf(out, "user=%s", u->name);
+			for (int c = 0; c < PC_NCOUNTERS; c++)
+				buf_printf(out, " %s=%llu", names[c], (unsigned long long)u->counters[c]);
+			buf_printf(out, " msgs_last_hour=%llu bytes_last_day=%llu\n",
+				   (unsigned long long)ratelimit_usage(&u->w[POLICY_MSGS][1], now),
+				   (unsigned long long)ratelimit_usage(&u->w[POLICY_BYTES][2], now));
+		}
+	}
+}
