@@ -157,7 +157,6 @@ static void auth_load_user(struct auth_req *r)
 		r->result = AUTH_TEMPFAIL;
 		return;
 	}
-	policy_default_limits(&r->limits);
 	r->senders = u.senders;
 	r->nsenders = u.nsenders;
 	u.senders = NULL;

@@ -64,6 +64,7 @@ void config_defaults(struct config *c)
 	c->max_conn_rate_per_ip = 120;
 	c->auth_fail_limit = 5;
 	c->auth_lockout = 900;
+	c->drain_timeout = 30;
 }
 
 /* config_parse_size - "35M" -> bytes */
@@ -373,6 +374,14 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_unsigned(x, argc, argv, &c->queue_lifetime, 86400 * 60, config_parse_duration);
 	if (!strcmp(d, "auth_cache_ttl"))
 		return config_unsigned(x, argc, argv, &c->auth_cache_ttl, 86400, config_parse_duration);
+	if (!strcmp(d, "metrics")) {
+		if (argc != 2)
+			return config_error(x, "expected: metrics ADDRESS:PORT");
+		return config_hostport(x, argv[1], c->metrics_host, sizeof(c->metrics_host), c->metrics_port,
+				       sizeof(c->metrics_port));
+	}
+	if (!strcmp(d, "drain_timeout"))
+		return config_unsigned(x, argc, argv, &c->drain_timeout, 3600, config_parse_duration);
 	if (!strcmp(d, "limit_msgs"))
 		return config_limit(x, argc, argv, &c->limit_msgs, &c->limit_msgs_window);
 	if (!strcmp(d, "limit_rcpts"))

@@ -51,6 +51,9 @@ struct config {
 	char user[64];            /* drop privileges to this user after binding; empty = stay */
 	char pidfile[PATH_MAX];
 	char control[PATH_MAX];   /* unix control socket; default QUEUE/control.sock */
+	char metrics_host[256];   /* Prometheus listener; empty = off */
+	char metrics_port[16];
+	unsigned drain_timeout;   /* seconds SIGTERM waits for sessions in progress (default 30) */
 
 	size_t max_message_size;  /* SIZE, bytes (default 35 MiB) */
 	unsigned max_recipients;  /* per message (default 100) */

@@ -19,6 +19,7 @@
 #include "auth.h"
 #include "config.h"
 #include "listener.h"
+#include "metrics.h"
 #include "log.h"
 #include "policy.h"
 #include "queue.h"
@@ -32,7 +33,14 @@
 #endif
 
 static struct config main_cfg;
-static ev_signal main_sigterm, main_sigint;
+static ev_signal main_sigterm, main_sigint, main_sighup;
+static ev_timer main_drain_timer;
+static ev_tstamp main_drain_deadline;
+static bool main_draining;
+static gnutls_certificate_credentials_t main_cred;
+/* credentials replaced by a reload: sessions may still use them, freed at exit */
+static gnutls_certificate_credentials_t main_old_creds[64];
+static int main_nold_creds;
 
 static void main_usage(void)
 {
@@ -73,6 +81,24 @@ static void main_recover(const char *dir)
 	log_info("queue event=recovered messages=%d discarded=%d", r.good, r.bad);
 }
 
+/* files made as root before the drop must belong to the user relayd runs as */
+static void main_chown_state(const struct config *cfg, uid_t uid, gid_t gid)
+{
+	static const char *suffixes[] = { "", "-wal", "-shm" };
+	char path[PATH_MAX + 32];
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(path, sizeof(path), "%s%s", cfg->database, suffixes[i]);
+		if (chown(path, uid, gid) < 0 && errno != ENOENT)
+			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+	}
+	const char *dirs[] = { "", "/msg", "/usage.log" };
+	for (size_t i = 0; i < 3; i++) {
+		snprintf(path, sizeof(path), "%s%s", cfg->queue, dirs[i]);
+		if (chown(path, uid, gid) < 0 && errno != ENOENT)
+			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+	}
+}
+
 static void main_drop_privileges(const struct config *cfg)
 {
 	if (!cfg->user[0]) {
@@ -88,6 +114,7 @@ static void main_drop_privileges(const struct config *cfg)
 			log_warn("main event=cannot-drop-privileges reason=not-root user=%s", cfg->user);
 		return;
 	}
+	main_chown_state(cfg, pw->pw_uid, pw->pw_gid);
 	if (setgroups(1, &pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 || setuid(pw->pw_uid) < 0)
 		fatal("cannot drop privileges to %s: %s", cfg->user, strerror(errno));
 	if (setuid(0) == 0)
@@ -95,13 +122,97 @@ static void main_drop_privileges(const struct config *cfg)
 	log_info("main event=privileges-dropped user=%s uid=%u", cfg->user, (unsigned)pw->pw_uid);
 }
 
+/* every 100 ms while draining: done when no session is left, or at the deadline */
+static void main_drain_check(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)w; (void)revents;
+	if (smtp_server_count() > 0 && ev_now(loop) < main_drain_deadline)
+		return;
+	if (smtp_server_count() > 0)
+		log_warn("main event=drain-timeout sessions=%u", smtp_server_count());
+	ev_timer_stop(loop, &main_drain_timer);
+	smtp_server_shutdown();
+	ev_break(loop, EVBREAK_ALL);
+}
+
+/* SIGTERM/SIGINT: stop accepting, let sessions finish; the second one stops at once.
+ * Either way every message that got a 250 is already on disk. */
 static void main_signal(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	(void)revents;
-	log_info("main event=shutdown signal=%d sessions=%u", w->signum, smtp_server_count());
+	if (main_draining) {
+		log_info("main event=shutdown-now signal=%d sessions=%u", w->signum, smtp_server_count());
+		smtp_server_shutdown();
+		ev_break(loop, EVBREAK_ALL);
+		return;
+	}
+	main_draining = true;
+	log_info("main event=draining signal=%d sessions=%u timeout=%u", w->signum, smtp_server_count(),
+		 main_cfg.drain_timeout);
 	listener_stop(loop);
-	smtp_server_shutdown();
-	ev_break(loop, EVBREAK_ALL);
+	smtp_server_drain();
+	main_drain_deadline = ev_now(loop) + main_cfg.drain_timeout;
+	ev_timer_init(&main_drain_timer, main_drain_check, 0., 0.1);
+	ev_timer_again(loop, &main_drain_timer);
+}
+
+/* keep what only a restart can change, and say so */
+static void main_reload_keep(struct config *n, const struct config *o)
+{
+	bool same_listen = n->nlisten == o->nlisten;
+	for (int i = 0; same_listen && i < n->nlisten; i++)
+		same_listen = !strcmp(n->listen[i].host, o->listen[i].host) &&
+			      !strcmp(n->listen[i].port, o->listen[i].port) && n->listen[i].mode == o->listen[i].mode;
+	if (!same_listen || strcmp(n->queue, o->queue) || strcmp(n->database, o->database) ||
+	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
+	    strcmp(n->metrics_port, o->metrics_port))
+		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control and metrics change only on restart\"");
+	memcpy(n->listen, o->listen, sizeof(n->listen));
+	n->nlisten = o->nlisten;
+	memcpy(n->queue, o->queue, sizeof(n->queue));
+	memcpy(n->database, o->database, sizeof(n->database));
+	memcpy(n->user, o->user, sizeof(n->user));
+	memcpy(n->control, o->control, sizeof(n->control));
+	memcpy(n->metrics_host, o->metrics_host, sizeof(n->metrics_host));
+	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
+}
+
+/* main_reload - SIGHUP: new config, certificates, limits; a bad one is refused whole */
+static int main_reload(void)
+{
+	char err[1024];
+	struct config *n = malloc(sizeof(*n));
+	if (!n)
+		return -1;
+	if (config_load(main_cfg.path, n, err, sizeof(err)) < 0) {
+		log_err("main event=reload-failed error=\"%s\" action=kept-old-config", err);
+		free(n);
+		return -1;
+	}
+	main_reload_keep(n, &main_cfg);
+	gnutls_certificate_credentials_t cred = NULL;
+	if (n->tls_cert[0] && !(cred = tls_server_creds(n->tls_cert, n->tls_key, err, sizeof(err)))) {
+		log_err("main event=reload-failed error=\"%s\" action=kept-old-config", err);
+		free(n);
+		return -1;
+	}
+	main_cfg = *n;
+	free(n);
+	if (cred) {
+		if (main_cred && main_nold_creds < (int)(sizeof(main_old_creds) / sizeof(main_old_creds[0])))
+			main_old_creds[main_nold_creds++] = main_cred;
+		/* XXX past 64 reloads the oldest credentials are kept alive rather than freed */
+		main_cred = cred;
+		smtp_server_set_creds(cred);
+	}
+	log_info("main event=reloaded config=%s", main_cfg.path);
+	return 0;
+}
+
+static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	main_reload();
 }
 
 static void main_daemonize(const struct config *cfg)
@@ -165,10 +276,9 @@ int main(int argc, char **argv)
 	userdb_close(db);
 	if (tls_global_init() < 0)
 		fatal("cannot initialise GnuTLS");
-	gnutls_certificate_credentials_t cred = NULL;
 	if (main_cfg.tls_cert[0]) {
-		cred = tls_server_creds(main_cfg.tls_cert, main_cfg.tls_key, err, sizeof(err));
-		if (!cred)
+		main_cred = tls_server_creds(main_cfg.tls_cert, main_cfg.tls_key, err, sizeof(err));
+		if (!main_cred)
 			fatal("%s", err);
 	}
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
@@ -194,19 +304,26 @@ int main(int argc, char **argv)
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
 		fatal("cannot start worker threads");
-	smtp_server_init(loop, &main_cfg, cred);
+	smtp_server_init(loop, &main_cfg, main_cred);
+	if (main_cfg.metrics_host[0] && metrics_init(loop, main_cfg.metrics_host, main_cfg.metrics_port, err, sizeof(err)) < 0)
+		fatal("%s", err);
 	listener_start(loop);
 	ev_signal_init(&main_sigterm, main_signal, SIGTERM);
 	ev_signal_init(&main_sigint, main_signal, SIGINT);
 	ev_signal_start(loop, &main_sigterm);
 	ev_signal_start(loop, &main_sigint);
+	ev_signal_init(&main_sighup, main_hup, SIGHUP);
+	ev_signal_start(loop, &main_sighup);
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
 	ev_run(loop, 0);
 	workq_shutdown();
 	queue_shutdown();
 	policy_shutdown();
-	if (cred)
-		gnutls_certificate_free_credentials(cred);
+	metrics_shutdown();
+	if (main_cred)
+		gnutls_certificate_free_credentials(main_cred);
+	for (int i = 0; i < main_nold_creds; i++)
+		gnutls_certificate_free_credentials(main_old_creds[i]);
 	sasl_server_done();
 	gnutls_global_deinit();
 	log_info("main event=stopped");

@@ -35,6 +35,7 @@
 #include "ratelimit.h"
 #include "queue.h"
 #include "smtp_parse.h"
+#include "stats.h"
 #include "userdb.h"
 
 #define SMTP_LINE_MAX       512     /* RFC 5321 §4.5.3.1.4, CRLF included */
@@ -102,8 +103,10 @@ static gnutls_certificate_credentials_t smtp_cred;
 static struct session *smtp_registry[SMTP_BUCKETS];
 static unsigned smtp_sessions;
 static uint64_t smtp_next_id;
+static bool smtp_draining;          /* SIGTERM: finish transactions in progress, take no new ones */
 
 static void session_process(struct session *s);
+static void smtp_server_stats(struct buf *out, bool prometheus);
 static void session_free(struct session *s, const char *reason);
 static void session_auth_abandon(struct session *s);
 
@@ -277,6 +280,7 @@ static void session_auth_submit(struct session *s)
 	s->busy = true;
 	conn_pause_read(&s->conn);
 	s->auth->cb = session_auth_done;
+	policy_default_limits(&s->auth->limits); /* read here: workers never touch the config */
 	auth_submit(s->auth);
 }
 
@@ -381,6 +385,7 @@ static void session_delay_done(struct ev_loop *loop, ev_timer *w, int revents)
 static void session_auth_failed(struct session *s, struct auth_req *r)
 {
 	bool known = r->check == USERDB_BAD_PASSWORD; /* only real names get a per-name count */
+	stats_inc(ST_AUTH_FAIL, 1);
 	s->auth_failures++;
 	log_info("%s smtp event=auth result=fail mech=%s client=%s user=%s reason=%s", s->idstr, r->mech, s->peer,
 		 known ? r->attempted : "-", known ? "bad-password" : "bad-credentials");
@@ -415,6 +420,7 @@ static void session_auth_done(struct auth_req *r)
 			break;
 		}
 		policy_auth_ok(s->peer);
+		stats_inc(ST_AUTH_OK, 1);
 		s->limits = r->limits;
 		s->authed = true;
 		snprintf(s->user, sizeof(s->user), "%s", r->user);
@@ -767,6 +773,7 @@ static void session_end_body(struct session *s)
 	else if (s->bad_longline)
 		reply = "554 5.6.0 Message contains a line longer than 998 characters (RFC 5322 §2.1.1)";
 	if (reply) {
+		stats_inc(ST_REJECTED, 1);
 		log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
 		session_reply(s, "%s", reply);
 		session_reset_transaction(s);
@@ -814,8 +821,11 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		return;
 	}
 	s->busy = false;
-	if (qerrno == 0)
+	if (qerrno == 0) {
 		policy_count(s->user, PC_ACCEPTED);
+		stats_inc(ST_ACCEPTED, 1);
+		stats_inc(ST_ACCEPTED_BYTES, s->env.size);
+	}
 	else
 		policy_unrecord(s->user, s->env.nrcpt, s->env.size);
 	if (qerrno == 0) {
@@ -1012,6 +1022,12 @@ static bool session_command_input(struct session *s)
 static void session_process(struct session *s)
 {
 	while (!s->busy && s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE) {
+		if (smtp_draining && (s->state == SS_CONNECTED || s->state == SS_GREETED)) {
+			/* RFC 5321 §3.8: the server may close with 421 between transactions */
+			session_reply(s, "421 4.3.2 %s Service shutting down, try again later", smtp_cfg->hostname);
+			session_enter_state(s, SS_QUIT);
+			break;
+		}
 		if (s->conn.out.len > SMTP_OUT_HIGH) {
 			s->out_blocked = true; /* resumed by on_drain */
 			conn_pause_read(&s->conn);
@@ -1057,6 +1073,7 @@ static void session_on_tls(struct conn *c, void *arg)
 	struct session *s = arg;
 	char info[128];
 	s->tls = true;
+	stats_inc(ST_TLS_OK, 1);
 	conn_tls_info(c, info, sizeof(info));
 	log_info("%s smtp event=tls version=%s", s->idstr, info);
 	if (s->mode == LISTEN_TLS)
@@ -1111,6 +1128,8 @@ static void session_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void session_free(struct session *s, const char *reason)
 {
+	if (s->state == SS_TLS_HANDSHAKE && !s->tls && strncmp(reason, "tls", 3) == 0)
+		stats_inc(ST_TLS_FAIL, 1);
 	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
 		 ev_now(smtp_loop) - s->started);
 	session_unregister(s);
@@ -1150,7 +1169,9 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	ev_timer_again(smtp_loop, &s->timer);
 	log_info("%s smtp event=connect client=%s mode=%s", s->idstr, s->peer, config_listen_mode_str(mode));
 	const char *why = NULL;
+	stats_inc(ST_CONNECTIONS, 1);
 	if (policy_ip_connect(s->peer, &why) < 0) {
+		stats_inc(ST_CONN_REFUSED, 1);
 		log_info("%s smtp event=refused client=%s reason=%s", s->idstr, s->peer, why);
 		session_reply(s, "421 4.7.0 %s Too many connections from your address, try again later",
 			      smtp_cfg->hostname);
@@ -1159,6 +1180,7 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 		return;
 	}
 	if (smtp_sessions > smtp_cfg->max_sessions) {
+		stats_inc(ST_CONN_REFUSED, 1);
 		session_reply(s, "421 4.7.0 %s Too many connections, try again later", smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);
 		conn_pause_read(&s->conn);
@@ -1179,12 +1201,34 @@ void smtp_server_init(struct ev_loop *loop, const struct config *cfg, gnutls_cer
 	smtp_loop = loop;
 	smtp_cfg = cfg;
 	smtp_cred = cred;
+	stats_add_section(smtp_server_stats);
 }
 
 /* smtp_server_set_creds - new sessions use this certificate */
 void smtp_server_set_creds(gnutls_certificate_credentials_t cred)
 {
 	smtp_cred = cred;
+}
+
+/* smtp_server_drain - stop taking new transactions; sessions end as their transaction does */
+void smtp_server_drain(void)
+{
+	smtp_draining = true;
+	for (int i = 0; i < SMTP_BUCKETS; i++) {
+		for (struct session *s = smtp_registry[i], *next; s; s = next) {
+			next = s->hnext;
+			session_process(s);
+		}
+	}
+}
+
+static void smtp_server_stats(struct buf *out, bool prometheus)
+{
+	if (prometheus)
+		buf_printf(out, "# HELP relayd_sessions Client sessions open now\n# TYPE relayd_sessions gauge\n"
+			   "relayd_sessions %u\n", smtp_sessions);
+	else
+		buf_printf(out, "sessions=%u\n", smtp_sessions);
 }
 
 /* smtp_server_shutdown - close every session */

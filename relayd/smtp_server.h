@@ -20,7 +20,9 @@ void smtp_server_set_creds(gnutls_certificate_credentials_t cred);
 void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum listen_mode mode);
 /* smtp_server_count - sessions alive now */
 unsigned smtp_server_count(void);
-/* smtp_server_shutdown - close every session now (421 to each) */
+/* smtp_server_drain - SIGTERM: idle sessions get 421 4.3.2, others when their transaction ends */
+void smtp_server_drain(void);
+/* smtp_server_shutdown - close every session now */
 void smtp_server_shutdown(void);
 
 #endif

@@ -1,0 +1,65 @@
+/*
+ * stats - counters and their rendering. Prometheus names are relayd_<name>_total for
+ * counters; sections add their own gauges with # TYPE lines.
+ */
+#include "stats.h"
+
+#include <stddef.h>
+
+#define STATS_MAX_SECTIONS 8
+
+static uint64_t stats_counters[ST_NCOUNTERS];
+static void (*stats_sections[STATS_MAX_SECTIONS])(struct buf *, bool);
+static int stats_nsections;
+
+static const struct {
+	const char *name;
+	const char *help;
+} stats_names[ST_NCOUNTERS] = {
+	[ST_CONNECTIONS] = { "connections", "Client connections accepted" },
+	[ST_CONN_REFUSED] = { "connections_refused", "Client connections refused by per-IP or session limits" },
+	[ST_TLS_OK] = { "tls_handshakes", "Server-side TLS handshakes completed" },
+	[ST_TLS_FAIL] = { "tls_failures", "Server-side TLS handshakes failed" },
+	[ST_AUTH_OK] = { "auth_success", "Successful AUTH" },
+	[ST_AUTH_FAIL] = { "auth_failures", "Failed AUTH" },
+	[ST_ACCEPTED] = { "messages_accepted", "Messages committed to the queue (250 sent)" },
+	[ST_ACCEPTED_BYTES] = { "bytes_accepted", "Bytes of messages committed to the queue" },
+	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits)" },
+	[ST_FORWARDED] = { "recipients_forwarded", "Recipients accepted by an upstream" },
+	[ST_DEFERRED] = { "deliveries_deferred", "Delivery attempts deferred for a retry" },
+	[ST_BOUNCED] = { "recipients_bounced", "Recipients that failed permanently (bounced)" },
+};
+
+/* stats_inc - count */
+void stats_inc(enum stats_counter c, uint64_t n)
+{
+	stats_counters[c] += n;
+}
+
+/* stats_get - read */
+uint64_t stats_get(enum stats_counter c)
+{
+	return stats_counters[c];
+}
+
+/* stats_add_section - register a renderer */
+void stats_add_section(void (*fn)(struct buf *out, bool prometheus))
+{
+	if (stats_nsections < STATS_MAX_SECTIONS)
+		stats_sections[stats_nsections++] = fn;
+}
+
+/* stats_render - all counters and sections */
+void stats_render(struct buf *out, bool prometheus)
+{
+	for (int i = 0; i < ST_NCOUNTERS; i++) {
+		if (prometheus)
+			buf_printf(out, "# HELP relayd_%s_total %s\n# TYPE relayd_%s_total counter\nrelayd_%s_total %llu\n",
+				   stats_names[i].name, stats_names[i].help, stats_names[i].name, stats_names[i].name,
+				   (unsigned long long)stats_counters[i]);
+		else
+			buf_printf(out, "%s=%llu\n", stats_names[i].name, (unsigned long long)stats_counters[i]);
+	}
+	for (int i = 0; i < stats_nsections; i++)
+		stats_sections[i](out, prometheus);
+}

@@ -1,0 +1,28 @@
+/*
+ * stats - process-wide counters and gauges, rendered as key=value text (relayctl stats)
+ * or Prometheus text format (the metrics listener). Loop thread only.
+ */
+#ifndef RELAYD_STATS_H
+#define RELAYD_STATS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "buf.h"
+
+enum stats_counter {
+	ST_CONNECTIONS, ST_CONN_REFUSED, ST_TLS_OK, ST_TLS_FAIL, ST_AUTH_OK, ST_AUTH_FAIL,
+	ST_ACCEPTED, ST_ACCEPTED_BYTES, ST_REJECTED, ST_FORWARDED, ST_DEFERRED, ST_BOUNCED,
+	ST_NCOUNTERS
+};
+
+/* stats_inc - add n to a counter */
+void stats_inc(enum stats_counter c, uint64_t n);
+/* stats_get - a counter's value */
+uint64_t stats_get(enum stats_counter c);
+/* stats_add_section - another module's lines (gauges, per-upstream, per-user) */
+void stats_add_section(void (*fn)(struct buf *out, bool prometheus));
+/* stats_render - everything, as key=value lines or Prometheus exposition text */
+void stats_render(struct buf *out, bool prometheus);
+
+#endif
