@@ -366,11 +366,15 @@ double policy_auth_failed(const char *ip, const char *name)
 	return delay;
 }
 
-/* policy_auth_ok - forget the IP's failures */
-void policy_auth_ok(const char *ip)
+/* policy_auth_ok - a success forgets the IP's and the name's failures (not a lockout) */
+void policy_auth_ok(const char *ip, const char *name)
 {
+	time_t now = time(NULL);
 	struct policy_ip *p = policy_ip_get("ip", ip, false);
-	if (p && p->locked_until <= time(NULL))
+	if (p && p->locked_until <= now)
+		p->auth_fails = 0;
+	p = policy_ip_get("user", name, false);
+	if (p && p->locked_until <= now)
 		p->auth_fails = 0;
 }
 

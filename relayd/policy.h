@@ -58,8 +58,8 @@ void policy_ip_disconnect(const char *ip);
 bool policy_auth_allowed(const char *ip, const char *name);
 /* policy_auth_failed - count a failure; returns the delay in seconds before the reply */
 double policy_auth_failed(const char *ip, const char *name);
-/* policy_auth_ok - success resets the IP's failure count */
-void policy_auth_ok(const char *ip);
+/* policy_auth_ok - success resets the IP's and the user name's failure counts */
+void policy_auth_ok(const char *ip, const char *name);
 
 /* policy_stats - key=value lines per user into out */
 void policy_stats(struct buf *out);

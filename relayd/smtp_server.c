@@ -419,7 +419,7 @@ static void session_auth_done(struct auth_req *r)
 			session_reply(s, "454 4.7.0 Too many authentication failures, try again later");
 			break;
 		}
-		policy_auth_ok(s->peer);
+		policy_auth_ok(s->peer, r->user);
 		stats_inc(ST_AUTH_OK, 1);
 		s->limits = r->limits;
 		s->authed = true;
@@ -1173,6 +1173,10 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	if (policy_ip_connect(s->peer, &why) < 0) {
 		stats_inc(ST_CONN_REFUSED, 1);
 		log_info("%s smtp event=refused client=%s reason=%s", s->idstr, s->peer, why);
+		if (mode == LISTEN_TLS) { /* a clear-text reply would break TLS: just close */
+			session_free(s, why);
+			return;
+		}
 		session_reply(s, "421 4.7.0 %s Too many connections from your address, try again later",
 			      smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);

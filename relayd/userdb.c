@@ -185,16 +185,23 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	/*
-	 * Create the file ourselves, 0600, rather than change the process umask (other
+	 * Create a new file ourselves, 0600, rather than change the process umask (other
 	 * threads may be creating files). SQLite gives its -wal and -shm files the mode
 	 * of the database file.
+	 * Never open()+close() an existing database file here: close() drops every POSIX
+	 * lock this process holds on it, including those of other open connections (the
+	 * auth workers'), after which another process's close believes it is the last
+	 * user, checkpoints and deletes the WAL and shm under them: they read stale data
+	 * from then on, and their writes are lost (sqlite.org/howtocorrupt.html, 2.2).
+	 * O_EXCL: we only ever close a file we just created.
 	 */
-	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-	if (fd < 0) {
+	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd >= 0) {
+		close(fd);
+	} else if (errno != EEXIST) {
 		userdb_seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno));
 		return NULL;
 	}
-	close(fd);
 
 	if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
 	    NULL) != SQLITE_OK) {

@@ -249,17 +249,18 @@ static void relayctl_print_limits(const struct config *c, const struct userdb_li
 	const unsigned def_window[USERDB_NLIMITS] = {
 		c->limit_msgs_window, c->limit_rcpts_window, c->limit_bytes_window,
 	};
-	char txt[64];
+	char txt[64], label[16];
 	int i;
 
 	printf("limits:\n");
 	for (i = 0; i < USERDB_NLIMITS; i++) {
+		snprintf(label, sizeof(label), "%s:", relayctl_limit_names[i]);
 		if (l->set[i]) {
 			relayctl_fmt_limit(i, l->limit[i], l->window[i], txt, sizeof(txt));
-			printf("  %-16s%s\n", relayctl_limit_names[i], txt);
+			printf("  %-16s%s\n", label, txt);
 		} else {
 			relayctl_fmt_limit(i, def_limit[i], def_window[i], txt, sizeof(txt));
-			printf("  %-16sdefault (%s)\n", relayctl_limit_names[i], txt);
+			printf("  %-16sdefault (%s)\n", label, txt);
 		}
 	}
 }
@@ -452,9 +453,464 @@ static int relayctl_cmd_user(const char *config_path, int argc, char **argv)
 	relayctl_usage();
 }
 
-/* top-level commands; `queue` and `stats` join here when the control socket exists */
+/* --- control socket client ------------------------------------------------------------- */
+
+/*
+ * Send one request line to relayd's control socket and read the whole answer. Returns 0
+ * with the body after "OK\n" in *body (malloc'd, NUL-terminated), or 1 when relayd is not
+ * running (no socket, or nobody listening on it). An "ERR msg" answer dies with msg.
+ */
+static int relayctl_control(const struct config *c, const char *request, char **body)
+{
+	struct sockaddr_un sun;
+	struct timeval tv = { RELAYCTL_CONTROL_TIMEOUT, 0 };
+	char *ans = NULL, *nl;
+	size_t len = 0, cap = 0;
+	ssize_t n;
+	int fd;
+
+	*body = NULL;
+	memset(&sun, 0, sizeof(sun));
+	sun.sun_family = AF_UNIX;
+	if (strlen(c->control) >= sizeof(sun.sun_path))
+		relayctl_die("control socket path too long: %s", c->control);
+	strcpy(sun.sun_path, c->control);
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		relayctl_die("socket: %s", strerror(errno));
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	if (connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+		int e = errno;
+
+		close(fd);
+		if (e == ENOENT || e == ECONNREFUSED)
+			return 1;
+		relayctl_die("cannot connect to %s: %s", c->control, strerror(e));
+	}
+	/* one short line: a unix socket takes it whole; MSG_NOSIGNAL: no SIGPIPE if relayd
+	 * closed already */
+	if (send(fd, request, strlen(request), MSG_NOSIGNAL) < 0 ||
+	    send(fd, "\n", 1, MSG_NOSIGNAL) < 0)
+		relayctl_die("cannot send to %s: %s", c->control, strerror(errno));
+	for (;;) {
+		if (cap - len < 4096) {
+			char *p;
+
+			if (cap >= RELAYCTL_REPLY_MAX)
+				relayctl_die("answer from %s is too long", c->control);
+			cap = cap ? cap * 2 : 8192;
+			if (!(p = realloc(ans, cap)))
+				relayctl_die("out of memory");
+			ans = p;
+		}
+		n = read(fd, ans + len, cap - len - 1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			relayctl_die("no answer from relayd on %s: %s", c->control,
+			    errno == EAGAIN || errno == EWOULDBLOCK ? "timed out" : strerror(errno));
+		if (n == 0)
+			break;
+		len += (size_t)n;
+	}
+	close(fd);
+	ans[len] = '\0';
+	if (strncmp(ans, "OK\n", 3) == 0) {
+		memmove(ans, ans + 3, len - 3 + 1);
+		*body = ans;
+		return 0;
+	}
+	if (strncmp(ans, "ERR ", 4) == 0) {
+		if ((nl = strchr(ans, '\n')))
+			*nl = '\0';
+		relayctl_die("%s", ans + 4);
+	}
+	relayctl_die("unexpected answer from relayd on %s", c->control);
+}
+
+static void relayctl_not_running(const struct config *c) __attribute__((noreturn));
+
+static void relayctl_not_running(const struct config *c)
+{
+	relayctl_die("relayd is not running (no control socket at %s)", c->control);
+}
+
+/* --- queue ---------------------------------------------------------------------------- */
+
+struct relayctl_ids {
+	char (*id)[QUEUE_ID_LEN + 1];
+	size_t n, cap;
+};
+
+static void relayctl_collect_id(const char *id, void *arg)
+{
+	struct relayctl_ids *ids = arg;
+
+	if (ids->n == ids->cap) {
+		size_t ncap = ids->cap ? ids->cap * 2 : 64;
+		void *p = realloc(ids->id, ncap * sizeof(*ids->id));
+
+		if (!p)
+			relayctl_die("out of memory");
+		ids->id = p;
+		ids->cap = ncap;
+	}
+	snprintf(ids->id[ids->n++], QUEUE_ID_LEN + 1, "%s", id);
+}
+
+/* every queue entry that loads, oldest first; *bad counts the files that do not */
+struct relayctl_queue {
+	struct queue_envelope *env;
+	size_t n;
+	size_t bad;
+};
+
+static int relayctl_env_cmp(const void *a, const void *b)
+{
+	const struct queue_envelope *x = a, *y = b;
+
+	if (x->created != y->created)
+		return x->created < y->created ? -1 : 1;
+	return strcmp(x->id, y->id);
+}
+
+static void relayctl_queue_read(const struct config *c, struct relayctl_queue *q)
+{
+	struct relayctl_ids ids = { 0 };
+	size_t i;
+
+	memset(q, 0, sizeof(*q));
+	if (queue_scan(c->queue, relayctl_collect_id, &ids) < 0) {
+		if (errno == ENOENT) {     /* relayd never ran: an empty queue */
+			free(ids.id);
+			return;
+		}
+		relayctl_die("cannot read the queue %s/msg: %s", c->queue, strerror(errno));
+	}
+	if (ids.n && !(q->env = calloc(ids.n, sizeof(*q->env))))
+		relayctl_die("out of memory");
+	for (i = 0; i < ids.n; i++) {
+		/* a file that does not load is being written (or was delivered) this moment,
+		 * or damaged; relayd discards one without a valid trailer at start */
+		char path[PATH_MAX];
+		struct stat st;
+
+		if (queue_load(c->queue, ids.id[i], &q->env[q->n]) == 0)
+			q->n++;
+		else if (queue_path(c->queue, ids.id[i], path, sizeof(path)) == 0 &&
+		    stat(path, &st) == 0)
+			q->bad++;       /* else: gone since the scan (delivered) */
+	}
+	free(ids.id);
+	qsort(q->env, q->n, sizeof(*q->env), relayctl_env_cmp);
+}
+
+static void relayctl_queue_free(struct relayctl_queue *q)
+{
+	size_t i;
+
+	for (i = 0; i < q->n; i++)
+		queue_envelope_free(&q->env[i]);
+	free(q->env);
+}
+
+/* "45s", "12m", "3h05m", "2d04h" */
+static void relayctl_fmt_age(long long secs, char *out, size_t outlen)
+{
+	if (secs < 0)
+		secs = 0;
+	if (secs < 60)
+		snprintf(out, outlen, "%llds", secs);
+	else if (secs < 3600)
+		snprintf(out, outlen, "%lldm", secs / 60);
+	else if (secs < 86400)
+		snprintf(out, outlen, "%lldh%02lldm", secs / 3600, secs % 3600 / 60);
+	else
+		snprintf(out, outlen, "%lldd%02lldh", secs / 86400, secs % 86400 / 3600);
+}
+
+static void relayctl_fmt_next(const struct queue_envelope *e, time_t now, char *out,
+    size_t outlen)
+{
+	char age[32];
+
+	if (e->next_attempt <= now) {
+		snprintf(out, outlen, "now");
+	} else {
+		relayctl_fmt_age((long long)(e->next_attempt - now), age, sizeof(age));
+		snprintf(out, outlen, "in %s", age);
+	}
+}
+
+static size_t relayctl_pending(const struct queue_envelope *e)
+{
+	size_t i, n = 0;
+
+	for (i = 0; i < e->nrcpt; i++)
+		if (e->rcpt[i].done_code == 0)
+			n++;
+	return n;
+}
+
+/* one line of untrusted text for a terminal: control characters become '?' */
+static void relayctl_put_clean(const char *s)
+{
+	for (; *s; s++)
+		putchar((unsigned char)*s < ' ' || *s == 0x7f ? '?' : *s);
+}
+
+static int relayctl_queue_list(const struct config *c)
+{
+	struct relayctl_queue q;
+	time_t now = time(NULL);
+	char age[32], next[40], rc[48];
+	size_t i;
+
+	relayctl_queue_read(c, &q);
+	if (q.n)
+		printf("%-16s  %-6s  %9s  %-9s  %5s  %-8s  %s\n", "ID", "AGE", "SIZE", "RCPTS",
+		    "TRIES", "NEXT", "FROM  LAST-ERROR");
+	for (i = 0; i < q.n; i++) {
+		const struct queue_envelope *e = &q.env[i];
+
+		relayctl_fmt_age((long long)(now - e->created), age, sizeof(age));
+		relayctl_fmt_next(e, now, next, sizeof(next));
+		snprintf(rc, sizeof(rc), "%zu/%zu", relayctl_pending(e), e->nrcpt);
+		printf("%-16s  %-6s  %9zu  %-9s  %5u  %-8s  <", e->id, age, e->size, rc,
+		    e->attempts, next);
+		relayctl_put_clean(e->from);
+		printf(">  ");
+		relayctl_put_clean(e->last_error ? e->last_error : "-");
+		putchar('\n');
+	}
+	printf("%zu message%s in the queue", q.n, q.n == 1 ? "" : "s");
+	if (q.bad)
+		printf(" (and %zu incomplete or damaged file%s)", q.bad, q.bad == 1 ? "" : "s");
+	putchar('\n');
+	relayctl_queue_free(&q);
+	if (fflush(stdout) != 0)
+		relayctl_die("cannot write output: %s", strerror(errno));
+	return 0;
+}
+
+/* a queue id as given: 16 hex digits (lower-cased into out) */
+static void relayctl_queue_id(const char *arg, char out[QUEUE_ID_LEN + 1])
+{
+	size_t i;
+
+	if (strlen(arg) != QUEUE_ID_LEN || strspn(arg, "0123456789abcdefABCDEF") != QUEUE_ID_LEN)
+		relayctl_die("bad queue id \"%s\": expected 16 hex digits", arg);
+	for (i = 0; i <= QUEUE_ID_LEN; i++)
+		out[i] = (char)tolower((unsigned char)arg[i]);
+}
+
+static void relayctl_fmt_when(time_t t, time_t now, char *out, size_t outlen)
+{
+	char abs[64], rel[32];
+
+	relayctl_fmt_time((int64_t)t, abs, sizeof(abs));
+	if (t > now) {
+		relayctl_fmt_age((long long)(t - now), rel, sizeof(rel));
+		snprintf(out, outlen, "%s (in %s)", abs, rel);
+	} else {
+		relayctl_fmt_age((long long)(now - t), rel, sizeof(rel));
+		snprintf(out, outlen, "%s (%s ago)", abs, rel);
+	}
+}
+
+static const char *relayctl_body_str(enum queue_body b)
+{
+	return b == QUEUE_BODY_BINARYMIME ? "BINARYMIME" : b == QUEUE_BODY_8BITMIME ?
+	    "8BITMIME" : "7BIT";
+}
+
+static void relayctl_notify_str(unsigned n, char *out, size_t outlen)
+{
+	if (n == 0)
+		snprintf(out, outlen, "-");
+	else if (n & DSN_NOTIFY_NEVER)
+		snprintf(out, outlen, "NEVER");
+	else
+		snprintf(out, outlen, "%s%s%s%s%s",
+		    n & DSN_NOTIFY_SUCCESS ? "SUCCESS" : "",
+		    (n & DSN_NOTIFY_SUCCESS) && (n & (DSN_NOTIFY_FAILURE | DSN_NOTIFY_DELAY)) ? "," : "",
+		    n & DSN_NOTIFY_FAILURE ? "FAILURE" : "",
+		    (n & DSN_NOTIFY_FAILURE) && (n & DSN_NOTIFY_DELAY) ? "," : "",
+		    n & DSN_NOTIFY_DELAY ? "DELAY" : "");
+}
+
+static int relayctl_queue_show(const struct config *c, const char *arg)
+{
+	struct queue_envelope e;
+	char id[QUEUE_ID_LEN + 1], when[160], notify[48];
+	time_t now = time(NULL);
+	char *msg = NULL, *p, *end;
+	size_t i;
+
+	relayctl_queue_id(arg, id);
+	if (queue_load(c->queue, id, &e) < 0) {
+		char path[PATH_MAX];
+		struct stat st;
+
+		if (queue_path(c->queue, id, path, sizeof(path)) == 0 && stat(path, &st) == 0)
+			relayctl_die("queue file %s is incomplete or damaged", path);
+		relayctl_die("no such message in the queue: %s", id);
+	}
+	printf("id:            %s\n", e.id);
+	relayctl_fmt_when(e.created, now, when, sizeof(when));
+	printf("created:       %s\n", when);
+	printf("user:          ");
+	relayctl_put_clean(e.user ? e.user : "-");
+	printf("\nfrom:          <");
+	relayctl_put_clean(e.from);
+	printf(">\nsize:          %zu bytes\n", e.size);
+	printf("body:          %s%s\n", relayctl_body_str(e.body), e.smtputf8 ? ", SMTPUTF8" : "");
+	if (e.ret || e.envid) {
+		printf("dsn:           ret=%s envid=", e.ret ? e.ret : "-");
+		relayctl_put_clean(e.envid ? e.envid : "-");
+		putchar('\n');
+	}
+	printf("attempts:      %u\n", e.attempts);
+	if (e.next_attempt > now)
+		relayctl_fmt_when(e.next_attempt, now, when, sizeof(when));
+	else
+		snprintf(when, sizeof(when), "now");
+	printf("next attempt:  %s\n", when);
+	printf("last error:    ");
+	relayctl_put_clean(e.last_error ? e.last_error : "-");
+	putchar('\n');
+	if (e.bounce_id[0])
+		printf("bounce:        %s\n", e.bounce_id);
+	printf("recipients:    %zu pending of %zu\n", relayctl_pending(&e), e.nrcpt);
+	for (i = 0; i < e.nrcpt; i++) {
+		const struct queue_rcpt *r = &e.rcpt[i];
+
+		printf("  <");
+		relayctl_put_clean(r->addr);
+		printf(">  ");
+		if (r->done_code == 0)
+			printf("pending");
+		else {
+			printf("%s %d ", r->done_code < 400 ? "delivered" : "failed", r->done_code);
+			relayctl_put_clean(r->done_text ? r->done_text : "");
+		}
+		if (r->notify || r->orcpt) {
+			relayctl_notify_str(r->notify, notify, sizeof(notify));
+			printf("  (notify=%s orcpt=", notify);
+			relayctl_put_clean(r->orcpt ? r->orcpt : "-");
+			putchar(')');
+		}
+		putchar('\n');
+	}
+	printf("headers:\n");
+	if (queue_read_body(c->queue, &e, &msg) < 0) {
+		printf("  (cannot read the message: %s)\n", strerror(errno));
+	} else {
+		/* header lines up to the first empty line; never the body */
+		for (p = msg; *p; p = end) {
+			size_t n;
+
+			end = strchr(p, '\n');
+			end = end ? end + 1 : p + strlen(p);
+			n = (size_t)(end - p);
+			while (n > 0 && (p[n - 1] == '\n' || p[n - 1] == '\r'))
+				n--;
+			if (n == 0)
+				break;
+			printf("  ");
+			for (i = 0; i < n; i++)
+				putchar((unsigned char)p[i] < ' ' && p[i] != '\t' ? '?' : p[i]);
+			putchar('\n');
+		}
+		free(msg);
+	}
+	queue_envelope_free(&e);
+	if (fflush(stdout) != 0)
+		relayctl_die("cannot write output: %s", strerror(errno));
+	return 0;
+}
+
+static int relayctl_queue_delete(const struct config *c, const char *arg)
+{
+	char id[QUEUE_ID_LEN + 1], req[64], path[PATH_MAX];
+	struct stat st;
+	char *body;
+
+	relayctl_queue_id(arg, id);
+	snprintf(req, sizeof(req), "delete %s", id);
+	if (relayctl_control(c, req, &body) == 0) {
+		fputs(body, stdout);
+		free(body);
+		return 0;
+	}
+	/* relayd is not running: nothing else is using the file */
+	if (queue_path(c->queue, id, path, sizeof(path)) < 0 || stat(path, &st) < 0)
+		relayctl_die("no such message in the queue: %s", id);
+	if (queue_remove(c->queue, id) < 0)
+		relayctl_die("cannot remove %s: %s", path, strerror(errno));
+	return 0;
+}
+
+/* relayctl queue ... */
+static int relayctl_cmd_queue(const char *config_path, int argc, char **argv)
+{
+	const struct config *c;
+	char *body;
+
+	if (argc < 1)
+		relayctl_usage();
+	c = relayctl_config(config_path);
+	if (strcmp(argv[0], "list") == 0 && argc == 1)
+		return relayctl_queue_list(c);
+	if (strcmp(argv[0], "show") == 0 && argc == 2)
+		return relayctl_queue_show(c, argv[1]);
+	if (strcmp(argv[0], "delete") == 0 && argc == 2)
+		return relayctl_queue_delete(c, argv[1]);
+	if (strcmp(argv[0], "flush") == 0 && argc == 1) {
+		if (relayctl_control(c, "flush", &body) != 0)
+			relayctl_not_running(c);
+		fputs(body, stdout);
+		free(body);
+		return 0;
+	}
+	relayctl_usage();
+}
+
+/* relayctl stats: relayd's own, or what the queue folder tells when it is not running */
+static int relayctl_cmd_stats(const char *config_path, int argc, char **argv)
+{
+	const struct config *c;
+	struct relayctl_queue q;
+	char *body;
+
+	(void)argv;
+	if (argc != 0)
+		relayctl_usage();
+	c = relayctl_config(config_path);
+	if (relayctl_control(c, "stats", &body) == 0) {
+		fputs(body, stdout);
+		free(body);
+	} else {
+		relayctl_queue_read(c, &q);
+		printf("queue_messages=%zu\n", q.n);
+		/* sorted oldest first */
+		printf("queue_oldest_seconds=%lld\n",
+		    q.n ? (long long)(time(NULL) - q.env[0].created) : 0LL);
+		if (q.bad)
+			printf("queue_damaged_files=%zu\n", q.bad);
+		printf("relayd: not running\n");
+		relayctl_queue_free(&q);
+	}
+	if (fflush(stdout) != 0)
+		relayctl_die("cannot write output: %s", strerror(errno));
+	return 0;
+}
+
+/* top-level commands */
 static const struct relayctl_cmd relayctl_cmds[] = {
 	{ "user", relayctl_cmd_user },
+	{ "queue", relayctl_cmd_queue },
+	{ "stats", relayctl_cmd_stats },
 };
 
 int main(int argc, char **argv)

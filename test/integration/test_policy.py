@@ -1,0 +1,220 @@
+"""test_policy - issue 4: per-user limits, header From: check, per-IP limits, brute-force
+lockout and its expiry, the verified-credential cache, counts surviving a restart.
+
+Real relayd, real TLS, real SQLite; the clients are Raw sessions and smtplib.
+"""
+import os
+import re
+import smtplib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import relaytest as t  # noqa: E402
+
+USER = "alice@example.org"
+PW = "correct horse"
+
+
+def send(relay, user=USER, pw=None, frm=USER, rcpts=("bob@example.net",), body=b"Hello.\r\n", msg=None):
+    """one transaction on a fresh session; returns (stage, code, text) of the first non-2xx/3xx
+    reply, or ("done", 250, text)"""
+    c = relay.session(user, pw)
+    try:
+        code, text = c.cmd(f"MAIL FROM:<{frm}>")
+        if code != 250:
+            return "mail", code, text
+        for r in rcpts:
+            code, text = c.cmd(f"RCPT TO:<{r}>")
+            if code != 250:
+                return "rcpt", code, text
+        code, text = c.cmd("DATA")
+        if code != 354:
+            return "data", code, text
+        data = msg if msg is not None else t.make_message(frm, rcpts[0], body=body.decode())
+        c.send(t.dot_stuff(data))
+        code, text = c.reply()
+        return ("done" if code == 250 else "dot"), code, text
+    finally:
+        c.close()
+
+
+# --- message limit, wait time in the reply, persistence across restart ---------------------
+relay = t.Relay(extra_config="limit_msgs 3/hour\nlimit_rcpts 5/hour\n")
+relay.add_user(USER, PW)
+relay.add_user("bob@example.org", "bobpw", senders=["@example.net"])
+relay.start()
+
+
+@t.test("message limit: 3/hour lets three through and refuses the fourth at MAIL with 450 4.7.1")
+def _():
+    for i in range(3):
+        stage, code, text = send(relay)
+        t.is_(code, 250, f"message {i + 1} accepted")
+    stage, code, text = send(relay)
+    t.is_((stage, code), ("mail", 450), "fourth refused at MAIL")
+    t.like(text, r"^450 4\.7\.1 .*try again in \d+ seconds", "enhanced code and the wait in the text")
+    m = re.search(r"try again in (\d+) seconds", text)
+    t.ok(m and 3000 < int(m.group(1)) <= 3600, "the wait is about an hour for an hourly limit", text)
+
+
+@t.test("limits are per user: another user is not affected")
+def _():
+    stage, code, text = send(relay, user="bob@example.org", frm="bob@example.net")
+    t.is_(code, 250, "bob still sends")
+
+
+@t.test("usage survives a restart (no budget refill)")
+def _():
+    relay.restart()
+    stage, code, text = send(relay)
+    t.is_((stage, code), ("mail", 450), "still limited after restart")
+    t.like(relay.log(), r"event=usage-replayed entries=[1-9]", "usage journal replayed")
+
+
+@t.test("kill -9 does not refill the budget either")
+def _():
+    relay.kill9()
+    relay.start()
+    stage, code, text = send(relay)
+    t.is_((stage, code), ("mail", 450), "still limited after kill -9")
+
+
+@t.test("recipient limit: 5/hour refuses the sixth RCPT with 450 4.7.1")
+def _():
+    stage, code, text = send(relay, user="bob@example.org", frm="bob@example.net",
+                             rcpts=[f"r{i}@example.com" for i in range(4)])
+    t.is_(code, 250, "four recipients accepted")
+    stage, code, text = send(relay, user="bob@example.org", frm="bob@example.net",
+                             rcpts=["x@example.com", "y@example.com"])
+    t.is_((stage, code), ("rcpt", 450), "sixth recipient refused at RCPT")
+    t.like(text, r"^450 4\.7\.1 Limit of 5/hour recipients", "names the recipient limit")
+
+relay.stop()
+
+# --- bytes limit, header From:, sliding window reset ---------------------------------------
+relay2 = t.Relay(extra_config="limit_bytes 3k/hour\nlimit_msgs 2/minute\n")
+relay2.add_user(USER, PW)
+relay2.start()
+
+
+@t.test("From: header must be an allowed sender: 553 5.7.1")
+def _():
+    msg = t.make_message("someone@else.org", "bob@example.net")
+    stage, code, text = send(relay2, msg=msg)
+    t.is_((stage, code), ("dot", 553), "foreign From: refused after the final dot")
+    t.like(text, r"^553 5\.7\.1 From: header address <someone@else\.org>", "names the address")
+    msg = b"From: \"Alice\" <alice@example.org>\r\nTo: b@example.net\r\nSubject: ok\r\n\r\nHi\r\n"
+    stage, code, text = send(relay2, msg=msg)
+    t.is_(code, 250, "own address with a display name accepted")
+
+
+@t.test("bytes limit: 3k/hour refuses a message that would pass it")
+def _():
+    big = b"x" * 70 + b"\r\n"
+    stage, code, text = send(relay2, body=big * 60)  # ~4.3 kB
+    t.is_((stage, code), ("dot", 450), "refused at the end of DATA")
+    t.like(text, r"^450 4\.7\.1 .*bytes", "names the bytes limit")
+
+
+@t.test("sliding window: the minute limit frees up after the window, not before")
+def _():
+    # one message went through above (From: test) in this minute window, one more fits
+    stage, code, text = send(relay2)
+    t.is_(code, 250, "second message of the minute accepted")
+    stage, code, text = send(relay2)
+    t.is_((stage, code), ("mail", 450), "third refused")
+    wait = int(re.search(r"try again in (\d+) seconds", text).group(1))
+    t.ok(0 < wait <= 60, f"wait {wait}s within a minute")
+    time.sleep(wait + 1.5)
+    stage, code, text = send(relay2)
+    t.is_(code, 250, "accepted again once the window moved on")
+
+relay2.stop()
+
+# --- check_header_from no --------------------------------------------------------------------
+relay3 = t.Relay(extra_config="check_header_from no\nlimit_loopback yes\nmax_conn_per_ip 2\n"
+                 "auth_fail_limit 3\nauth_lockout 10s\nauth_cache_ttl 300\n")
+relay3.add_user(USER, PW)
+relay3.start()
+
+
+@t.test("check_header_from no lets a foreign From: through (MAIL FROM is still checked)")
+def _():
+    time.sleep(0.5)  # the harness's port probes must be closed first (max_conn_per_ip 2)
+    stage, code, text = send(relay3, msg=t.make_message("someone@else.org", "bob@example.net"))
+    t.is_(code, 250, "accepted")
+    stage, code, text = send(relay3, frm="someone@else.org")
+    t.is_((stage, code), ("mail", 553), "envelope sender still enforced")
+
+
+@t.test("per-IP concurrent connections: the third gets 421 4.7.0")
+def _():
+    time.sleep(0.5)  # let relayd see the earlier sessions close
+    a = relay3.raw()
+    b = relay3.raw()
+    t.like(a.reply_text(), r"^220 ", "first greeted")
+    t.like(b.reply_text(), r"^220 ", "second greeted")
+    c = relay3.raw()
+    t.like(c.reply_text(), r"^421 4\.7\.0 ", "third refused")
+    t.ok(c.eof(), "and closed")
+    for x in (a, b, c):
+        x.close()
+    time.sleep(0.3)
+    d = relay3.raw()
+    t.like(d.reply_text(), r"^220 ", "accepted again once the others closed")
+    d.close()
+
+
+@t.test("credential cache: a changed password stops the cached one at once")
+def _():
+    c = relay3.session(USER)
+    c.close()
+    t0 = time.monotonic()
+    c = relay3.session(USER)
+    cached = time.monotonic() - t0
+    c.close()
+    t.ok(cached < 1.0, f"second AUTH completes ({cached:.3f}s)")
+    relay3.relayctl("user", "passwd", USER, input=b"new password\n")
+    c = relay3.raw()
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    code, text = c.auth_plain(USER, PW)
+    t.is_(code, 535, "old (cached) password refused right after relayctl user passwd")
+    c.close()
+    relay3.users[USER] = "new password"
+    c = relay3.session(USER)
+    t.ok(True, "new password accepted")
+    c.close()
+
+
+@t.test("brute force: lockout after 3 failures, 454 even with the right password, then expiry")
+def _():
+    for i in range(3):
+        c = relay3.raw()
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        t0 = time.monotonic()
+        code, text = c.auth_plain(USER, "wrong")
+        took = time.monotonic() - t0
+        t.is_(code, 535, f"failure {i + 1}: 535")
+        lock_start = t0
+        t.ok(took >= 0.9 * (2 ** i) if i < 3 else True, f"failure {i + 1} answered after a growing delay ({took:.2f}s)")
+        c.close()
+    c = relay3.raw()
+    code, text = c.reply()
+    t.like(text, r"^421 4\.7\.0 ", "a new connection from the locked IP gets 421 4.7.0")
+    c.close()
+    try:
+        c = relay3.raw(port=relay3.port_tls, tls=True)
+        code, text = c.reply()
+        t.is_(code, None, "the implicit-TLS port closes without a reply")
+        c.close()
+    except (OSError, ConnectionError) as e:
+        t.ok(True, f"the implicit-TLS port closes the connection ({type(e).__name__})")
+    t.like(relay3.log(), r"event=auth-lockout ip=127\.0\.0\.1", "lockout logged for fail2ban")
+    time.sleep(max(0.0, lock_start + 10.5 - time.monotonic()))
+    c = relay3.session(USER)
+    t.ok(True, "AUTH works again after the lockout period")
+    c.close()
+
+relay3.stop()
+t.done()
