@@ -157,6 +157,17 @@ static void auth_load_user(struct auth_req *r)
 		r->result = AUTH_TEMPFAIL;
 		return;
 	}
+	/* per-user overrides of the relayd.conf limits, read at every AUTH: a change made
+	 * with relayctl applies to the user's next session without a restart */
+	struct userdb_limits ul;
+	if (userdb_limits_get(auth_db, r->user, &ul) == 0) {
+		for (int i = 0; i < POLICY_NMETRICS; i++) {
+			if (ul.set[i]) {
+				r->limits.limit[i] = ul.limit[i];
+				r->limits.window[i] = ul.window[i];
+			}
+		}
+	}
 	r->senders = u.senders;
 	r->nsenders = u.nsenders;
 	u.senders = NULL;
@@ -188,7 +199,9 @@ static void auth_run(struct workq_job *j)
 		unsigned elen;
 		r->result = sasl_encode64(out, outlen, r->challenge, sizeof(r->challenge), &elen) == SASL_OK ?
 				    AUTH_CONTINUE : AUTH_BADPROT;
-	} else if (r->check >= 0 && r->check != USERDB_ERROR) {
+	} else if (r->check == USERDB_ERROR) {
+		r->result = AUTH_TEMPFAIL;
+	} else if (r->check >= 0) {
 		/* our check ran and said no; SASL then reports its (disabled) fallback's NOMECH */
 		r->result = AUTH_FAIL;
 	} else if (rc == SASL_NOMECH) {

@@ -18,12 +18,15 @@
 
 #include "auth.h"
 #include "config.h"
+#include "forward.h"
+#include "control.h"
 #include "listener.h"
 #include "metrics.h"
 #include "log.h"
 #include "policy.h"
 #include "queue.h"
 #include "smtp_server.h"
+#include "stats.h"
 #include "tls.h"
 #include "userdb.h"
 #include "workq.h"
@@ -91,7 +94,7 @@ static void main_chown_state(const struct config *cfg, uid_t uid, gid_t gid)
 		if (chown(path, uid, gid) < 0 && errno != ENOENT)
 			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
 	}
-	const char *dirs[] = { "", "/msg", "/usage.log" };
+	const char *dirs[] = { "/msg", "/usage.log", "" }; /* the folder last: it is 0700 */
 	for (size_t i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s%s", cfg->queue, dirs[i]);
 		if (chown(path, uid, gid) < 0 && errno != ENOENT)
@@ -209,6 +212,58 @@ static int main_reload(void)
 	return 0;
 }
 
+static int main_ctl_stats(const char *args, struct buf *out)
+{
+	(void)args;
+	stats_render(out, false);
+	forward_stats(out);
+	policy_stats(out);
+	return 0;
+}
+
+static int main_ctl_reload(const char *args, struct buf *out)
+{
+	(void)args;
+	if (main_reload() < 0) {
+		buf_printf(out, "reload refused: the configuration has an error (see the log); the old one is kept");
+		return -1;
+	}
+	buf_printf(out, "reloaded %s\n", main_cfg.path);
+	return 0;
+}
+
+static int main_ctl_flush(const char *args, struct buf *out)
+{
+	(void)args;
+	forward_flush();
+	buf_printf(out, "flush started\n");
+	return 0;
+}
+
+/* XXX a message the forwarder is sending right now is removed under it; the forwarder
+ * then finds no file to record status in and drops it from memory */
+static int main_ctl_delete(const char *args, struct buf *out)
+{
+	if (queue_remove(main_cfg.queue, args) < 0) {
+		buf_printf(out, "no such message: %s", args);
+		return -1;
+	}
+	log_info("%s queue event=deleted by=relayctl", args);
+	buf_printf(out, "deleted %s\n", args);
+	return 0;
+}
+
+static void main_control_init(struct ev_loop *loop)
+{
+	char err[512];
+	control_register("flush", main_ctl_flush);
+	control_register("delete", main_ctl_delete);
+	control_register("stats", main_ctl_stats);
+	control_register("reload", main_ctl_reload);
+	if (control_init(loop, main_cfg.control, err, sizeof(err)) < 0)
+		fatal("%s", err);
+}
+
 static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	(void)loop; (void)w; (void)revents;
@@ -298,6 +353,8 @@ int main(int argc, char **argv)
 	if (queue_init(loop, main_cfg.queue, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_recover(main_cfg.queue);
+	if (forward_init(loop, &main_cfg, err, sizeof(err)) < 0)
+		fatal("%s", err);
 	if (policy_init(&main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_drop_privileges(&main_cfg);
@@ -305,6 +362,7 @@ int main(int argc, char **argv)
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
 		fatal("cannot start worker threads");
 	smtp_server_init(loop, &main_cfg, main_cred);
+	main_control_init(loop); /* after the drop: the socket belongs to relayd's user */
 	if (main_cfg.metrics_host[0] && metrics_init(loop, main_cfg.metrics_host, main_cfg.metrics_port, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	listener_start(loop);
@@ -316,10 +374,12 @@ int main(int argc, char **argv)
 	ev_signal_start(loop, &main_sighup);
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
 	ev_run(loop, 0);
+	forward_shutdown();
 	workq_shutdown();
 	queue_shutdown();
 	policy_shutdown();
 	metrics_shutdown();
+	control_shutdown();
 	if (main_cred)
 		gnutls_certificate_free_credentials(main_cred);
 	for (int i = 0; i < main_nold_creds; i++)

@@ -30,6 +30,7 @@
 
 #include "auth.h"
 #include "conn.h"
+#include "forward.h"
 #include "log.h"
 #include "policy.h"
 #include "ratelimit.h"
@@ -816,8 +817,10 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 {
 	struct session *s = session_find(owner);
 	if (!s) {
-		if (!qerrno)
+		if (!qerrno) {
 			log_info("%s smtp event=accepted-after-disconnect", id);
+			forward_notify(id);
+		}
 		return;
 	}
 	s->busy = false;
@@ -832,6 +835,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		log_info("%s smtp event=accepted user=%s from=<%s> rcpts=%zu size=%zu session=%s", id, s->user, s->env.from,
 			 s->env.nrcpt, s->env.size, s->idstr);
 		session_reply(s, "250 2.0.0 Ok: queued as %s", id);
+		forward_notify(id);
 	} else if (qerrno == ENOSPC || qerrno == EDQUOT) {
 		session_reply(s, "452 4.3.1 Insufficient system storage");
 	} else {
@@ -989,6 +993,7 @@ static bool session_command_input(struct session *s)
 	bool bare_lf = len == 0 || in->data[len - 1] != '\r';
 	size_t text = bare_lf ? len : len - 1;
 	bool nul = !too_long && memchr(in->data, '\0', text) != NULL;
+	bool bare_cr = !too_long && memchr(in->data, '\r', text) != NULL;
 	char line[SMTP_AUTH_LINE_MAX + 2];
 	line[0] = '\0';
 	if (!too_long) {
@@ -1004,6 +1009,8 @@ static bool session_command_input(struct session *s)
 		session_error(s, "500 5.5.2 Line must end with CRLF");
 	} else if (nul) {
 		session_error(s, "500 5.5.2 NUL byte in command line");
+	} else if (bare_cr) {
+		session_error(s, "500 5.5.2 Bare CR in command line");
 	} else if (in_auth) {
 		session_auth_response(s, line);
 		return true;
@@ -1013,7 +1020,7 @@ static bool session_command_input(struct session *s)
 		session_command(s, line);
 		return true;
 	}
-	if (in_auth)
+	if (in_auth && s->auth && !s->busy)
 		session_auth_abandon(s);
 	return true;
 }
@@ -1058,6 +1065,13 @@ static void session_on_read(struct conn *c, void *arg)
 {
 	struct session *s = arg;
 	(void)c;
+	if (s->state != SS_QUIT && ev_now(smtp_loop) - s->started > smtp_cfg->timeout_session) {
+		log_info("%s smtp event=timeout reason=session-too-long", s->idstr);
+		session_reply(s, "421 4.4.2 %s Session too long, closing connection", smtp_cfg->hostname);
+		session_enter_state(s, SS_QUIT);
+		conn_pause_read(&s->conn);
+		return;
+	}
 	ev_timer_again(smtp_loop, &s->timer);
 	session_process(s);
 }

@@ -1,0 +1,240 @@
+/*
+ * dsn - bounce messages: RFC 3464 (delivery-status), RFC 3462/6522 (multipart/report),
+ * RFC 3461 (NOTIFY, RET, ENVID, ORCPT), RFC 3834 (Auto-Submitted), RFC 3463 (status codes).
+ *
+ * Invariants:
+ *  - pure: no I/O, no clock (now is passed in), so the output is unit-testable;
+ *  - every line ends in CRLF and stays under 998 octets (RFC 5322 §2.1.1): text taken
+ *    from upstream replies is cut and stripped of control characters;
+ *  - a recipient is reported only when it failed (5xx D record) and its NOTIFY allows it.
+ */
+#include "dsn.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DSN_TEXT_MAX 700 /* reply text kept per recipient, well under 998 with the field name */
+
+/* dsn_rcpt_wanted - failed, and NOTIFY not NEVER and (not given or includes FAILURE) */
+bool dsn_rcpt_wanted(const struct queue_rcpt *r)
+{
+	if (r->done_code < 500)
+		return false;
+	if (r->notify & DSN_NOTIFY_NEVER)
+		return false;
+	return r->notify == 0 || (r->notify & DSN_NOTIFY_FAILURE);
+}
+
+/* dsn_xtext_decode - "+XX" hex escapes to bytes */
+int dsn_xtext_decode(const char *in, char *out, size_t outlen)
+{
+	size_t o = 0;
+	for (const char *p = in; *p; p++) {
+		char ch = *p;
+		if (ch == '+' && isxdigit((unsigned char)p[1]) && isxdigit((unsigned char)p[2])) {
+			char hex[3] = { p[1], p[2], '\0' };
+			ch = (char)strtol(hex, NULL, 16);
+			p += 2;
+		}
+		if (o + 1 >= outlen)
+			return -1;
+		out[o++] = ch;
+	}
+	if (outlen == 0)
+		return -1;
+	out[o] = '\0';
+	return 0;
+}
+
+/* copy text without control characters (a header field must not break), at most max bytes */
+static void dsn_clean(const char *in, char *out, size_t outlen, size_t max)
+{
+	size_t o = 0;
+	for (const char *p = in; *p && o + 1 < outlen && o < max; p++)
+		out[o++] = ((unsigned char)*p < 0x20 || *p == 0x7f) ? ' ' : *p;
+	out[o] = '\0';
+}
+
+/* split a done_text "[remote] reply text" into its parts (remote may be empty) */
+static void dsn_split_text(const char *text, char *remote, size_t rlen, const char **reply)
+{
+	remote[0] = '\0';
+	*reply = text ? text : "";
+	if (text && text[0] == '[') {
+		const char *end = strstr(text, "] ");
+		if (end && (size_t)(end - text - 1) < rlen) {
+			memcpy(remote, text + 1, (size_t)(end - text - 1));
+			remote[end - text - 1] = '\0';
+			*reply = end + 2;
+		}
+	}
+}
+
+/* the enhanced status code at the start of a reply text (RFC 3463), else 5.0.0 */
+static void dsn_status(const char *reply, char *out, size_t outlen)
+{
+	unsigned a, b, c;
+	int n = 0;
+	if (sscanf(reply, "%1u.%3u.%3u%n", &a, &b, &c, &n) == 3 && (a == 4 || a == 5) &&
+	    (reply[n] == '\0' || reply[n] == ' ')) {
+		snprintf(out, outlen, "%u.%u.%u", a, b, c);
+		return;
+	}
+	snprintf(out, outlen, "5.0.0");
+}
+
+static bool dsn_has_8bit(const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)p[i] & 0x80)
+			return true;
+	return false;
+}
+
+/* the header section of a message, including the CRLF ending its last field */
+static size_t dsn_header_len(const char *body, size_t len)
+{
+	if (len >= 2 && body[0] == '\r' && body[1] == '\n')
+		return 0;
+	for (size_t i = 0; i + 3 < len; i++)
+		if (body[i] == '\r' && body[i + 1] == '\n' && body[i + 2] == '\r' && body[i + 3] == '\n')
+			return i + 2;
+	return len;
+}
+
+static void dsn_date(time_t t, char *out, size_t outlen)
+{
+	struct tm tm;
+	localtime_r(&t, &tm);
+	strftime(out, outlen, "%a, %d %b %Y %H:%M:%S %z", &tm);
+}
+
+/* address type for Final-/Original-Recipient: utf-8 for non-ASCII mailboxes (RFC 6533) */
+static const char *dsn_addr_type(const char *addr)
+{
+	return dsn_has_8bit(addr, strlen(addr)) ? "utf-8" : "rfc822";
+}
+
+static int dsn_human_part(const struct queue_envelope *env, const char *hostname, const char *boundary,
+			  bool utf8, struct buf *out)
+{
+	int rc = buf_printf(out, "--%s\r\nContent-Description: Notification\r\n"
+			    "Content-Type: text/plain; charset=%s\r\n%s\r\n"
+			    "This is the mail system at host %s.\r\n\r\n"
+			    "I'm sorry to have to inform you that your message could not\r\n"
+			    "be delivered to one or more recipients. It's attached below.\r\n\r\n"
+			    "The mail system\r\n\r\n", boundary, utf8 ? "utf-8" : "us-ascii",
+			    utf8 ? "Content-Transfer-Encoding: 8bit\r\n" : "", hostname);
+	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
+		const struct queue_rcpt *r = &env->rcpt[i];
+		if (!dsn_rcpt_wanted(r))
+			continue;
+		char remote[256], text[DSN_TEXT_MAX + 1];
+		const char *reply;
+		dsn_split_text(r->done_text, remote, sizeof(remote), &reply);
+		dsn_clean(reply, text, sizeof(text), DSN_TEXT_MAX);
+		rc |= buf_printf(out, "<%s>: %s%s%s said: %d %s\r\n\r\n", r->addr, remote[0] ? "host " : "",
+				 remote[0] ? remote : "the mail system", "", r->done_code, text);
+	}
+	return rc;
+}
+
+static int dsn_status_part(const struct queue_envelope *env, const char *hostname, const char *boundary,
+			   struct buf *out)
+{
+	char date[64];
+	dsn_date(env->created, date, sizeof(date));
+	int rc = buf_printf(out, "--%s\r\nContent-Description: Delivery report\r\n"
+			    "Content-Type: message/delivery-status\r\n\r\n"
+			    "Reporting-MTA: dns; %s\r\nX-Relayd-Queue-ID: %s\r\n", boundary, hostname, env->id);
+	if (env->envid) {
+		char envid[256], clean[256];
+		if (dsn_xtext_decode(env->envid, envid, sizeof(envid)) == 0) {
+			dsn_clean(envid, clean, sizeof(clean), 200);
+			rc |= buf_printf(out, "Original-Envelope-Id: %s\r\n", clean);
+		}
+	}
+	rc |= buf_printf(out, "Arrival-Date: %s\r\n", date);
+	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
+		const struct queue_rcpt *r = &env->rcpt[i];
+		if (!dsn_rcpt_wanted(r))
+			continue;
+		char remote[256], text[DSN_TEXT_MAX + 1], status[16];
+		const char *reply;
+		dsn_split_text(r->done_text, remote, sizeof(remote), &reply);
+		dsn_clean(reply, text, sizeof(text), DSN_TEXT_MAX);
+		dsn_status(text, status, sizeof(status));
+		rc |= buf_printf(out, "\r\n");
+		if (r->orcpt) {
+			/* ORCPT is "addr-type;xtext" (RFC 3461 §4.2) */
+			char orcpt[1024], clean[1024];
+			if (dsn_xtext_decode(r->orcpt, orcpt, sizeof(orcpt)) == 0) {
+				dsn_clean(orcpt, clean, sizeof(clean), 900);
+				char *semi = strchr(clean, ';');
+				if (semi) {
+					*semi = '\0';
+					const char *a = semi + 1;
+					while (*a == ' ')
+						a++;
+					rc |= buf_printf(out, "Original-Recipient: %s; %s\r\n", clean, a);
+				}
+			}
+		}
+		rc |= buf_printf(out, "Final-Recipient: %s; %s\r\nAction: failed\r\nStatus: %s\r\n",
+				 dsn_addr_type(r->addr), r->addr, status);
+		if (remote[0])
+			rc |= buf_printf(out, "Remote-MTA: dns; %s\r\n", remote);
+		rc |= buf_printf(out, "Diagnostic-Code: smtp; %d %s\r\n", r->done_code, text);
+	}
+	return rc;
+}
+
+/* dsn_build - the whole report */
+int dsn_build(const struct queue_envelope *env, const char *body, size_t len, const char *hostname, time_t now,
+	      struct buf *out)
+{
+	int n = 0;
+	bool utf8 = false;
+	for (size_t i = 0; i < env->nrcpt; i++) {
+		if (!dsn_rcpt_wanted(&env->rcpt[i]))
+			continue;
+		n++;
+		utf8 |= dsn_has_8bit(env->rcpt[i].addr, strlen(env->rcpt[i].addr));
+		if (env->rcpt[i].done_text)
+			utf8 |= dsn_has_8bit(env->rcpt[i].done_text, strlen(env->rcpt[i].done_text));
+	}
+	if (n == 0)
+		return 0;
+	bool hdrs_only = env->ret && !strcmp(env->ret, "HDRS");
+	size_t part_len = hdrs_only ? dsn_header_len(body, len) : len;
+	bool body8 = dsn_has_8bit(body, part_len);
+	char date[64], boundary[128];
+	dsn_date(now, date, sizeof(date));
+	snprintf(boundary, sizeof(boundary), "=_%s/%lld/%.60s", env->id, (long long)now, hostname);
+
+	int rc = buf_printf(out, "From: Mail Delivery System <MAILER-DAEMON@%s>\r\n"
+			    "To: <%s>\r\n"
+			    "Subject: Undelivered Mail Returned to Sender\r\n"
+			    "Date: %s\r\n"
+			    "Message-ID: <%s.%lld.dsn@%s>\r\n"
+			    "Auto-Submitted: auto-replied\r\n"
+			    "MIME-Version: 1.0\r\n"
+			    "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+			    "\tboundary=\"%s\"\r\n"
+			    "\r\n"
+			    "This is a MIME-encapsulated message.\r\n\r\n",
+			    hostname, env->from, date, env->id, (long long)now, hostname, boundary);
+	rc |= dsn_human_part(env, hostname, boundary, utf8, out);
+	rc |= dsn_status_part(env, hostname, boundary, out);
+	rc |= buf_printf(out, "\r\n--%s\r\nContent-Description: %s\r\nContent-Type: %s\r\n%s\r\n", boundary,
+			 hdrs_only ? "Undelivered Message Headers" : "Undelivered Message",
+			 hdrs_only ? "text/rfc822-headers" : "message/rfc822",
+			 body8 ? "Content-Transfer-Encoding: 8bit\r\n" : "");
+	rc |= buf_append(out, body, part_len);
+	if (part_len > 0 && !(part_len >= 2 && body[part_len - 2] == '\r' && body[part_len - 1] == '\n'))
+		rc |= buf_append(out, "\r\n", 2);
+	rc |= buf_printf(out, "\r\n--%s--\r\n", boundary);
+	return rc ? -1 : n;
+}

@@ -1,0 +1,33 @@
+/*
+ * dsn - delivery status notifications (RFC 3464) for recipients that finally failed:
+ * a multipart/report; report-type=delivery-status message from MAILER-DAEMON@hostname
+ * to the original sender, sent with the null reverse-path (RFC 5321 §4.5.5).
+ *
+ * The failure of recipient i is read from env->rcpt[i]: done_code >= 500 and done_text,
+ * written by the forwarder as "[remote host] reply text" (the bracketed part is optional
+ * and becomes Remote-MTA; the reply's enhanced code, if any, becomes Status).
+ * RFC 3461 NOTIFY: NEVER, or a NOTIFY list without FAILURE, means no report for that
+ * recipient; RET=HDRS returns the header section only (text/rfc822-headers).
+ */
+#ifndef RELAYD_DSN_H
+#define RELAYD_DSN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <time.h>
+
+#include "buf.h"
+#include "queue.h"
+
+/* dsn_rcpt_wanted - does this recipient's failure get reported (failed and NOTIFY allows)? */
+bool dsn_rcpt_wanted(const struct queue_rcpt *r);
+/* dsn_build - the complete bounce message (headers, CRLF line ends, not dot-stuffed) for
+ * env's reportable failed recipients, with the original message body[0..len) returned in
+ * full or as headers. Returns how many recipients it reports (0: nothing to report, out
+ * untouched), or -1 on allocation failure. */
+int dsn_build(const struct queue_envelope *env, const char *body, size_t len, const char *hostname, time_t now,
+	      struct buf *out);
+/* dsn_xtext_decode - RFC 3461 §4 xtext ("+2B" -> "+") into out; -1 if it does not fit */
+int dsn_xtext_decode(const char *in, char *out, size_t outlen);
+
+#endif

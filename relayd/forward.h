@@ -1,0 +1,35 @@
+/*
+ * forward - the SMTP client that carries queued messages to the upstream smarthosts:
+ * failover across the upstream lines in order, connection reuse, PIPELINING, STARTTLS or
+ * implicit TLS with verification, AUTH through Cyrus SASL's client side, per-recipient
+ * results, retries with backoff, pacing, and bounces (dsn.c) for recipients that fail.
+ * Runs on the libev loop; DNS, queue file reads and every fsync go to workq threads.
+ *
+ * Status records it writes (queue.h): "D <i> <code> [<upstream host>] <reply text>" when
+ * recipient i is finished, "T <attempts> <next> <text>" when the message is deferred,
+ * "B <bounce id>" once the bounce is committed; then the file is removed.
+ */
+#ifndef RELAYD_FORWARD_H
+#define RELAYD_FORWARD_H
+
+#include <stddef.h>
+
+#include "buf.h"
+
+struct ev_loop;
+struct config;
+
+/* forward_init - after queue_init: client TLS credentials and auth= secrets per upstream,
+ * SASL client set-up, then every message in the queue is scheduled (recovery).
+ * Nothing runs before the loop does. -1 with err on a start-up error. */
+int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen);
+/* forward_notify - message id was just committed: load it (off the loop) and send it now */
+void forward_notify(const char *id);
+/* forward_shutdown - no new attempts; QUIT idle upstream connections, close the others */
+void forward_shutdown(void);
+/* forward_flush - every deferred message is retried now, and down marks are forgotten */
+void forward_flush(void);
+/* forward_stats - "key=value\n" lines: counters, and per upstream state, failures, latency */
+void forward_stats(struct buf *out);
+
+#endif

@@ -1,0 +1,562 @@
+#!/usr/bin/python3
+"""test_submission - relayd's submission server, end to end (RFC 5321, 6409, 3207, 4954, 2920,
+1870, 3030): greeting and EHLO, STARTTLS and its injection attack, AUTH, sender policy, queueing
+with the submission fixes, size/line/recipient limits, CRLF strictness (SMTP smuggling),
+pipelining, BDAT, and real clients (swaks, curl, smtplib over 587-mode, 465-mode and IPv6).
+
+Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_submission.py
+Slow groups (concurrency, kill -9) are in test_durability.py.
+"""
+import os
+import re
+import smtplib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import relaytest as t  # noqa: E402
+
+ALICE, ALICE_PW = "alice@example.org", "alice-secret-1"
+BOB, BOB_PW = "bob", "bob-secret-2"
+EXTENSIONS = ["SIZE", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"]
+
+try:
+    relay = t.Relay()
+    relay.add_user(ALICE, ALICE_PW)
+    relay.add_user(BOB, BOB_PW, senders=["@example.net"])
+    relay.start()
+except Exception as e:  # noqa: BLE001
+    t.bail(f"could not set up relayd: {e}")
+
+
+def marker(tag):
+    return f"{tag}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def queued_message(qid):
+    """the message bytes of queue file qid (None if there is no such file)"""
+    data = relay.queue_files().get(qid)
+    if data is None:
+        return None
+    return t.queue_parse(data)[1]
+
+
+def find_in_queue(needle):
+    """ids of queue files that contain needle"""
+    if isinstance(needle, str):
+        needle = needle.encode()
+    return [qid for qid, data in relay.queue_files().items() if needle in data]
+
+
+def transaction(c, frm, rcpts, data):
+    """MAIL, RCPT..., DATA, dot-stuffed data; returns the reply to the final dot"""
+    code, text = c.cmd(f"MAIL FROM:<{frm}>")
+    if code != 250:
+        return code, text
+    for r in rcpts:
+        code, text = c.cmd(f"RCPT TO:<{r}>")
+        if code != 250:
+            return code, text
+    code, text = c.cmd("DATA")
+    if code != 354:
+        return code, text
+    c.send(t.dot_stuff(data))
+    return c.reply()
+
+
+def data_raw(c, raw, frm=ALICE, rcpt="rcpt@example.com"):
+    """MAIL, RCPT, DATA, then raw bytes exactly as given (they must end the DATA themselves)"""
+    for line, want in ((f"MAIL FROM:<{frm}>", 250), (f"RCPT TO:<{rcpt}>", 250), ("DATA", 354)):
+        code, text = c.cmd(line)
+        if code != want:
+            raise RuntimeError(f"{line!r} answered {text!r}")
+    c.send(raw)
+    return c.reply()
+
+
+# ---------------------------------------------------------------------------------------------
+@t.test("greeting and EHLO before and after STARTTLS")
+def _():
+    c = relay.raw()
+    code, text = c.reply()
+    t.like(text, r"^220 relay\.test ESMTP", "greeting is 220 relay.test ESMTP ...")
+    code, text, ext = c.ehlo()
+    t.is_(code, 250, "EHLO before TLS: 250")
+    t.like(text.splitlines()[0], r"^250[ -]relay\.test", "EHLO reply names relay.test")
+    t.ok("STARTTLS" in ext, "EHLO before TLS offers STARTTLS", text)
+    t.ok("AUTH" not in ext, "EHLO before TLS does not offer AUTH", text)
+    code, text = c.auth_plain(ALICE, ALICE_PW)
+    t.like(text, r"^530 5\.7\.0 ", "AUTH before STARTTLS: 530 5.7.0")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(text, r"^530 5\.7\.0 ", "MAIL before STARTTLS: 530 5.7.0")
+    code, text = c.cmd("STARTTLS")
+    t.like(text, r"^220 ", "STARTTLS: 220")
+    c.starttls()
+    t.is_(c.plain_leftover, b"", "nothing after the 220 in clear text")
+    code, text, ext = c.ehlo()
+    t.is_(code, 250, "EHLO after TLS: 250")
+    auth = ext.get("AUTH", "").upper().split()
+    t.ok("PLAIN" in auth and "LOGIN" in auth, "EHLO after TLS offers AUTH PLAIN LOGIN", text)
+    t.ok("STARTTLS" not in ext, "EHLO after TLS does not offer STARTTLS", text)
+    for e in EXTENSIONS:
+        t.ok(e in ext, f"EHLO after TLS advertises {e}", text)
+    t.is_(ext.get("SIZE"), "1048576", "SIZE shows max_message_size (1M)")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(text, r"^530 5\.7\.0 ", "MAIL after TLS but before AUTH: 530 5.7.0")
+    code, text = c.cmd("QUIT")
+    t.like(text, r"^221 ", "QUIT: 221")
+    t.ok(c.eof(), "connection closed after QUIT")
+    c.close()
+
+
+@t.test("implicit TLS port (465-mode)")
+def _():
+    c = relay.raw(relay.port_tls, tls=True)
+    t.like(c.reply_text(), r"^220 relay\.test ESMTP", "greeting over TLS from the first byte")
+    code, text, ext = c.ehlo()
+    t.ok("AUTH" in ext and "STARTTLS" not in ext, "AUTH offered, STARTTLS not", text)
+    t.is_(c.auth_plain(ALICE, ALICE_PW)[0], 235, "AUTH PLAIN works")
+    c.close()
+
+
+@t.test("AUTH: bad password, PLAIN, LOGIN, PLAIN with empty initial response")
+def _():
+    c = relay.session(ALICE, ALICE_PW)  # PLAIN with initial response
+    t.ok(True, "AUTH PLAIN with the right password: 235")
+    code, text = c.auth_plain(ALICE, ALICE_PW)
+    t.like(text, r"^503 5\.5\.1 ", "second AUTH: 503 5.5.1")
+    c.close()
+
+    c = relay.raw()
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    code, text = c.auth_plain(ALICE, "wrong password")
+    t.like(text, r"^535 5\.7\.8 ", "bad password: 535 5.7.8")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(text, r"^530 5\.7\.0 ", "MAIL after failed AUTH: 530 5.7.0")
+    code, text = c.auth_plain(ALICE, ALICE_PW)
+    t.like(text, r"^235 2\.7\.0 ", "right password after a wrong one: 235 2.7.0")
+    c.close()
+
+    c = relay.raw()
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    code, text = c.cmd("AUTH LOGIN")
+    t.like(text, r"^334 VXNlcm5hbWU6", "AUTH LOGIN: 334 Username:")
+    code, text = c.cmd(t.b64(ALICE))
+    t.like(text, r"^334 UGFzc3dvcmQ6", "AUTH LOGIN: 334 Password:")
+    code, text = c.cmd(t.b64(ALICE_PW))
+    t.like(text, r"^235 2\.7\.0 ", "AUTH LOGIN: 235 2.7.0")
+    c.close()
+
+    c = relay.raw()
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    code, text = c.cmd("AUTH PLAIN")
+    t.like(text, r"^334", "AUTH PLAIN without initial response: 334")
+    code, text = c.cmd(t.b64(f"\0{BOB}\0{BOB_PW}"))
+    t.like(text, r"^235 2\.7\.0 ", "AUTH PLAIN after the 334: 235 2.7.0")
+    c.close()
+
+    c = relay.raw()
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    code, text = c.cmd("AUTH LOGIN")
+    code, text = c.cmd("*")
+    t.like(text, r"^501 5\.\d+\.\d+ ", "AUTH cancelled with '*': 501 (RFC 4954 4)")
+    code, text = c.cmd("NOOP")
+    t.is_(code, 250, "session usable after a cancelled AUTH")
+    c.close()
+
+
+@t.test("sender policy")
+def _():
+    c = relay.session(ALICE)
+    code, text = c.cmd("MAIL FROM:<x@example.org>")
+    t.like(text, r"^553 5\.7\.1 ", "alice may not send as x@example.org: 553 5.7.1")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(text, r"^250 ", "alice may send as alice@example.org")
+    c.cmd("RSET")
+    code, text = c.cmd("MAIL FROM:<Alice@Example.ORG>")
+    t.like(text, r"^250 ", "sender check ignores the case of the domain and local part")
+    c.close()
+
+    c = relay.session(BOB)
+    code, text = c.cmd("MAIL FROM:<anything@example.net>")
+    t.like(text, r"^250 ", "bob (sender @example.net) may send as anything@example.net")
+    c.cmd("RSET")
+    code, text = c.cmd("MAIL FROM:<x@example.org>")
+    t.like(text, r"^553 5\.7\.1 ", "bob may not send as x@example.org: 553 5.7.1")
+    code, text = c.cmd("MAIL FROM:<x@sub.example.net>")
+    t.like(text, r"^553 5\.7\.1 ", "@example.net does not cover sub.example.net")
+    c.close()
+
+
+@t.test("accepted message: queued durably with Received, Message-ID, Date; dot-unstuffed")
+def _():
+    m = marker("body")
+    body = f"first line {m}\r\n.x\r\n.\r\n...\r\nlast line\r\n"
+    raw = (f"From: <{ALICE}>\r\nTo: <rcpt@example.com>\r\nSubject: queue test\r\n\r\n"
+           f"first line {m}\r\n"
+           "..x\r\n"           # arrives as ".x"
+           "..\r\n"            # arrives as "."
+           "....\r\n"          # arrives as "..."
+           "last line\r\n.\r\n").encode()
+    c = relay.session(ALICE)
+    code, text = data_raw(c, raw)
+    t.like(text, t.QUEUED_RE, "250 2.0.0 Ok: queued as <16 hex>")
+    qid = t.queued_id(text)
+    msg = queued_message(qid) if qid else None
+    t.ok(msg is not None, f"queue/msg/{qid} exists right after the 250", sorted(relay.queue_ids()))
+    msg = msg or b""
+    t.ok(body.encode() in msg, "stored body is the dot-unstuffed body, byte for byte", msg)
+    t.ok(b"\r\n.x\r\n" in msg and b"..x" not in msg, "a body line '..x' on the wire is stored as '.x'", msg)
+    t.is_(t.header_count(msg, "Received"), 1, "one Received: header added")
+    t.is_(t.header_count(msg, "Message-ID"), 1, "Message-ID: added when missing")
+    t.is_(t.header_count(msg, "Date"), 1, "Date: added when missing")
+    t.like(msg, r"(?im)^Message-ID:\s*<[^>@\s]+@[^>\s]+>", "added Message-ID looks like <x@y>")
+    t.like(msg, r"(?i)^Received: ", "Received: is the first header")
+    t.like(msg, r"(?im)^Subject: queue test\r$", "client headers kept")
+    env = t.queue_parse(relay.queue_files()[qid])[0] if qid else {}
+    t.is_(env.get("from"), [ALICE], "envelope sender stored")
+    t.ok(any(r.endswith(" rcpt@example.com") for r in env.get("rcpt", [])), "recipient stored", env)
+    t.is_(env.get("user"), [ALICE], "authenticated user stored")
+
+    # the client's own Message-ID and Date are kept and not duplicated
+    mid = f"<{marker('mid')}@client.example>"
+    msg2 = t.make_message(ALICE, "rcpt@example.com", subject="with ids",
+                          extra_headers=[f"Message-ID: {mid}", "Date: Mon, 1 Jan 2024 10:00:00 +0000"])
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], msg2)
+    qid2 = t.queued_id(text)
+    t.ok(qid2 is not None and qid2 != qid, "second message on the same session queued with a new id", text)
+    stored = queued_message(qid2) or b"" if qid2 else b""
+    t.is_(t.header_count(stored, "Message-ID"), 1, "client's Message-ID not duplicated")
+    t.is_(t.header_count(stored, "Date"), 1, "client's Date not duplicated")
+    t.ok(mid.encode() in stored, "client's Message-ID kept", stored[:600])
+    t.ok(b"Mon, 1 Jan 2024 10:00:00 +0000" in stored, "client's Date kept", stored[:600])
+    t.is_(t.header_count(stored, "Received"), 1, "one Received: header")
+    c.close()
+
+
+@t.test("message size limit (max_message_size 1M)")
+def _():
+    c = relay.session(ALICE)
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}> SIZE=2000000")
+    t.like(text, r"^552 5\.3\.4 ", "MAIL SIZE=2000000: 552 5.3.4")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}> SIZE=1000")
+    t.like(text, r"^250 ", "MAIL SIZE=1000: 250")
+    c.cmd("RSET")
+    before = relay.queue_ids()
+    line = "x" * 76 + "\r\n"
+    big = t.make_message(ALICE, "rcpt@example.com", body=line * (1200 * 1024 // len(line)))
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], big)
+    t.like(text, r"^552 5\.3\.4 ", "1.2 MB of DATA: 552 5.3.4 after the final dot")
+    t.is_(relay.queue_ids() - before, set(), "nothing queued")
+    code, text = c.cmd("RSET")
+    t.is_(code, 250, "RSET after the 552: 250")
+    code, text = c.cmd("NOOP")
+    t.is_(code, 250, "NOOP after the 552: 250")
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+    t.like(text, t.QUEUED_RE, "a small message afterwards on the same session is queued")
+    c.close()
+
+
+@t.test("command line limits and CRLF strictness")
+def _():
+    c = relay.session(ALICE)
+    c.send("NOOP " + "x" * 4995 + "\r\n")
+    code, text = c.reply()
+    t.like(text, r"^500 5\.5\.2 ", "5000-char command: 500 5.5.2")
+    code, text = c.cmd("NOOP")
+    t.like(text, r"^250 ", "next NOOP: 250 (still in sync)")
+    c.send("NOOP\n")
+    code, text = c.reply()
+    t.like(text, r"^500 5\.5\.2 ", "NOOP with bare LF: 500 5.5.2")
+    code, text = c.cmd("NOOP")
+    t.like(text, r"^250 ", "next NOOP: 250")
+    c.send(b"NO\0OP\r\n")
+    code, text = c.reply()
+    t.like(text, r"^500 5\.5\.2 ", "command with a NUL byte: 500 5.5.2")
+    code, text = c.cmd("NOOP")
+    t.like(text, r"^250 ", "next NOOP: 250")
+    for raw in (b"NOOP x\ry\r\n", b"NOOP\rRSET\r\n"):
+        c.send(raw)
+        code, text = c.reply()
+        t.like(text, r"^500 5\.5\.2 ", f"command with a bare CR ({raw!r}): 500 5.5.2")
+        code, text = c.cmd("NOOP")
+        t.like(text, r"^250 ", "next NOOP: 250")
+    c.close()
+
+
+@t.test("DATA: bare LF, NUL, long line refused with 554 5.6.0; no smuggling")
+def _():
+    c = relay.session(ALICE)
+    head = f"From: <{ALICE}>\r\nTo: <rcpt@example.com>\r\nSubject: bad data\r\n\r\n"
+    cases = [
+        ("a bare LF", head + "line one\nline two\r\n.\r\n"),
+        ("a NUL byte", head + "a\0b\r\n.\r\n"),
+        ("a bare CR", head + "a\rb\r\n.\r\n"),
+        ("a 2000-char line", head + "y" * 2000 + "\r\n.\r\n"),
+    ]
+    for what, raw in cases:
+        before = relay.queue_ids()
+        code, text = data_raw(c, raw.encode())
+        t.like(text, r"^554 5\.6\.0 ", f"DATA with {what}: 554 5.6.0 after the final dot")
+        t.is_(relay.queue_ids() - before, set(), f"DATA with {what}: nothing queued")
+        code, text = c.cmd("NOOP")
+        t.like(text, r"^250 ", f"session in sync after DATA with {what}")
+
+    # SMTP smuggling: a fake end of data with bare LFs, then a smuggled transaction
+    smuggled = (f"MAIL FROM:<{ALICE}>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                "Subject: smuggled\r\n\r\nsmuggled\r\n")
+    for name, fake_end in (("\\n.\\n", "\n.\n"), ("\\r\\n.\\n", "\r\n.\n"), ("\\n.\\r\\n", "\n.\r\n")):
+        before = relay.queue_ids()
+        raw = head + "hello" + fake_end + smuggled + ".\r\n"
+        code, text = data_raw(c, raw.encode())
+        t.like(text, r"^554 5\.6\.0 ", f"'{name}' inside DATA does not end it: one 554 5.6.0 at the real end")
+        code, text = c.cmd("VRFY postmaster")
+        t.like(text, r"^252 ", f"'{name}': next reply is VRFY's 252 (no smuggled commands ran)")
+        t.is_(relay.queue_ids() - before, set(), f"'{name}': nothing queued")
+    c.close()
+
+
+@t.test("recipient limit (max_recipients 20)")
+def _():
+    c = relay.session(ALICE)
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    codes = [c.cmd(f"RCPT TO:<r{i}@example.com>") for i in range(22)]
+    t.is_([x[0] for x in codes[:20]], [250] * 20, "first 20 RCPTs: 250")
+    t.like(codes[20][1], r"^452 4\.5\.3 ", "21st RCPT: 452 4.5.3")
+    t.like(codes[21][1], r"^452 4\.5\.3 ", "22nd RCPT: 452 4.5.3")
+    code, text = c.cmd("DATA")
+    t.is_(code, 354, "DATA with 20 recipients: 354")
+    c.send(t.dot_stuff(t.make_message(ALICE, "r0@example.com")))
+    code, text = c.reply()
+    qid = t.queued_id(text)
+    t.ok(qid, "queued", text)
+    env = t.queue_parse(relay.queue_files().get(qid, b""))[0] if qid else {}
+    t.is_(len(env.get("rcpt", [])), 20, "the queue file has the 20 accepted recipients")
+    c.close()
+
+
+@t.test("pipelining")
+def _():
+    c = relay.session(ALICE)
+    c.send(f"MAIL FROM:<{ALICE}>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    replies = [c.reply() for _ in range(4)]
+    t.is_([r[0] for r in replies], [250, 250, 250, 354], "MAIL, RCPT, RCPT, DATA in one write: replies in order")
+    c.send(t.dot_stuff(t.make_message(ALICE, "a@example.com")))
+    t.like(c.reply_text(), t.QUEUED_RE, "message queued")
+
+    # a whole transaction plus QUIT in one write, the refused sender making the rest fail
+    c.send("MAIL FROM:<x@example.org>\r\nRCPT TO:<a@example.com>\r\nDATA\r\nNOOP\r\n")
+    replies = [c.reply() for _ in range(4)]
+    t.like(replies[0][1], r"^553 5\.7\.1 ", "pipelined refused MAIL: 553 5.7.1")
+    t.like(replies[1][1], r"^503 5\.5\.1 ", "pipelined RCPT after it: 503 5.5.1")
+    t.like(replies[2][1], r"^(503 5\.5\.1|554 5\.5\.1) ", "pipelined DATA after it: 503/554 5.5.1")
+    t.like(replies[3][1], r"^250 ", "pipelined NOOP: 250")
+
+    # everything including the message and QUIT in one write
+    msg = t.dot_stuff(t.make_message(ALICE, "c@example.com", subject=marker("onewrite")))
+    c.send(f"RSET\r\nMAIL FROM:<{ALICE}>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n".encode() + msg + b"QUIT\r\n")
+    replies = [c.reply() for _ in range(6)]
+    t.is_([r[0] for r in replies], [250, 250, 250, 354, 250, 221],
+          "RSET, MAIL, RCPT, DATA, message, QUIT in one write: replies in order")
+    t.ok(c.eof(), "closed after QUIT")
+    c.close()
+
+
+@t.test("STARTTLS injection: pipelined bytes after STARTTLS are discarded")
+def _():
+    c = relay.raw()
+    c.reply()
+    c.ehlo()
+    c.send("STARTTLS\r\nNOOP\r\n")
+    code, text = c.reply()
+    t.like(text, r"^220 ", "STARTTLS: 220")
+    c.starttls()
+    t.is_(c.plain_leftover, b"", "no reply to the injected NOOP in clear text")
+    c.send("EHLO client.test\r\n")
+    first = c.recv_line()
+    t.like(first, rb"^250-relay\.test", "first line over TLS is the EHLO's 250-relay.test, not a NOOP reply")
+    while first and first[3:4] == b"-":
+        first = c.recv_line()
+    code, text = c.cmd("VRFY postmaster")
+    t.like(text, r"^252 ", "next reply is VRFY's (no stray replies queued)")
+    c.close()
+
+    # the same with AUTH injected: the server must not have authenticated before TLS
+    c = relay.raw()
+    c.reply()
+    c.ehlo()
+    c.send("STARTTLS\r\n" + "AUTH PLAIN " + t.b64(f"\0{ALICE}\0{ALICE_PW}") + "\r\n")
+    t.like(c.reply_text(), r"^220 ", "STARTTLS with AUTH after it: 220")
+    c.starttls()
+    c.ehlo()
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(text, r"^530 5\.7\.0 ", "injected AUTH had no effect: MAIL gets 530 5.7.0")
+    c.close()
+
+
+@t.test("BDAT and the small commands")
+def _():
+    c = relay.session(ALICE)
+    m = marker("bdat")
+    msg = t.make_message(ALICE, "rcpt@example.com", subject=m, body="..not unstuffed\r\nend\r\n")
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT {len(msg)} LAST\r\n".encode() + msg)
+    code, text = c.reply()
+    t.like(text, t.QUEUED_RE, "BDAT n LAST: 250 queued")
+    stored = queued_message(t.queued_id(text) or "") or b""
+    t.ok(msg.split(b"\r\n\r\n", 1)[1] in stored, "BDAT body stored byte for byte (no dot-unstuffing)", stored)
+
+    m2 = marker("bdat2")
+    msg = t.make_message(ALICE, "rcpt@example.com", subject=m2, body="chunked body\r\n")
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT 10\r\n".encode() + msg[:10])
+    code, text = c.reply()
+    t.like(text, r"^250 ", "BDAT 10 (not last): 250")
+    c.send(f"BDAT {len(msg) - 10} LAST\r\n".encode() + msg[10:])
+    code, text = c.reply()
+    t.like(text, t.QUEUED_RE, "BDAT LAST: 250 queued")
+    stored = queued_message(t.queued_id(text) or "") or b""
+    t.ok(msg.split(b"\r\n\r\n", 1)[1] in stored and m2.encode() in stored,
+         "two chunks stored as one message", stored)
+    c.close()
+
+    c = relay.session(ALICE)
+    t.like(c.cmd("RSET")[1], r"^250 ", "RSET: 250")
+    t.like(c.cmd("NOOP")[1], r"^250 ", "NOOP: 250")
+    t.like(c.cmd("HELP")[1], r"^214", "HELP: 214")
+    t.like(c.cmd("VRFY postmaster")[1], r"^252 ", "VRFY: 252")
+    t.like(c.cmd("RCPT TO:<a@example.com>")[1], r"^503 5\.5\.1 ", "RCPT before MAIL: 503 5.5.1")
+    t.like(c.cmd("DATA")[1], r"^503 5\.5\.1 ", "DATA before MAIL: 503 5.5.1")
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(c.cmd(f"MAIL FROM:<{ALICE}>")[1], r"^503 5\.5\.1 ", "second MAIL: 503 5.5.1")
+    t.like(c.cmd("DATA")[1], r"^(503|554) 5\.5\.1 ", "DATA before RCPT: 503 or 554 5.5.1 (RFC 5321 3.3)")
+    t.like(c.cmd("FROB")[1], r"^50[02] 5\.5\.[12] ", "unknown command: 500/502 5.5.x")
+    t.like(c.cmd("QUIT")[1], r"^221 ", "QUIT: 221")
+    c.close()
+
+
+# --- real clients ------------------------------------------------------------------------------
+def swaks_args(port, user=ALICE, pw=ALICE_PW, subject="swaks"):
+    return ["--server", "127.0.0.1", "--port", str(port), "--auth-user", user, "--auth-password", pw,
+            "--from", user, "--to", "x@example.com", "--header", f"Subject: {subject}"]
+
+
+@t.test("swaks")
+def _():
+    m = marker("swaks-starttls")
+    rc, out = t.swaks(swaks_args(relay.port_starttls, subject=m) + ["-tls", "--auth", "PLAIN"])
+    t.is_(rc, 0, "swaks -tls --auth PLAIN on the starttls port: rc 0") or t.diag(out)
+    t.like(out, r"250 2\.0\.0 Ok: queued as [0-9A-Fa-f]{16}", "swaks sees 250 queued")
+    t.is_(len(find_in_queue(m)), 1, "swaks message in the queue")
+
+    m = marker("swaks-tls")
+    rc, out = t.swaks(swaks_args(relay.port_tls, subject=m) + ["--tls-on-connect", "--auth", "PLAIN"])
+    t.is_(rc, 0, "swaks --tls-on-connect on the tls port: rc 0") or t.diag(out)
+    t.is_(len(find_in_queue(m)), 1, "swaks --tls-on-connect message in the queue")
+
+    rc, out = t.swaks(swaks_args(relay.port_starttls, pw="wrong") + ["-tls", "--auth", "PLAIN"])
+    t.ok(rc != 0, "swaks with a wrong password fails", out)
+    t.like(out, r"535 5\.7\.8", "swaks shows 535 5.7.8")
+
+    m = marker("swaks-login")
+    rc, out = t.swaks(swaks_args(relay.port_starttls, subject=m) + ["-tls", "--auth", "LOGIN"])
+    t.is_(rc, 0, "swaks -tls --auth LOGIN: rc 0") or t.diag(out)
+    t.is_(len(find_in_queue(m)), 1, "swaks AUTH LOGIN message in the queue")
+
+    rc, out = t.swaks(swaks_args(relay.port_starttls) + ["--auth", "PLAIN"])
+    t.ok(rc != 0, "swaks AUTH without TLS fails (AUTH not offered before STARTTLS)", out)
+
+
+@t.test("curl")
+def _():
+    for scheme, port in (("smtp", relay.port_starttls), ("smtps", relay.port_tls)):
+        m = marker(f"curl-{scheme}")
+        f = os.path.join(relay.dir, f"curl-{scheme}.eml")
+        with open(f, "wb") as fh:
+            fh.write(t.make_message(ALICE, "x@example.com", subject=m))
+        args = [f"{scheme}://127.0.0.1:{port}", "--mail-from", ALICE, "--mail-rcpt", "x@example.com",
+                "--user", f"{ALICE}:{ALICE_PW}", "--upload-file", f, "--cacert", relay.ca_file, "-sS"]
+        if scheme == "smtp":
+            args.insert(0, "--ssl-reqd")
+        rc, out = t.curl(args)
+        t.is_(rc, 0, f"curl {scheme}:// (cert verified against the test CA): rc 0") or t.diag(out)
+        t.is_(len(find_in_queue(m)), 1, f"curl {scheme}:// message queued")
+    rc, out = t.curl(["--ssl-reqd", f"smtp://127.0.0.1:{relay.port_starttls}", "--mail-from", ALICE,
+                      "--mail-rcpt", "x@example.com", "--user", f"{ALICE}:nope", "--upload-file", f,
+                      "--cacert", relay.ca_file, "-sS"])
+    t.ok(rc != 0, "curl with a wrong password fails", out)
+
+
+@t.test("smtplib: STARTTLS, SMTP_SSL, IPv6")
+def _():
+    m = marker("smtplib-starttls")
+    s = relay.smtp_starttls()
+    s.login(ALICE, ALICE_PW)
+    refused = s.sendmail(ALICE, ["x@example.com", "y@example.com"],
+                         t.make_message(ALICE, "x@example.com", subject=m))
+    t.is_(refused, {}, "smtplib SMTP + starttls + login + sendmail: no refused recipients")
+    s.quit()
+    t.is_(len(find_in_queue(m)), 1, "smtplib STARTTLS message queued")
+
+    m = marker("smtplib-ssl")
+    s = relay.smtp_ssl()
+    s.login(ALICE, ALICE_PW)
+    t.is_(s.sendmail(ALICE, ["x@example.com"], t.make_message(ALICE, "x@example.com", subject=m)), {},
+          "smtplib SMTP_SSL + login + sendmail")
+    s.quit()
+    t.is_(len(find_in_queue(m)), 1, "smtplib SMTP_SSL message queued")
+
+    try:
+        s = relay.smtp_ssl()
+        s.login(ALICE, "bad")
+        t.ok(False, "smtplib login with a bad password raises")
+    except smtplib.SMTPAuthenticationError as e:
+        t.is_(e.smtp_code, 535, "smtplib login with a bad password: SMTPAuthenticationError 535")
+
+    if relay.port_v6 is None:
+        t.skip("smtplib over IPv6", "no ::1 here")
+        return
+    m = marker("smtplib-v6")
+    s = relay.smtp_starttls(port=relay.port_v6, host="::1")
+    s.login(BOB, BOB_PW)
+    t.is_(s.sendmail("someone@example.net", ["x@example.com"],
+                     t.make_message("someone@example.net", "x@example.com", subject=m)), {},
+          "smtplib over [::1] (STARTTLS, bob as someone@example.net)")
+    s.quit()
+    t.is_(len(find_in_queue(m)), 1, "IPv6 message queued")
+
+
+# --- idle timeout (its own relayd) ---------------------------------------------------------------
+@t.test("idle timeout")
+def _():
+    r2 = t.Relay(extra_config="timeout_idle 2s")
+    r2.start()
+    c = r2.raw()
+    t.like(c.reply_text(), r"^220 ", "greeting")
+    c.settimeout(8)
+    t0 = time.monotonic()
+    code, text = c.reply()
+    dt = time.monotonic() - t0
+    t.like(text, r"^421 4\.4\.2 ", "silent client gets 421 4.4.2")
+    t.ok(1.5 <= dt <= 5.0, f"after about 2 s (took {dt:.1f} s)")
+    t.ok(c.eof(3), "and the connection is closed")
+    c.close()
+
+    c = r2.raw(r2.port_tls, tls=True)
+    c.reply()
+    c.ehlo()
+    c.settimeout(8)
+    t0 = time.monotonic()
+    code, text = c.reply()
+    t.like(text, r"^421 4\.4\.2 ", "idle timeout on the TLS port too")
+    t.ok(time.monotonic() - t0 <= 5.0, "within 5 s")
+    c.close()
+    rc = r2.stop()
+    t.is_(rc, 0, "relayd exits 0 on SIGTERM")
+
+
+t.is_(relay.running(), True, "relayd is still running after all this")
+t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+t.done()

@@ -1,0 +1,162 @@
+/*
+ * dsn-t - the RFC 3464 bounce: structure, per-recipient fields, RET=HDRS, NOTIFY rules,
+ * ENVID and ORCPT carried, CRLF only and bounded line lengths.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../relayd/dsn.h"
+#include "tap.h"
+
+static const char msg[] =
+	"Received: from client.test\r\n"
+	"From: <alice@example.org>\r\n"
+	"To: <bob@example.net>\r\n"
+	"Subject: hello\r\n"
+	"\r\n"
+	"BODY-LINE-ONE\r\n"
+	".a line with a leading dot\r\n";
+
+static struct queue_rcpt rcpts[4];
+
+static void setup(struct queue_envelope *env)
+{
+	memset(env, 0, sizeof(*env));
+	memset(rcpts, 0, sizeof(rcpts));
+	strcpy(env->id, "0123456789abcdef");
+	env->created = 1700000000;
+	env->from = "alice@example.org";
+	env->rcpt = rcpts;
+	env->nrcpt = 3;
+	rcpts[0].addr = "ok@example.net";
+	rcpts[0].done_code = 250;
+	rcpts[0].done_text = "[mx.example.net] 2.0.0 Ok";
+	rcpts[1].addr = "bad@example.net";
+	rcpts[1].done_code = 550;
+	rcpts[1].done_text = "[mx.example.net] 5.1.1 <bad@example.net>: no such user";
+	rcpts[2].addr = "gone@example.net";
+	rcpts[2].done_code = 554;
+	rcpts[2].done_text = "no enhanced code here";
+}
+
+/* the text of the part whose Content-Type is ctype (up to the next boundary) */
+static char *part(const char *dsn, const char *ctype)
+{
+	const char *p = strstr(dsn, ctype);
+	if (!p)
+		return NULL;
+	p = strstr(p, "\r\n\r\n");
+	if (!p)
+		return NULL;
+	p += 4;
+	const char *e = strstr(p, "\r\n--=_");
+	if (!e)
+		return NULL;
+	return strndup(p, (size_t)(e - p));
+}
+
+static bool lines_ok(const char *s, size_t n)
+{
+	size_t len = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '\n' && (i == 0 || s[i - 1] != '\r'))
+			return false;
+		if (s[i] == '\r' && (i + 1 >= n || s[i + 1] != '\n'))
+			return false;
+		len = s[i] == '\n' ? 0 : len + 1;
+		if (len > 998)
+			return false;
+	}
+	return true;
+}
+
+int main(void)
+{
+	struct queue_envelope env;
+	struct buf out = { 0 };
+
+	setup(&env);
+	int n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 2, "two failed recipients reported");
+	const char *d = out.data;
+	ok(d && strstr(d, "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n") != NULL, "From: MAILER-DAEMON@hostname");
+	ok(d && strstr(d, "To: <alice@example.org>\r\n") != NULL, "To: the original sender");
+	ok(d && strstr(d, "Auto-Submitted: auto-replied\r\n") != NULL, "Auto-Submitted (RFC 3834)");
+	ok(d && strstr(d, "Content-Type: multipart/report; report-type=delivery-status;") != NULL, "multipart/report");
+	ok(lines_ok(out.data, out.len), "CRLF only, lines <= 998");
+	char *ds = part(d, "Content-Type: message/delivery-status");
+	ok(ds != NULL, "a message/delivery-status part");
+	ok(ds && strstr(ds, "Reporting-MTA: dns; relay.test\r\n") != NULL, "Reporting-MTA");
+	ok(ds && strstr(ds, "Arrival-Date: ") != NULL, "Arrival-Date");
+	ok(ds && !strstr(ds, "Original-Envelope-Id"), "no ENVID, no Original-Envelope-Id");
+	ok(ds && !strstr(ds, "ok@example.net"), "the delivered recipient is not reported");
+	ok(ds && strstr(ds, "Final-Recipient: rfc822; bad@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+			    "Remote-MTA: dns; mx.example.net\r\n"
+			    "Diagnostic-Code: smtp; 550 5.1.1 <bad@example.net>: no such user\r\n") != NULL,
+	   "per-recipient fields of bad@ (status from the enhanced code, Remote-MTA)");
+	ok(ds && strstr(ds, "Final-Recipient: rfc822; gone@example.net\r\nAction: failed\r\nStatus: 5.0.0\r\n"
+			    "Diagnostic-Code: smtp; 554 no enhanced code here\r\n") != NULL,
+	   "no enhanced code: Status 5.0.0, no Remote-MTA");
+	free(ds);
+	char *orig = part(d, "Content-Type: message/rfc822");
+	ok(orig && !strcmp(orig, "Received: from client.test\r\nFrom: <alice@example.org>\r\nTo: <bob@example.net>\r\n"
+				 "Subject: hello\r\n\r\nBODY-LINE-ONE\r\n.a line with a leading dot\r\n"),
+	   "RET not given: the whole original as message/rfc822");
+	free(orig);
+	ok(d && strstr(d, "<bad@example.net>: host mx.example.net said: 550 5.1.1") != NULL, "human-readable part names the failure");
+	ok(d && out.len > 6 && !strcmp(out.data + out.len - 4, "--\r\n"), "closing boundary");
+	buf_free(&out);
+
+	/* RET=HDRS, ENVID, ORCPT */
+	setup(&env);
+	env.ret = "HDRS";
+	env.envid = "QQ+2B314";
+	rcpts[1].orcpt = "rfc822;Bad+2BAlias@example.net";
+	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 2, "RET=HDRS: still two reported");
+	d = out.data;
+	ok(d && strstr(d, "Content-Type: text/rfc822-headers\r\n") != NULL, "RET=HDRS: text/rfc822-headers");
+	ok(d && !strstr(d, "message/rfc822") && !strstr(d, "BODY-LINE-ONE"), "RET=HDRS: no body");
+	ok(d && strstr(d, "Subject: hello\r\n") != NULL, "RET=HDRS: the headers are there");
+	ok(d && strstr(d, "Original-Envelope-Id: QQ+314\r\n") != NULL, "ENVID carried, xtext decoded");
+	ok(d && strstr(d, "Original-Recipient: rfc822; Bad+Alias@example.net\r\nFinal-Recipient: rfc822; bad@example.net\r\n") != NULL,
+	   "ORCPT carried as Original-Recipient");
+	ok(lines_ok(out.data, out.len), "HDRS: CRLF only");
+	buf_free(&out);
+
+	/* NOTIFY */
+	setup(&env);
+	rcpts[1].notify = DSN_NOTIFY_NEVER;
+	rcpts[2].notify = DSN_NOTIFY_SUCCESS | DSN_NOTIFY_DELAY;
+	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 0, "NOTIFY=NEVER and NOTIFY without FAILURE: nothing to report");
+	is_int((long long)out.len, 0, "and nothing written");
+	rcpts[2].notify = DSN_NOTIFY_FAILURE | DSN_NOTIFY_DELAY;
+	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 1, "NOTIFY=FAILURE,DELAY is reported");
+	ok(out.data && !strstr(out.data, "bad@example.net") && strstr(out.data, "gone@example.net"),
+	   "only the recipient that asked for it");
+	buf_free(&out);
+
+	/* a failure without text, and an expired message */
+	setup(&env);
+	rcpts[1].done_text = NULL;
+	rcpts[2].done_text = "4.4.7 Delivery time expired: last error: mx said: 451 4.3.0 try later";
+	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 2, "missing text is fine");
+	ok(out.data && strstr(out.data, "Status: 4.4.7\r\n") != NULL, "expiry reported with 4.4.7");
+	buf_free(&out);
+
+	/* 8-bit original */
+	setup(&env);
+	const char m8[] = "Subject: caf\xc3\xa9\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n";
+	n = dsn_build(&env, m8, strlen(m8), "relay.test", 1700000100, &out);
+	ok(n == 2 && strstr(out.data, "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n") != NULL,
+	   "8-bit original: Content-Transfer-Encoding: 8bit");
+	buf_free(&out);
+
+	char x[64];
+	ok(dsn_xtext_decode("a+2Bb+3Dc", x, sizeof(x)) == 0 && !strcmp(x, "a+b=c"), "xtext decode");
+	ok(dsn_xtext_decode("abcdef", x, 4) < 0, "xtext decode: too long refused");
+	return done_testing();
+}
