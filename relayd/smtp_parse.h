@@ -20,12 +20,12 @@ struct smtp_cmd {
 	char *arg;               /* text after the verb and one space; "" if none */
 };
 
-enum smtp_body { SMTP_BODY_NONE, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME, SMTP_BODY_BINARYMIME };
+enum smtp_body_type { SMTP_BODY_NONE, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME, SMTP_BODY_BINARYMIME };
 
 struct smtp_mail_args {
 	char *addr;              /* reverse-path without <>; "" for the null sender */
 	long long size;          /* SIZE= or -1 */
-	enum smtp_body body;
+	enum smtp_body_type body;
 	bool smtputf8;
 	char *ret;               /* "FULL" / "HDRS" or NULL */
 	char *envid;             /* xtext or NULL */

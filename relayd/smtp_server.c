@@ -35,13 +35,13 @@
 #include "policy.h"
 #include "ratelimit.h"
 #include "queue.h"
+#include "smtp_body.h"
 #include "smtp_parse.h"
 #include "stats.h"
 #include "userdb.h"
 
 #define SMTP_LINE_MAX       512     /* RFC 5321 §4.5.3.1.4, CRLF included */
 #define SMTP_AUTH_LINE_MAX  12288   /* RFC 4954 §4 */
-#define SMTP_TEXT_LINE_MAX  1000    /* RFC 5321 §4.5.3.1.6, CRLF included */
 #define SMTP_OUT_HIGH       (256 * 1024) /* stop reading while this much output waits */
 #define SMTP_BUCKETS        4096
 
@@ -91,11 +91,7 @@ struct session {
 	bool bdat_discard;              /* reading a refused chunk only to stay in sync */
 	enum session_state bdat_return; /* state after a refused chunk */
 	size_t bdat_left;
-	/* DATA/BDAT scanner state */
-	bool at_line_start;
-	size_t line_len;
-	bool prev_cr;
-	bool bad_oversize, bad_bare, bad_nul, bad_longline;
+	struct smtp_body body;          /* DATA/BDAT decoder into msg */
 };
 
 static struct ev_loop *smtp_loop;
@@ -199,10 +195,7 @@ static void session_reset_transaction(struct session *s)
 	buf_free(&s->msg);
 	s->bdat_used = s->bdat_last = s->bdat_discard = false;
 	s->bdat_left = 0;
-	s->at_line_start = true;
-	s->line_len = 0;
-	s->prev_cr = false;
-	s->bad_oversize = s->bad_bare = s->bad_nul = s->bad_longline = false;
+	smtp_body_init(&s->body, &s->msg, smtp_cfg->max_message_size);
 	if (s->state >= SS_MAIL && s->state <= SS_BDAT)
 		session_enter_state(s, SS_GREETED);
 }
@@ -573,9 +566,7 @@ static void cmd_rcpt(struct session *s, struct smtp_cmd *c)
 static void session_begin_body(struct session *s)
 {
 	queue_new_id(s->env.id);
-	s->at_line_start = true;
-	s->line_len = 0;
-	s->prev_cr = false;
+	smtp_body_init(&s->body, &s->msg, smtp_cfg->max_message_size);
 }
 
 static void cmd_data(struct session *s, struct smtp_cmd *c)
@@ -764,15 +755,7 @@ static bool session_header_from_ok(struct session *s)
 /* the end of DATA or BDAT LAST: refuse bad content or commit */
 static void session_end_body(struct session *s)
 {
-	const char *reply = NULL;
-	if (s->bad_oversize)
-		reply = "552 5.3.4 Message size exceeds fixed limit";
-	else if (s->bad_nul)
-		reply = "554 5.6.0 Message contains NUL bytes";
-	else if (s->bad_bare)
-		reply = "554 5.6.0 Message contains bare LF or bare CR (RFC 5321 §2.3.8)";
-	else if (s->bad_longline)
-		reply = "554 5.6.0 Message contains a line longer than 998 characters (RFC 5322 §2.1.1)";
+	const char *reply = smtp_body_error(&s->body);
 	if (reply) {
 		stats_inc(ST_REJECTED, 1);
 		log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
@@ -845,89 +828,12 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 	session_process(s);
 }
 
-/* append body bytes unless the message is already too big */
-static void session_body_append(struct session *s, const char *p, size_t n)
-{
-	if (s->bad_oversize)
-		return;
-	if (s->msg.len + n > smtp_cfg->max_message_size) {
-		s->bad_oversize = true;
-		buf_free(&s->msg);
-		return;
-	}
-	if (buf_append(&s->msg, p, n) < 0) {
-		s->bad_oversize = true;
-		buf_free(&s->msg);
-	}
-	s->env.size = s->msg.len;
-}
-
-/* check line syntax of body bytes: CRLF only, no NUL, lines <= 1000 octets */
-static void session_body_scan(struct session *s, const char *p, size_t n)
-{
-	for (size_t i = 0; i < n; i++) {
-		char ch = p[i];
-		if (ch == '\n') {
-			if (!s->prev_cr)
-				s->bad_bare = true;
-			s->line_len = 0;
-		} else {
-			if (s->prev_cr)
-				s->bad_bare = true;
-			if (ch == '\0')
-				s->bad_nul = true;
-			if (ch != '\r' && ++s->line_len > SMTP_TEXT_LINE_MAX - 2)
-				s->bad_longline = true;
-		}
-		s->prev_cr = ch == '\r';
-	}
-}
-
-/* one piece of a DATA line (the whole line, or a passed-through part of an overlong one) */
-static void session_data_piece(struct session *s, const char *p, size_t n)
-{
-	if (s->at_line_start && n > 0 && p[0] == '.') {
-		p++; /* RFC 5321 §4.5.2 dot-unstuffing */
-		n--;
-	}
-	bool cr_before = s->prev_cr;
-	session_body_scan(s, p, n);
-	session_body_append(s, p, n);
-	/* only CRLF starts a new line for the end-of-data check: "\n.\n" ends nothing */
-	if (n > 0 && p[n - 1] == '\n')
-		s->at_line_start = n >= 2 ? p[n - 2] == '\r' : cr_before;
-	else if (n > 0)
-		s->at_line_start = false;
-}
-
-/* DATA: consume lines from the input; returns true when the final dot was seen */
+/* DATA: decode what the input holds; true when the final dot was seen */
 static bool session_data_input(struct session *s)
 {
-	struct buf *in = &s->conn.in;
-	size_t off = 0;
-	bool done = false;
-	while (off < in->len) {
-		const char *line = in->data + off;
-		size_t avail = in->len - off;
-		const char *nl = memchr(line, '\n', avail);
-		if (!nl) {
-			if (avail <= SMTP_TEXT_LINE_MAX)
-				break; /* wait for the rest of the line */
-			/* an overlong line: pass it on (refused at the end), keep a possible CR */
-			session_data_piece(s, line, avail - 1);
-			off += avail - 1;
-			break;
-		}
-		size_t len = (size_t)(nl - line) + 1;
-		if (s->at_line_start && len == 3 && line[0] == '.' && line[1] == '\r') {
-			off += len;
-			done = true;
-			break;
-		}
-		session_data_piece(s, line, len);
-		off += len;
-	}
-	buf_consume(in, off);
+	bool done;
+	size_t used = smtp_body_data(&s->body, s->conn.in.data, s->conn.in.len, &done);
+	buf_consume(&s->conn.in, used);
 	return done;
 }
 
@@ -936,10 +842,8 @@ static bool session_bdat_input(struct session *s)
 {
 	struct buf *in = &s->conn.in;
 	size_t take = in->len < s->bdat_left ? in->len : s->bdat_left;
-	if (!s->bdat_discard) {
-		session_body_scan(s, in->data, take);
-		session_body_append(s, in->data, take);
-	}
+	if (!s->bdat_discard)
+		smtp_body_chunk(&s->body, in->data, take);
 	buf_consume(in, take);
 	s->bdat_left -= take;
 	return s->bdat_left == 0;
@@ -956,7 +860,7 @@ static void session_bdat_chunk_done(struct session *s)
 		/* the body must end with CRLF for SMTP relaying */
 		if (s->msg.len > 0 && !(s->msg.len >= 2 && s->msg.data[s->msg.len - 2] == '\r' &&
 					s->msg.data[s->msg.len - 1] == '\n'))
-			session_body_append(s, "\r\n", 2);
+			smtp_body_chunk(&s->body, "\r\n", 2);
 		session_end_body(s);
 		return;
 	}

@@ -1,0 +1,331 @@
+#!/usr/bin/python3
+"""test_forward - relayd's forwarder against a real upstream (tools/capture-sink, aiosmtpd):
+STARTTLS + AUTH end to end with byte comparison, certificate verification (untrusted CA refused,
+accepted once ca= names it), STARTTLS required, implicit TLS, upstream down then up, 4xx then 250,
+a 5xx recipient bounced (RFC 3464) while the others are delivered, failover to the second
+upstream, kill -9 under load (nothing that got 250 is lost), pacing (rate=N/minute), and an
+auth= file readable by others refused.
+
+Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
+"""
+import json
+import os
+import re
+import smtplib
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import relaytest as t  # noqa: E402
+
+ALICE, ALICE_PW = "alice@example.org", "alice-secret-1"
+UP_USER, UP_PW = "relayuser", "up-Secret-9:x"   # a colon in the password on purpose
+RETRY = "retry_min 1s\nretry_max 2s\n"
+
+# a second CA, unknown to relayd unless ca= names it, and a localhost certificate from it
+SINK_CERTS = t.mkdtemp("relaytest-sinkca-")
+SINK_CA = t.make_certs(SINK_CERTS)
+SINK_TLS = ["--tls-cert", os.path.join(SINK_CERTS, "server-cert.pem"),
+            "--tls-key", os.path.join(SINK_CERTS, "server-key.pem")]
+
+
+def marker(tag):
+    return f"{tag}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def secret_file(relay, mode=0o600):
+    p = os.path.join(relay.dir, "upstream.secret")
+    with open(p, "w") as f:
+        f.write(f"{UP_USER}:{UP_PW}\n")
+    os.chmod(p, mode)
+    return p
+
+
+def make_relay(upstreams, extra=RETRY, start=True):
+    r = t.Relay(extra_config="\n".join(f"upstream {u}" for u in upstreams) + "\n" + extra)
+    r.add_user(ALICE, ALICE_PW)
+    if start:
+        r.start()
+    return r
+
+
+def reconfigure(relay, upstreams, extra=RETRY):
+    relay.write_config("\n".join(f"upstream {u}" for u in upstreams) + "\n" + extra)
+
+
+def submit(relay, rcpts, subject="fwd", body="Hello.\r\n", headers=(), conn=None):
+    """one message through relayd (STARTTLS + AUTH); returns (code, queue id or None, bytes)"""
+    c = conn or relay.smtp_starttls()
+    if conn is None:
+        c.login(ALICE, ALICE_PW)
+    msg = t.make_message(ALICE, rcpts[0], subject=subject, body=body, extra_headers=headers)
+    c.mail(ALICE)
+    for r in rcpts:
+        c.rcpt(r)
+    code, resp = c.data(msg)
+    if conn is None:
+        c.quit()
+    text = f"{code} {resp.decode('utf-8', 'replace')}"
+    return code, t.queued_id(text), msg
+
+
+def wait_msgs(sink, n, timeout=15.0):
+    """the sink's messages once there are at least n (or what is there at the timeout)"""
+    return t.wait_for(lambda: (lambda m: m if len(m) >= n else None)(sink.messages()), timeout) or sink.messages()
+
+
+def wait_log(relay, regex, timeout=15.0):
+    return t.wait_for(lambda: re.search(regex, relay.log(), re.M), timeout)
+
+
+def header(eml, name):
+    m = re.search(rb"(?im)^" + re.escape(name.encode()) + rb":[ \t]*([^\r\n]*)", t.message_headers(eml))
+    return m.group(1).decode() if m else None
+
+
+def done(relay, *sinks):
+    relay.stop()
+    for s in sinks:
+        s.stop()
+
+
+@t.test("STARTTLS + AUTH upstream: a message from swaks arrives byte for byte")
+def _():
+    sink = t.Sink(SINK_TLS + ["--require-auth", f"{UP_USER}:{UP_PW}"])
+    relay = t.Relay(extra_config=RETRY)
+    sec = secret_file(relay)
+    reconfigure(relay, [f"localhost:{sink.port} tls=starttls ca={SINK_CA} auth={sec}"])
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    mid = marker("swaks")
+    data = (f"From: <{ALICE}>\r\nTo: <bob@example.net>\r\nSubject: forward test\r\n"
+            f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <{mid}@example.org>\r\n\r\n"
+            "first line\r\n.a line that starts with a dot\r\n..two dots\r\n.\tdot tab\r\nlast line\r\n")
+    path = os.path.join(relay.dir, "swaks.eml")
+    with open(path, "w", newline="") as f:
+        f.write(data)
+    rc, out = t.swaks(["--server", f"127.0.0.1:{relay.port_starttls}", "--tls", "--auth", "PLAIN",
+                       "--auth-user", ALICE, "--auth-password", ALICE_PW, "--from", ALICE,
+                       "--to", "bob@example.net", "--data", "@" + path])
+    t.is_(rc, 0, "swaks got 250")
+    msgs = wait_msgs(sink, 1)
+    t.is_(len(msgs), 1, "one message at the sink")
+    if not msgs:
+        return done(relay, sink)
+    meta, eml = msgs[0]
+    t.is_(meta["auth_user"], UP_USER, "relayd authenticated to the upstream")
+    t.ok(meta["tls"], "over TLS (STARTTLS)")
+    t.is_(meta["mail_from"], ALICE, "envelope sender")
+    t.is_(meta["rcpt_tos"], ["bob@example.net"], "envelope recipient")
+    t.ok(eml.endswith(data.encode()), "the submitted message is intact at the end (dot lines too)",
+         eml[-300:])
+    prefix = eml[:len(eml) - len(data)]
+    t.like(prefix, rb"\AReceived: [^\r\n]*(\r\n[ \t][^\r\n]*)*\r\n\Z", "only a Received: header was added")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5), "queue file removed after delivery")
+    t.like(relay.log(), r"forward event=delivered upstream=localhost:\d+ rcpt=<bob@example.net> "
+           r"reply=\"250 [^\"]*\" delay=\d", "delivered log line")
+    t.unlike(relay.log(), re.escape(UP_PW), "the upstream password is not in the log")
+    done(relay, sink)
+
+
+@t.test("an upstream certificate from an untrusted CA is refused, accepted once ca= names it")
+def _():
+    sink = t.Sink(SINK_TLS)
+    relay = t.Relay(extra_config=RETRY)
+    reconfigure(relay, [f"localhost:{sink.port} tls=starttls ca={relay.ca_file}"])
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    code, qid, _ = submit(relay, ["carol@example.net"], subject=marker("ca"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, r"upstream-failed .*tls-handshake", 10), "handshake refused (verification)")
+    t.ok(wait_log(relay, rf"^.*{qid} forward event=deferred", 10), "message deferred")
+    t.is_(sink.messages(), [], "nothing reached the untrusted upstream")
+    files = relay.queue_files()
+    t.ok(qid in files and re.search(rb"\nT \d+ \d+ ", files.get(qid, b"")), "still queued, with a T record")
+    relay.stop()
+    reconfigure(relay, [f"localhost:{sink.port} tls=starttls ca={SINK_CA}"])
+    relay.start()
+    msgs = wait_msgs(sink, 1)
+    t.is_(len(msgs), 1, "delivered after ca= names the upstream's CA and a restart")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "and removed from the queue")
+    done(relay, sink)
+
+
+@t.test("tls=starttls and the upstream does not offer STARTTLS: never sent in clear")
+def _():
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=starttls"])
+    code, qid, _ = submit(relay, ["dave@example.net"])
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, r"upstream-failed .*does not offer STARTTLS", 10), "failure logged")
+    time.sleep(1)
+    t.is_(sink.messages(), [], "nothing sent in clear")
+    t.ok(qid in relay.queue_ids(), "still queued")
+    done(relay, sink)
+
+
+@t.test("implicit TLS upstream")
+def _():
+    sink = t.Sink(SINK_TLS + ["--implicit-tls"])
+    relay = make_relay([f"localhost:{sink.port} tls=implicit ca={SINK_CA}"])
+    code, qid, _ = submit(relay, ["erin@example.net"])
+    msgs = wait_msgs(sink, 1)
+    t.ok(code == 250 and len(msgs) == 1, "delivered over implicit TLS")
+    done(relay, sink)
+
+
+@t.test("upstream down, then up: delivered after a retry")
+def _():
+    port = t.free_port()
+    relay = make_relay([f"127.0.0.1:{port} tls=none"])
+    code, qid, _ = submit(relay, ["frank@example.net"])
+    t.is_(code, 250, "accepted while the upstream is down")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 10), "deferred (T record)")
+    t.like(relay.queue_files().get(qid, b""), rb"\nT 1 \d+ ", "T record in the queue file")
+    sink = t.Sink(["--listen", f"127.0.0.1:{port}"])
+    msgs = wait_msgs(sink, 1, 15)
+    t.is_(len(msgs), 1, "arrived once the upstream is up")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "removed from the queue")
+    done(relay, sink)
+
+
+@t.test("4xx at DATA, then 250 on the retry")
+def _():
+    sink = t.Sink(["--fail-data-times", "1"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    code, qid, _ = submit(relay, ["gina@example.net"], subject=marker("4xx"))
+    msgs = wait_msgs(sink, 1, 15)
+    t.is_(len(msgs), 1, "delivered on the second attempt")
+    t.like(relay.log(), rf"{qid} forward event=deferred attempts=1 retry=1s reason=\"[^\"]*451", "the 451 deferred it")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "removed from the queue")
+    done(relay, sink)
+
+
+@t.test("5xx for one of three recipients: that one bounces, the others are delivered")
+def _():
+    sink = t.Sink(["--reply-rcpt", "bad@example.net=550"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    rcpts = ["ok1@example.net", "bad@example.net", "ok2@example.net"]
+    subj = marker("bounce")
+    code, qid, orig = submit(relay, rcpts, subject=subj)
+    t.is_(code, 250, "accepted")
+    msgs = wait_msgs(sink, 2, 15)
+    t.is_(len(msgs), 2, "the message and a bounce arrived")
+    normal = [m for m in msgs if m[0]["mail_from"] == ALICE]
+    bounces = [m for m in msgs if m[0]["mail_from"] == ""]
+    t.ok(len(normal) == 1 and normal[0][0]["rcpt_tos"] == ["ok1@example.net", "ok2@example.net"],
+         "the other two were delivered", [m[0] for m in msgs])
+    t.is_(len(bounces), 1, "one bounce with the null sender")
+    if bounces:
+        meta, eml = bounces[0]
+        t.is_(meta["rcpt_tos"], [ALICE], "addressed to the sender")
+        t.like(header(eml, "Content-Type") or "", r"multipart/report; report-type=delivery-status",
+               "multipart/report")
+        t.like(eml, rb"Final-Recipient: rfc822; bad@example\.net\r\nAction: failed\r\nStatus: 5\.1\.1\r\n",
+               "names the failed recipient, action and status")
+        t.like(eml, rb"Diagnostic-Code: smtp; 550 5\.1\.1", "with the upstream's reply")
+        t.unlike(eml, rb"Final-Recipient: rfc822; ok[12]@", "not the delivered ones")
+        t.ok(subj.encode() in eml, "the original message is attached")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5), "original and bounce removed from the queue",
+         relay.queue_ids())
+    t.like(relay.log(), rf"{qid} forward event=bounced bounce=[0-9a-f]{{16}} failed=1 delivered=2",
+           "bounced log line")
+    done(relay, sink)
+
+
+@t.test("two upstreams, the first dead: delivered through the second")
+def _():
+    dead = t.free_port()
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{dead} tls=none", f"127.0.0.1:{sink.port} tls=none"])
+    code, qid, _ = submit(relay, ["hank@example.net"])
+    msgs = wait_msgs(sink, 1, 10)
+    t.is_(len(msgs), 1, "delivered through the second upstream")
+    t.like(relay.log(), rf"upstream-failed upstream=127\.0\.0\.1:{dead} ", "the first one failed")
+    t.like(relay.log(), rf"{qid} forward event=delivered upstream=127\.0\.0\.1:{sink.port} ", "second upstream named")
+    t.unlike(relay.log(), rf"{qid} forward event=deferred", "no deferral needed")
+    done(relay, sink)
+
+
+@t.test("kill -9 under load: every message that got 250 arrives")
+def _():
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    got250 = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n):
+        try:
+            c = relay.smtp_starttls()
+            c.login(ALICE, ALICE_PW)
+            for i in range(20):
+                if stop.is_set():
+                    break
+                tid = f"k9-{n}-{i}-{os.getpid()}"
+                code, _, _ = submit(relay, ["load@example.net"], subject=tid, headers=[f"X-Test-Id: {tid}"],
+                                    conn=c)
+                if code == 250:
+                    with lock:
+                        got250.add(tid)
+            c.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
+    for th in threads:
+        th.start()
+    t.wait_for(lambda: len(got250) >= 40, 20)
+    relay.kill9()
+    stop.set()
+    for th in threads:
+        th.join(20)
+    n250 = len(got250)
+    t.ok(n250 >= 40, f"{n250} messages got 250 before kill -9")
+    relay.start()
+
+    def arrived():
+        return {header(eml, "X-Test-Id") for _, eml in sink.messages()}
+    seen = t.wait_for(lambda: (lambda a: a if got250 <= a else None)(arrived()), 30) or arrived()
+    missing = got250 - seen
+    t.ok(not missing, f"all {n250} acknowledged messages arrived after the restart", sorted(missing)[:10])
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 10), "queue empty at the end", len(relay.queue_ids()))
+    done(relay, sink)
+
+
+@t.test("pacing: rate=5/minute sends 5 and holds the rest")
+def _():
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none rate=5/minute"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    codes = [submit(relay, ["pace@example.net"], subject=marker("pace"), conn=c)[0] for _ in range(10)]
+    c.quit()
+    t.is_(codes, [250] * 10, "10 accepted")
+    wait_msgs(sink, 5, 10)
+    time.sleep(3)
+    t.is_(len(sink.messages()), 5, "only 5 sent within the window")
+    t.is_(len(relay.queue_ids()), 5, "5 held in the queue")
+    t.like(relay.log(), r"forward event=paced upstream=127\.0\.0\.1:\d+ rate=5/60s", "pacing logged")
+    t.unlike(relay.log(), r"event=deferred", "held without T records")
+    done(relay, sink)
+
+
+@t.test("an auth= file readable by others is refused at start")
+def _():
+    relay = t.Relay(extra_config=RETRY)
+    sec = secret_file(relay, 0o644)
+    reconfigure(relay, [f"127.0.0.1:{t.free_port()} tls=none auth={sec}"])
+    relay.add_user(ALICE, ALICE_PW)
+    try:
+        relay.start(timeout=5)
+        started = True
+    except RuntimeError as e:
+        started = False
+        t.like(str(e), r"readable by group or others", "the error names the problem")
+    t.ok(not started, "relayd refused to start")
+    relay.stop()
+
+
+t.done()
