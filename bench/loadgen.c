@@ -97,7 +97,7 @@ struct lg_client {
 };
 
 static struct {
-	const char *host, *port, *user, *password, *from, *rcpt, *sni;
+	const char *host, *port, *user, *password, *from, *rcpt, *sni, *priority;
 	int clients;
 	long messages;
 	double duration;
@@ -109,10 +109,11 @@ static struct {
 	double timeout;
 	int source_addrs;
 	long max_errors;
-	bool quiet;
+	bool quickack;
 } opt = {
-	.host = "127.0.0.1", .port = "587", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
+	.host = "127.0.0.1", .port = "587", .priority = "NORMAL", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
 	.size = 4096, .per_conn = 1, .timeout = 30, .source_addrs = 1, .max_errors = 1000,
+	.quickack = true,
 };
 
 static struct ev_loop *loop;
@@ -826,6 +827,10 @@ static void lg_io_cb(struct ev_loop *l, ev_io *w, int revents)
 	}
 	if (c->gen != gen || c->state == LS_FREE)
 		return;
+	if (opt.quickack) { /* not sticky: Linux falls back to delayed ACKs, so set it after each read */
+		int one = 1;
+		setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+	}
 	if (c->state == LS_HANDSHAKE && !c->tls_on) {
 		lg_client_update_io(c);
 		return;
@@ -916,7 +921,10 @@ static void lg_usage(int rc)
 		"  --max-errors N         stop starting messages after N errors (default 1000, 0 = never)\n"
 		"  --idle N               open N sessions and hold them (see --hold)\n"
 		"  --hold SECONDS         idle mode: close after this long (default: until SIGINT/SIGTERM)\n"
-		"  --source-addrs N       spread connections over source addresses 127.0.0.1..N\n");
+		"  --source-addrs N       spread connections over source addresses 127.0.0.1..N\n"
+		"  --priority STRING      GnuTLS priority string (default NORMAL)\n"
+		"  --no-quickack          leave delayed ACKs on (default: TCP_QUICKACK after every read, so a\n"
+		"                         server's Nagle + our delayed ACK cannot add 40 ms stalls)\n");
 	exit(rc);
 }
 
@@ -924,7 +932,7 @@ static void lg_parse_args(int argc, char **argv)
 {
 	enum { O_HOST = 256, O_PORT, O_CLIENTS, O_MESSAGES, O_SIZE, O_PERCONN, O_TLSCONN, O_NOTLS, O_USER,
 	       O_PASSWORD, O_FROM, O_RCPT, O_DURATION, O_IDLE, O_HOLD, O_SNI, O_TIMEOUT, O_SRC, O_MAXERR,
-	       O_HELP };
+	       O_PRIO, O_NOQA, O_HELP };
 	static const struct option lo[] = {
 		{ "host", 1, NULL, O_HOST },         { "port", 1, NULL, O_PORT },
 		{ "clients", 1, NULL, O_CLIENTS },   { "messages", 1, NULL, O_MESSAGES },
@@ -935,7 +943,9 @@ static void lg_parse_args(int argc, char **argv)
 		{ "duration", 1, NULL, O_DURATION }, { "idle", 1, NULL, O_IDLE },
 		{ "hold", 1, NULL, O_HOLD },         { "sni", 1, NULL, O_SNI },
 		{ "timeout", 1, NULL, O_TIMEOUT },   { "source-addrs", 1, NULL, O_SRC },
-		{ "max-errors", 1, NULL, O_MAXERR }, { "help", 0, NULL, O_HELP },
+		{ "max-errors", 1, NULL, O_MAXERR }, { "priority", 1, NULL, O_PRIO },
+		{ "no-quickack", 0, NULL, O_NOQA },
+		{ "help", 0, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	int ch;
@@ -963,6 +973,8 @@ static void lg_parse_args(int argc, char **argv)
 		case O_TIMEOUT: opt.timeout = strtod(optarg, &end); break;
 		case O_SRC: opt.source_addrs = (int)strtol(optarg, &end, 10); break;
 		case O_MAXERR: opt.max_errors = strtol(optarg, &end, 10); break;
+		case O_PRIO: opt.priority = optarg; break;
+		case O_NOQA: opt.quickack = false; break;
 		case O_HELP: case 'h': lg_usage(0); break;
 		default: lg_usage(1);
 		}
@@ -1015,7 +1027,7 @@ int main(int argc, char **argv)
 	if (rc < 0)
 		lg_die("gnutls_global_init: %s", gnutls_strerror(rc));
 	if ((rc = gnutls_certificate_allocate_credentials(&lg_cred)) < 0 ||
-	    (rc = gnutls_priority_init(&lg_prio, "NORMAL", NULL)) < 0)
+	    (rc = gnutls_priority_init(&lg_prio, opt.priority, NULL)) < 0)
 		lg_die("gnutls: %s", gnutls_strerror(rc));
 
 	if (opt.user) {

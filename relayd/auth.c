@@ -23,6 +23,12 @@
 
 static char auth_dbpath[PATH_MAX];
 static __thread struct userdb *auth_db;
+static pthread_key_t auth_db_key;   /* closes a worker's connection when the thread exits */
+
+static void auth_db_close(void *db)
+{
+	userdb_close(db);
+}
 static pthread_mutex_t auth_conn_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int auth_getopt(void *ctx, const char *plugin, const char *option, const char **result, unsigned *len)
@@ -70,6 +76,10 @@ static const sasl_callback_t auth_global_cb[] = {
 int auth_init(const struct config *cfg, char *err, size_t errlen)
 {
 	snprintf(auth_dbpath, sizeof(auth_dbpath), "%s", cfg->database);
+	if (pthread_key_create(&auth_db_key, auth_db_close) != 0) {
+		snprintf(err, errlen, "pthread_key_create failed");
+		return -1;
+	}
 	if (credcache_init(cfg->auth_cache_ttl) < 0) {
 		snprintf(err, errlen, "cannot make the credential cache key");
 		return -1;
@@ -102,6 +112,8 @@ static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const 
 	if (!auth_db) {
 		char err[256];
 		auth_db = userdb_open(auth_dbpath, err, sizeof(err));
+		if (auth_db)
+			pthread_setspecific(auth_db_key, auth_db);
 		if (!auth_db) {
 			log_err("auth event=db-open-failed error=\"%s\"", err);
 			r->check = USERDB_ERROR;

@@ -10,6 +10,8 @@
  * clear text), DISCARDS whatever unread clear text is in c->in (RFC 3207 §4.2 / the
  * STARTTLS injection attack), then runs the handshake and calls ops->on_tls when done.
  * Errors (peer closed, reset, TLS failure) call ops->on_error once; the owner then frees.
+ * The owner may free the connection inside on_error and on_drain, never inside on_read or
+ * on_tls (conn.c still touches it after those return).
  */
 #ifndef RELAYD_CONN_H
 #define RELAYD_CONN_H

@@ -27,6 +27,9 @@ int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size
 void forward_notify(const char *id);
 /* forward_shutdown - no new attempts; QUIT idle upstream connections, close the others */
 void forward_shutdown(void);
+/* forward_forget - message id was deleted from the queue (relayctl queue delete): drop it from
+ * memory; a transaction already on the wire still ends, but nothing more is done for it */
+void forward_forget(const char *id);
 /* forward_flush - every deferred message is retried now, and down marks are forgotten */
 void forward_flush(void);
 /* forward_stats - "key=value\n" lines: counters, and per upstream state, failures, latency */

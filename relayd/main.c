@@ -5,6 +5,7 @@
  * loop is fatal with a message naming what and where.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <ev.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -170,6 +171,11 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
 	    strcmp(n->metrics_port, o->metrics_port))
 		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control and metrics change only on restart\"");
+	bool same_up = n->nupstream == o->nupstream;
+	for (int i = 0; same_up && i < n->nupstream; i++)
+		same_up = !memcmp(&n->upstream[i], &o->upstream[i], offsetof(struct upstream_cfg, line));
+	if (!same_up)
+		log_warn("main event=reload-partial reason=\"upstream lines change only on restart\"");
 	memcpy(n->listen, o->listen, sizeof(n->listen));
 	n->nlisten = o->nlisten;
 	memcpy(n->queue, o->queue, sizeof(n->queue));
@@ -240,10 +246,10 @@ static int main_ctl_flush(const char *args, struct buf *out)
 	return 0;
 }
 
-/* XXX a message the forwarder is sending right now is removed under it; the forwarder
- * then finds no file to record status in and drops it from memory */
+/* XXX the unlink and its directory fsync run on the loop: an administrator's rare action */
 static int main_ctl_delete(const char *args, struct buf *out)
 {
+	forward_forget(args); /* first, so the forwarder does not race the removal */
 	if (queue_remove(main_cfg.queue, args) < 0) {
 		buf_printf(out, "no such message: %s", args);
 		return -1;

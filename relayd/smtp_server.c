@@ -884,7 +884,7 @@ static void session_auth_abandon(struct session *s)
 static bool session_command_input(struct session *s)
 {
 	struct buf *in = &s->conn.in;
-	char *nl = memchr(in->data, '\n', in->len);
+	char *nl = in->len ? memchr(in->data, '\n', in->len) : NULL; /* data is NULL when empty */
 	if (!nl) {
 		if (in->len > SMTP_AUTH_LINE_MAX) {
 			s->discard_line = true;
@@ -1037,6 +1037,10 @@ static void session_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	}
 	log_info("%s smtp event=timeout state=%s", s->idstr, session_strstate(s->state));
+	if (s->state == SS_TLS_HANDSHAKE) { /* no reply can go out mid-handshake: close now */
+		session_free(s, "timeout-tls-handshake");
+		return;
+	}
 	session_reply(s, "421 4.4.2 %s Idle timeout, closing connection", smtp_cfg->hostname);
 	session_enter_state(s, SS_QUIT);
 	conn_pause_read(&s->conn);

@@ -602,7 +602,8 @@ static void relayctl_queue_read(const struct config *c, struct relayctl_queue *q
 			q->bad++;       /* else: gone since the scan (delivered) */
 	}
 	free(ids.id);
-	qsort(q->env, q->n, sizeof(*q->env), relayctl_env_cmp);
+	if (q->n > 1) /* q->env is NULL for an empty queue */
+		qsort(q->env, q->n, sizeof(*q->env), relayctl_env_cmp);
 }
 
 static void relayctl_queue_free(struct relayctl_queue *q)

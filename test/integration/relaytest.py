@@ -18,7 +18,9 @@ tap-driver turns each "ok"/"not ok" line into one result).
 
 Environment: top_builddir and top_srcdir (exported by `make check`; default: the tree this file
 is in), KEEP_TMP=1 keeps the temp folders, RELAYD_WRAPPER="valgrind -q ..." runs relayd under a
-wrapper (startup timeouts are then multiplied by RELAYTEST_SLOW, default 10 with a wrapper).
+wrapper (startup timeouts are then multiplied by RELAYTEST_SLOW, default 10 with a wrapper);
+a relayd that exits non-zero after Relay.stop()'s SIGTERM (valgrind --error-exitcode, an
+ASan/UBSan report, a crash) fails the test file at done().
 Every socket has a timeout, so a hang becomes a failed assertion, never a stuck suite.
 """
 
@@ -161,8 +163,27 @@ def bail(msg):
     os._exit(1)
 
 
+_bad_exits = []  # (log file, status) of relayds that exited non-zero after Relay.stop()'s SIGTERM
+
+
+def _check_exits():
+    """one failed assertion per relayd that exited non-zero after SIGTERM (memory errors
+    found by ASan/UBSan/valgrind show up here); nothing is printed when all exited 0"""
+    for logfile, rc in _bad_exits:
+        ok(False, f"relayd exits 0 after SIGTERM ({logfile})",
+           f"exit status {rc}" + (" (valgrind --error-exitcode)" if WRAPPER else ""))
+    del _bad_exits[:]
+
+
 def done():
-    """print the trailing plan, clean up, and exit 1 if anything failed"""
+    """stop the relayds still running, print the trailing plan, clean up, and exit 1 if
+    anything failed (including a relayd that exited non-zero after SIGTERM)"""
+    for r in list(Relay.live):
+        try:
+            r.stop(timeout=5)
+        except Exception as e:
+            diag(f"stopping relayd: {e}")
+    _check_exits()
     if _planned is None:
         print(f"1..{_count}", flush=True)
     elif _planned != _count:
@@ -451,17 +472,26 @@ class Relay:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout=10.0):
-        """SIGTERM and wait; SIGKILL if it does not exit in time; returns the exit status"""
+        """SIGTERM and wait; SIGKILL if it does not exit in time; returns the exit status.
+        A non-zero status after our SIGTERM (a sanitizer report, valgrind's --error-exitcode,
+        a crash) is also remembered and fails the test file at done(), whether or not the
+        caller looks at the status."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.terminate()
+            killed = False
             try:
                 self.proc.wait(timeout=timeout * SLOW)
             except subprocess.TimeoutExpired:
                 diag(f"relayd did not exit {timeout * SLOW:.0f} s after SIGTERM; killing it")
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+                killed = True
+            rc = self.proc.returncode
+            if rc != 0 and not killed:
+                _bad_exits.append((self.logfile, rc))
+                diag(f"relayd ({self.logfile}) exited with status {rc} after SIGTERM")
         rc = self.proc.returncode
         if self in Relay.live:
             Relay.live.remove(self)

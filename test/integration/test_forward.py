@@ -72,11 +72,12 @@ def submit(relay, rcpts, subject="fwd", body="Hello.\r\n", headers=(), conn=None
 
 def wait_msgs(sink, n, timeout=15.0):
     """the sink's messages once there are at least n (or what is there at the timeout)"""
-    return t.wait_for(lambda: (lambda m: m if len(m) >= n else None)(sink.messages()), timeout) or sink.messages()
+    return (t.wait_for(lambda: (lambda m: m if len(m) >= n else None)(sink.messages()), timeout * t.SLOW)
+            or sink.messages())
 
 
 def wait_log(relay, regex, timeout=15.0):
-    return t.wait_for(lambda: re.search(regex, relay.log(), re.M), timeout)
+    return t.wait_for(lambda: re.search(regex, relay.log(), re.M), timeout * t.SLOW)
 
 
 def header(eml, name):
@@ -104,7 +105,7 @@ def _():
             "first line\r\n.a line that starts with a dot\r\n..two dots\r\n.\tdot tab\r\nlast line\r\n")
     path = os.path.join(relay.dir, "swaks.eml")
     with open(path, "w", newline="") as f:
-        f.write(data)
+        f.write(data[:-2])  # swaks ends DATA with CRLF . CRLF itself
     rc, out = t.swaks(["--server", f"127.0.0.1:{relay.port_starttls}", "--tls", "--auth", "PLAIN",
                        "--auth-user", ALICE, "--auth-password", ALICE_PW, "--from", ALICE,
                        "--to", "bob@example.net", "--data", "@" + path])
@@ -122,11 +123,53 @@ def _():
          eml[-300:])
     prefix = eml[:len(eml) - len(data)]
     t.like(prefix, rb"\AReceived: [^\r\n]*(\r\n[ \t][^\r\n]*)*\r\n\Z", "only a Received: header was added")
-    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5), "queue file removed after delivery")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue file removed after delivery")
     t.like(relay.log(), r"forward event=delivered upstream=localhost:\d+ rcpt=<bob@example.net> "
            r"reply=\"250 [^\"]*\" delay=\d", "delivered log line")
     t.unlike(relay.log(), re.escape(UP_PW), "the upstream password is not in the log")
     done(relay, sink)
+
+
+@t.test("relayd to relayd: PIPELINING, AUTH, DSN parameters (RET, ENVID, NOTIFY, ORCPT) carried")
+def _():
+    upstream = t.Relay()
+    upstream.add_user(UP_USER, UP_PW, senders=["*"])
+    upstream.start()
+    relay = t.Relay(extra_config=RETRY)
+    sec = secret_file(relay)
+    reconfigure(relay, [f"localhost:{upstream.port_starttls} tls=starttls ca={upstream.ca_file} auth={sec}"])
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    c = relay.session(ALICE)
+    msg = t.make_message(ALICE, "x@example.net", subject=marker("r2r"),
+                         body=".leading dot\r\nplain\r\n",
+                         extra_headers=["Date: Mon, 01 Jan 2024 00:00:00 +0000", "Message-ID: <r2r@example.org>"])
+    t.is_(c.cmd(f"MAIL FROM:<{ALICE}> RET=HDRS ENVID=env+2B1")[0], 250, "MAIL with RET and ENVID")
+    t.is_(c.cmd("RCPT TO:<x@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+2Bo@example.net")[0], 250,
+          "RCPT with NOTIFY and ORCPT")
+    t.is_(c.cmd("RCPT TO:<y@example.net>")[0], 250, "plain RCPT")
+    t.is_(c.cmd("DATA")[0], 354, "DATA")
+    c.send(t.dot_stuff(msg))
+    code, text = c.reply()
+    qid = t.queued_id(text)
+    c.cmd("QUIT")
+    t.ok(t.wait_for(lambda: upstream.queue_ids(), 10 * t.SLOW), "the message is in the upstream relayd's queue")
+    files = upstream.queue_files()
+    if files:
+        env, body, _ = t.queue_parse(list(files.values())[0])
+        t.is_(env.get("ret"), ["HDRS"], "RET carried")
+        t.is_(env.get("envid"), ["env+2B1"], "ENVID carried")
+        t.is_(env.get("rcpt"), ["6 rfc822;x+2Bo@example.net x@example.net", "0 - y@example.net"],
+              "NOTIFY and ORCPT carried, per recipient")
+        t.is_(env.get("user"), [UP_USER], "authenticated as the auth= user")
+        t.ok(body.endswith(msg), "message intact (leading dot too)", body[-200:])
+        t.is_(t.header_count(body, "Received"), 2, "one Received: per relayd")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered upstream=localhost:\d+ rcpt=<y@example\.net> "
+                  r"reply=\"250 2\.0\.0 Ok: queued as [0-9a-f]{16}\"", 10),
+         "delivered, the upstream's queue id logged")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
+    done(relay)
+    upstream.stop()
 
 
 @t.test("an upstream certificate from an untrusted CA is refused, accepted once ca= names it")
@@ -141,14 +184,14 @@ def _():
     t.ok(wait_log(relay, r"upstream-failed .*tls-handshake", 10), "handshake refused (verification)")
     t.ok(wait_log(relay, rf"^.*{qid} forward event=deferred", 10), "message deferred")
     t.is_(sink.messages(), [], "nothing reached the untrusted upstream")
-    files = relay.queue_files()
-    t.ok(qid in files and re.search(rb"\nT \d+ \d+ ", files.get(qid, b"")), "still queued, with a T record")
+    t.ok(t.wait_for(lambda: re.search(rb"\nT \d+ \d+ ", relay.queue_files().get(qid, b"")), 5 * t.SLOW),
+         "still queued, with a T record (appended off the loop, after the log line)")
     relay.stop()
     reconfigure(relay, [f"localhost:{sink.port} tls=starttls ca={SINK_CA}"])
     relay.start()
     msgs = wait_msgs(sink, 1)
     t.is_(len(msgs), 1, "delivered after ca= names the upstream's CA and a restart")
-    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "and removed from the queue")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "and removed from the queue")
     done(relay, sink)
 
 
@@ -182,11 +225,12 @@ def _():
     code, qid, _ = submit(relay, ["frank@example.net"])
     t.is_(code, 250, "accepted while the upstream is down")
     t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 10), "deferred (T record)")
-    t.like(relay.queue_files().get(qid, b""), rb"\nT 1 \d+ ", "T record in the queue file")
+    t.ok(t.wait_for(lambda: re.search(rb"\nT 1 \d+ ", relay.queue_files().get(qid, b"")), 5 * t.SLOW),
+         "T record in the queue file")
     sink = t.Sink(["--listen", f"127.0.0.1:{port}"])
     msgs = wait_msgs(sink, 1, 15)
     t.is_(len(msgs), 1, "arrived once the upstream is up")
-    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "removed from the queue")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
     done(relay, sink)
 
 
@@ -198,7 +242,7 @@ def _():
     msgs = wait_msgs(sink, 1, 15)
     t.is_(len(msgs), 1, "delivered on the second attempt")
     t.like(relay.log(), rf"{qid} forward event=deferred attempts=1 retry=1s reason=\"[^\"]*451", "the 451 deferred it")
-    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5), "removed from the queue")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
     done(relay, sink)
 
 
@@ -227,11 +271,66 @@ def _():
         t.like(eml, rb"Diagnostic-Code: smtp; 550 5\.1\.1", "with the upstream's reply")
         t.unlike(eml, rb"Final-Recipient: rfc822; ok[12]@", "not the delivered ones")
         t.ok(subj.encode() in eml, "the original message is attached")
-    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5), "original and bounce removed from the queue",
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "original and bounce removed from the queue",
          relay.queue_ids())
-    t.like(relay.log(), rf"{qid} forward event=bounced bounce=[0-9a-f]{{16}} failed=1 delivered=2",
-           "bounced log line")
+    t.ok(wait_log(relay, rf"{qid} forward event=bounced bounce=[0-9a-f]{{16}} failed=1 delivered=2", 5),
+         "bounced log line")
     done(relay, sink)
+
+
+@t.test("queue_lifetime passed: pending recipients fail with 4.4.7 and the sender gets a bounce")
+def _():
+    dead = t.free_port()
+    relay = make_relay([f"127.0.0.1:{dead} tls=none"], extra=RETRY + "queue_lifetime 3s\n")
+    code, qid, _ = submit(relay, ["ivan@example.net"], subject=marker("expire"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 10 * t.SLOW), "the original leaves the queue")
+    files = relay.queue_files()
+    t.is_(len(files), 1, "one message left: the bounce (its upstream is dead too)")
+    if files:
+        env, body, _ = t.queue_parse(list(files.values())[0])
+        t.is_(env.get("from"), [""], "null reverse-path")
+        t.is_(env.get("rcpt"), [f"1 - {ALICE}"], "to the sender, NOTIFY=NEVER")
+        t.like(body, rb"Final-Recipient: rfc822; ivan@example\.net\r\nAction: failed\r\nStatus: 4\.4\.7\r\n",
+               "Status 4.4.7 for the expired recipient")
+        t.like(body, rb"Diagnostic-Code: smtp; 554 4\.4\.7 Delivery time expired: last error: ",
+               "with the last error")
+    t.like(relay.log(), rf"{qid} forward event=expired rcpt=<ivan@example\.net>", "expired log line")
+    t.is_(relay.stop(), 0, "clean exit with a message still queued")
+    t.like(relay.log(), r"forward event=stopped", "forwarder stopped")
+
+
+@t.test("a message over the upstream's SIZE fails for good (no retry loop); its bounce too (dropped)")
+def _():
+    sink = t.Sink(["--max-size", "300"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    code, qid, _ = submit(relay, ["judy@example.net"], body="x" * 400 + "\r\n")
+    t.is_(code, 250, "accepted (relayd's own limit is larger)")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed upstream=\S+ rcpt=<judy@example\.net> "
+                  r"reply=\"552 5\.3\.4 Message size \d+ exceeds the upstream's limit of 300", 10),
+         "failed permanently with 552 5.3.4, without sending it")
+    t.ok(wait_log(relay, rf"{qid} forward event=bounced", 10), "bounced")
+    t.ok(wait_log(relay, r"forward event=dropped reason=bounce-undeliverable", 10),
+         "the bounce (also too big) is dropped, never bounced")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
+    t.unlike(relay.log(), r"event=deferred", "no retries")
+    t.is_(sink.messages(), [], "nothing sent")
+    done(relay, sink)
+
+
+@t.test("a mute upstream times out (no greeting) and the message is deferred")
+def _():
+    import socket
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(5)   # never accepted: the connection is made, nothing is ever said
+    relay = make_relay([f"127.0.0.1:{mute.getsockname()[1]} tls=none"], extra=RETRY + "timeout_idle 10s\n")
+    code, qid, _ = submit(relay, ["kim@example.net"])
+    t.ok(wait_log(relay, r"upstream-failed upstream=\S+ state=greeting reason=\"timeout in state greeting\"", 20),
+         "greeting timeout")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 5), "deferred")
+    relay.stop()
+    mute.close()
 
 
 @t.test("two upstreams, the first dead: delivered through the second")
@@ -276,7 +375,7 @@ def _():
     threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
     for th in threads:
         th.start()
-    t.wait_for(lambda: len(got250) >= 40, 20)
+    t.wait_for(lambda: len(got250) >= 40, 20 * t.SLOW)
     relay.kill9()
     stop.set()
     for th in threads:
@@ -287,10 +386,10 @@ def _():
 
     def arrived():
         return {header(eml, "X-Test-Id") for _, eml in sink.messages()}
-    seen = t.wait_for(lambda: (lambda a: a if got250 <= a else None)(arrived()), 30) or arrived()
+    seen = t.wait_for(lambda: (lambda a: a if got250 <= a else None)(arrived()), 30 * t.SLOW) or arrived()
     missing = got250 - seen
     t.ok(not missing, f"all {n250} acknowledged messages arrived after the restart", sorted(missing)[:10])
-    t.ok(t.wait_for(lambda: not relay.queue_ids(), 10), "queue empty at the end", len(relay.queue_ids()))
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 10 * t.SLOW), "queue empty at the end", len(relay.queue_ids()))
     done(relay, sink)
 
 
@@ -318,13 +417,13 @@ def _():
     sec = secret_file(relay, 0o644)
     reconfigure(relay, [f"127.0.0.1:{t.free_port()} tls=none auth={sec}"])
     relay.add_user(ALICE, ALICE_PW)
-    try:
+    try:  # the listeners are bound before the forwarder starts: wait for the exit too
         relay.start(timeout=5)
-        started = True
-    except RuntimeError as e:
-        started = False
-        t.like(str(e), r"readable by group or others", "the error names the problem")
-    t.ok(not started, "relayd refused to start")
+    except RuntimeError:
+        pass
+    t.ok(t.wait_for(lambda: not relay.running(), 10 * t.SLOW), "relayd refused to start")
+    t.like(relay.log(), r"auth file .*upstream\.secret is readable by group or others: refused",
+           "the error names the file and the problem")
     relay.stop()
 
 

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""test_faults - relayd when the world around it breaks (issue 7).
+
+- disk full during DATA: the queue on a 2 MB tmpfs (a loop-mounted 2 MB image when tmpfs
+  cannot be mounted); a big message gets 452 4.3.1 and leaves nothing in queue/msg, a small
+  one is accepted afterwards;
+- the user database unreadable, then read-only (0000, 0400 on relayd.db, -wal, -shm; relayd
+  runs as `nobody` so the modes bind): AUTH gets 454 4.7.0 (or works read-only), never 535;
+- upstreams that accept and never answer, drop the connection in the middle of DATA, or send
+  malformed replies (a small asyncio server below): relayd defers, keeps the message, and
+  delivers it once a good upstream (tools/capture-sink) is configured;
+- kill -9 at random moments under load, five times: every message that got 250 reaches the
+  upstream at least once.
+Needs root for mount(8) (or unshare(1) user namespaces); bounded: about two minutes.
+"""
+
+import asyncio
+import atexit
+import os
+import random
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+
+import relaytest as t
+
+ALICE, ALICE_PW = "alice@example.org", "alice-pw-7"
+RETRY = "retry_min 1s\nretry_max 2s\n"
+SLOW = t.SLOW
+
+
+def submit(relay, subject, body="Hello.\r\n", rcpt="bob@example.net"):
+    """(code, text) of DATA for one message over STARTTLS + AUTH (smtplib)"""
+    c = relay.smtp_starttls()
+    try:
+        c.login(ALICE, ALICE_PW)
+        c.mail(ALICE)
+        c.rcpt(rcpt)
+        code, resp = c.data(t.make_message(ALICE, rcpt, subject=subject, body=body))
+        try:
+            c.quit()
+        except smtplib.SMTPException:
+            pass
+        return code, resp.decode("utf-8", "replace")
+    finally:
+        c.close()
+
+
+def sink_subjects(sink):
+    out = []
+    for meta, eml in sink.messages():
+        m = re.search(rb"(?im)^Subject: ([^\r\n]*)", eml)
+        if m:
+            out.append(m.group(1).decode())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# disk full
+# --------------------------------------------------------------------------------------------
+
+_mounts = []
+
+
+def _umount_all():
+    for d in reversed(_mounts):
+        subprocess.run(["umount", "-l", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    del _mounts[:]
+
+
+atexit.register(_umount_all)  # runs before relaytest's cleanup removes the folders
+
+
+def small_fs(path, size_kb=2048):
+    """mount a size_kb file system on path: tmpfs, else a loop-mounted ext4 image; the way
+    used, or raise"""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs", path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode == 0:
+        _mounts.append(path)
+        return "tmpfs"
+    img = path.rstrip("/") + ".img"
+    with open(img, "wb") as f:
+        f.truncate(size_kb * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", img], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    r2 = subprocess.run(["mount", "-o", "loop", img, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r2.returncode != 0:
+        raise RuntimeError(f"cannot mount a small file system: tmpfs: {r.stdout!r}; loop: {r2.stdout!r}")
+    _mounts.append(path)
+    return "ext4 image"
+
+
+@t.test("disk full during DATA")
+def _():
+    relay = t.Relay(extra_config="max_message_size 3M\n")
+    relay.add_user(ALICE, ALICE_PW)
+    how = small_fs(relay.queue_dir)
+    t.diag(f"queue on a 2 MB {how}")
+    relay.start()
+    big = ("x" * 76 + "\r\n") * (2600 * 1024 // 78)   # 2.6 MB
+    try:
+        code, text = submit(relay, "big", body=big)
+    except smtplib.SMTPResponseException as e:
+        code, text = e.smtp_code, e.smtp_error.decode("utf-8", "replace")
+    t.is_(code, 452, f"a 2.6 MB message on a 2 MB queue: 452 ({text})")
+    t.like(f"{code} {text}", r"^452 4\.3\.1 ", "452 4.3.1 Insufficient system storage")
+    left = relay.queue_files()
+    t.is_(sorted(left), [], "no half-written file remains in queue/msg")
+    code, text = submit(relay, "small after the big one")
+    t.is_(code, 250, f"a small message afterwards is accepted ({text})")
+    qid = t.queued_id(f"{code} {text}")
+    t.ok(qid in relay.queue_ids(), "and it is in the queue")
+    # fill the disk from outside, then free it again
+    filler = os.path.join(relay.queue_dir, "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        code, text = submit(relay, "small on a full disk")
+    except smtplib.SMTPResponseException as e:
+        code, text = e.smtp_code, e.smtp_error.decode("utf-8", "replace")
+    t.is_(code, 452, f"a small message on a full disk: 452 ({text})")
+    t.is_(sorted(relay.queue_ids()), [qid], "nothing half-written left beside the accepted message")
+    os.unlink(filler)
+    code, text = submit(relay, "small after space frees")
+    t.is_(code, 250, f"once space is free a small message is accepted ({text})")
+    t.ok(relay.running(), "relayd is running")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    _umount_all()
+
+
+# --------------------------------------------------------------------------------------------
+# read-only database
+# --------------------------------------------------------------------------------------------
+
+@t.test("user database read-only: AUTH is a temporary failure")
+def _():
+    # relayd runs as nobody (root ignores file modes); the database sits in a folder nobody
+    # owns, as SQLite creates relayd.db-wal and -shm next to it
+    relay = t.Relay(extra_config="user nobody\ndatabase db/relayd.db\n")
+    os.chmod(relay.dir, 0o755)
+    dbdir = os.path.join(relay.dir, "db")
+    os.mkdir(dbdir, 0o700)
+    import pwd
+    pw = pwd.getpwnam("nobody")
+    os.chown(dbdir, pw.pw_uid, pw.pw_gid)
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    db = os.path.join(dbdir, "relayd.db")
+    files = [db + x for x in ("", "-wal", "-shm") if os.path.exists(db + x)]
+
+    def auth(pw):
+        c = relay.raw()
+        c.reply()
+        c.ehlo()
+        c.cmd("STARTTLS")
+        c.starttls()
+        c.ehlo()
+        code, text = c.auth_plain(ALICE, pw)
+        c.close()
+        return code, text
+
+    # relayd opens the database at the first AUTH: an unreadable one is a temporary failure
+    for f in files:
+        os.chmod(f, 0o000)
+    code, text = auth(ALICE_PW)
+    t.like(text, r"^454 4\.7\.0 ", "database unreadable: the right password gets 454 4.7.0, not 535")
+    code, text = auth("wrong")
+    t.like(text, r"^454 4\.7\.0 ", "and a wrong one is not called wrong either (454 4.7.0)")
+    t.ok(relay.running(), "relayd keeps running")
+    # read-only (0400): AUTH only reads, so it may work; it must never turn into 535
+    for f in files:
+        os.chmod(f, 0o400)
+    code, text = auth(ALICE_PW)
+    t.ok(code in (235, 454), f"database read-only: the right password gets 235 or 454, not 535 ({text})")
+    for f in [db + x for x in ("", "-wal", "-shm") if os.path.exists(db + x)]:
+        os.chmod(f, 0o600)   # -shm may have been created meanwhile, 0400 like the database
+    code, text = auth(ALICE_PW)
+    t.is_(code, 235, f"AUTH works once the database is writable again ({text})")
+    code, text = auth("wrong")
+    t.is_(code, 535, f"and a wrong password is refused for what it is ({text})")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+
+
+# --------------------------------------------------------------------------------------------
+# bad upstreams
+# --------------------------------------------------------------------------------------------
+
+class BadUpstream:
+    """an SMTP server on 127.0.0.1 that misbehaves in one way (mode):
+    silent     accepts connections and never sends a byte
+    drop-data  a normal dialogue up to 354, then closes after some of the body
+    malformed  220 greeting, then replies that are not SMTP
+    """
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.th.start()
+        if not ready.wait(10):
+            raise RuntimeError("bad upstream did not start")
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _client(self, reader, writer):
+        self.connections += 1
+        try:
+            if self.mode == "silent":
+                await asyncio.sleep(3600)
+                return
+            writer.write(b"220 bad.test ESMTP\r\n")
+            if self.mode == "malformed":
+                await reader.readline()          # EHLO
+                writer.write(b"250-bad.test\r\n25O PIPELINING\r\nhello there\r\n")
+                await writer.drain()
+                await asyncio.wait_for(reader.read(1), 30)
+                return
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-bad.test\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    await reader.read(100)       # a little of the body, then hang up
+                    return
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self):
+        async def _stop():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.1)
+            self.loop.stop()
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
+        self.th.join(5)
+
+
+def bad_upstream_case(mode, fail_log):
+    bad = BadUpstream(mode)
+    # timeout_idle also sets the forwarder's reply timeout (at least 10 s)
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{bad.port} tls=none\ntimeout_idle 10s\n" + RETRY)
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    code, text = submit(relay, f"to a {mode} upstream")
+    qid = t.queued_id(f"{code} {text}")
+    t.is_(code, 250, f"{mode}: message accepted")
+    found = t.wait_for(lambda: re.search(fail_log, relay.log()), 25 * SLOW, 0.2)
+    t.ok(found, f"{mode}: relayd notices the bad upstream ({fail_log})")
+    t.ok(bad.connections >= 1, f"{mode}: relayd did connect to it ({bad.connections})")
+    t.ok(qid in relay.queue_ids(), f"{mode}: the message stays queued")
+    t.unlike(relay.log(), rf"{qid} forward event=(delivered|failed|bounce)", f"{mode}: not delivered, failed or bounced")
+    t.is_(relay.stop(), 0, f"{mode}: relayd exits 0 on SIGTERM")
+    bad.stop()
+    # a good upstream now: the message from the queue arrives
+    sink = t.Sink()
+    relay.write_config(f"upstream 127.0.0.1:{sink.port} tls=none\n" + RETRY)
+    relay.start()
+    got = t.wait_for(lambda: f"to a {mode} upstream" in sink_subjects(sink), 20 * SLOW, 0.2)
+    t.ok(got, f"{mode}: delivered to the good upstream after a restart")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 10 * SLOW), f"{mode}: and removed from the queue")
+    t.is_(relay.stop(), 0, f"{mode}: relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
+@t.test("an upstream that accepts and never answers")
+def _():
+    bad_upstream_case("silent", r"forward event=upstream-failed .*(timeout|time)")
+
+
+@t.test("an upstream that drops the connection in the middle of DATA")
+def _():
+    bad_upstream_case("drop-data", r"forward event=(upstream-failed|deferred)")
+
+
+@t.test("an upstream that sends malformed replies")
+def _():
+    bad_upstream_case("malformed", r"forward event=upstream-failed .*malformed")
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9 under load
+# --------------------------------------------------------------------------------------------
+
+@t.test("kill -9 at random moments under load, five times: at least once delivery")
+def _():
+    sink = t.Sink()
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\n" + RETRY)
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    acked = set()
+    lock = threading.Lock()
+    counter = [0]
+    rnd = random.Random(os.getpid())
+
+    def client(stop):
+        while not stop.is_set():
+            with lock:
+                counter[0] += 1
+                subj = f"k9-{counter[0]}"
+            try:
+                c = smtplib.SMTP("127.0.0.1", relay.port_starttls, local_hostname="client.test", timeout=5 * SLOW)
+                c.starttls(context=relay.ssl_context())
+                c.login(ALICE, ALICE_PW)
+                c.mail(ALICE)
+                c.rcpt("bob@example.net")
+                code, _ = c.data(t.make_message(ALICE, "bob@example.net", subject=subj,
+                                                body="line\r\n" * rnd.randint(1, 200)))
+                if code == 250:
+                    with lock:
+                        acked.add(subj)
+                c.close()
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)
+
+    for round_ in range(5):
+        stop = threading.Event()
+        ths = [threading.Thread(target=client, args=(stop,), daemon=True) for _ in range(4)]
+        for th in ths:
+            th.start()
+        time.sleep(rnd.uniform(0.5, 2.0))
+        relay.kill9()
+        stop.set()
+        for th in ths:
+            th.join(10 * SLOW)
+        relay.start()
+    t.diag(f"{len(acked)} messages got 250 across 5 kill -9 rounds")
+    t.ok(len(acked) >= 20, f"load was real: {len(acked)} messages acknowledged")
+
+    def missing():
+        got = set(sink_subjects(sink))
+        return acked - got
+    t.wait_for(lambda: not missing(), 60 * SLOW, 0.5)
+    miss = missing()
+    t.ok(not miss, f"every acknowledged message reached the upstream ({len(acked) - len(miss)}/{len(acked)})",
+         sorted(miss)[:20])
+    subj = sink_subjects(sink)
+    dups = len(subj) - len(set(subj))
+    t.diag(f"duplicates at the upstream (allowed: at least once): {dups}")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 20 * SLOW), "the queue empties")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
+t.done()
