@@ -249,12 +249,14 @@ static int conn_tls_begin(struct conn *c, unsigned flags, gnutls_certificate_cre
 		return -1;
 	if (gnutls_init(&c->tls, flags | GNUTLS_NONBLOCK) < 0)
 		return -1;
-	if (gnutls_priority_set_direct(c->tls, TLS_PRIORITY, NULL) < 0 ||
+	if (gnutls_priority_set(c->tls, tls_priority()) < 0 ||
 	    gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, cred) < 0) {
 		gnutls_deinit(c->tls);
 		c->tls = NULL;
 		return -1;
 	}
+	if ((flags & GNUTLS_SERVER) && tls_ticket_key())
+		gnutls_session_ticket_enable_server(c->tls, tls_ticket_key());
 	if (servername && servername[0])
 		gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, servername, strlen(servername));
 	if (verify)

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,7 +223,6 @@ static int main_ctl_stats(const char *args, struct buf *out)
 {
 	(void)args;
 	stats_render(out, false);
-	forward_stats(out);
 	policy_stats(out);
 	return 0;
 }
@@ -259,8 +259,22 @@ static int main_ctl_delete(const char *args, struct buf *out)
 	return 0;
 }
 
+/* the forwarder's counters and per-upstream state in relayctl stats and /metrics */
+static void main_forward_section(struct buf *out, bool prometheus)
+{
+	if (!prometheus) {
+		forward_stats(out);
+		return;
+	}
+	struct buf kv = { 0 };
+	forward_stats(&kv);
+	stats_kv_prometheus(kv.data ? kv.data : "", "forward", out);
+	buf_free(&kv);
+}
+
 static void main_control_init(struct ev_loop *loop)
 {
+	stats_add_section(main_forward_section);
 	char err[512];
 	control_register("flush", main_ctl_flush);
 	control_register("delete", main_ctl_delete);
@@ -328,13 +342,24 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	umask(077);
+	/* a SIGTERM during start-up waits until the drain handler is installed (the ports are
+	 * bound early, so a supervisor may already see relayd as up); threads started before
+	 * that inherit the mask, so signals always land on the loop thread */
+	sigset_t startup_mask;
+	sigemptyset(&startup_mask);
+	sigaddset(&startup_mask, SIGTERM);
+	sigaddset(&startup_mask, SIGINT);
+	sigaddset(&startup_mask, SIGHUP);
+	sigprocmask(SIG_BLOCK, &startup_mask, NULL);
 	log_init("relayd", foreground, debug);
 	signal(SIGPIPE, SIG_IGN);
 
+	/* kept open for the life of the process: SQLite's -wal and -shm files then stay in place
+	 * (chowned with the database before the privilege drop), so worker threads running as
+	 * the unprivileged user can open the database in a folder they cannot write to */
 	struct userdb *db = userdb_open(main_cfg.database, err, sizeof(err));
 	if (!db)
 		fatal("%s", err);
-	userdb_close(db);
 	if (tls_global_init() < 0)
 		fatal("cannot initialise GnuTLS");
 	if (main_cfg.tls_cert[0]) {
@@ -378,6 +403,7 @@ int main(int argc, char **argv)
 	ev_signal_start(loop, &main_sigint);
 	ev_signal_init(&main_sighup, main_hup, SIGHUP);
 	ev_signal_start(loop, &main_sighup);
+	pthread_sigmask(SIG_UNBLOCK, &startup_mask, NULL);
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
 	ev_run(loop, 0);
 	forward_shutdown();
@@ -391,7 +417,8 @@ int main(int argc, char **argv)
 	for (int i = 0; i < main_nold_creds; i++)
 		gnutls_certificate_free_credentials(main_old_creds[i]);
 	sasl_server_done();
-	gnutls_global_deinit();
+	userdb_close(db);
+	tls_global_deinit();
 	log_info("main event=stopped");
 	return 0;
 }

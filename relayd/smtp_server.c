@@ -17,6 +17,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -1064,6 +1065,8 @@ static void session_free(struct session *s, const char *reason)
 	session_forget_auth(s);
 	session_reset_transaction(s);
 	free(s);
+	if (smtp_sessions == 0)
+		malloc_trim(0); /* give a burst's memory back to the system when all is quiet */
 }
 
 /* smtp_server_accept - a new session */

@@ -5,6 +5,9 @@
 #include "stats.h"
 
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define STATS_MAX_SECTIONS 8
 
@@ -25,9 +28,6 @@ static const struct {
 	[ST_ACCEPTED] = { "messages_accepted", "Messages committed to the queue (250 sent)" },
 	[ST_ACCEPTED_BYTES] = { "bytes_accepted", "Bytes of messages committed to the queue" },
 	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits)" },
-	[ST_FORWARDED] = { "recipients_forwarded", "Recipients accepted by an upstream" },
-	[ST_DEFERRED] = { "deliveries_deferred", "Delivery attempts deferred for a retry" },
-	[ST_BOUNCED] = { "recipients_bounced", "Recipients that failed permanently (bounced)" },
 };
 
 /* stats_inc - count */
@@ -62,4 +62,51 @@ void stats_render(struct buf *out, bool prometheus)
 	}
 	for (int i = 0; i < stats_nsections; i++)
 		stats_sections[i](out, prometheus);
+}
+
+/* the value of "upstream.N.name=" in kv */
+static void stats_upstream_name(const char *kv, long n, char *out, size_t outlen)
+{
+	char key[64];
+	snprintf(key, sizeof(key), "upstream.%ld.name=", n);
+	const char *p = strstr(kv, key);
+	out[0] = '\0';
+	if (p) {
+		p += strlen(key);
+		size_t len = strcspn(p, "\n\"\\");
+		snprintf(out, outlen, "%.*s", (int)len, p);
+	}
+}
+
+/* stats_kv_prometheus - key=value lines as gauges */
+void stats_kv_prometheus(const char *kv, const char *prefix, struct buf *out)
+{
+	for (const char *line = kv; line && *line;) {
+		const char *nl = strchr(line, '\n');
+		size_t len = nl ? (size_t)(nl - line) : strlen(line);
+		char l[256], name[128];
+		snprintf(l, sizeof(l), "%.*s", (int)len, line);
+		line = nl ? nl + 1 : NULL;
+		char *eq = strchr(l, '=');
+		if (!eq)
+			continue;
+		*eq = '\0';
+		const char *key = l, *val = eq + 1;
+		if (!strncmp(key, "upstream.", 9)) {
+			char *dot;
+			long n = strtol(key + 9, &dot, 10);
+			if (*dot != '.' || !strcmp(dot + 1, "name"))
+				continue;
+			stats_upstream_name(kv, n, name, sizeof(name));
+			if (!strcmp(dot + 1, "state"))
+				buf_printf(out, "relayd_upstream_up{upstream=\"%s\"} %d\n", name, !strcmp(val, "up"));
+			else
+				buf_printf(out, "relayd_upstream_%s{upstream=\"%s\"} %s\n", dot + 1, name, val);
+			continue;
+		}
+		char *end;
+		strtod(val, &end);
+		if (*val && !*end)
+			buf_printf(out, "# TYPE relayd_%s_%s gauge\nrelayd_%s_%s %s\n", prefix, key, prefix, key, val);
+	}
 }

@@ -12,7 +12,7 @@
 
 enum stats_counter {
 	ST_CONNECTIONS, ST_CONN_REFUSED, ST_TLS_OK, ST_TLS_FAIL, ST_AUTH_OK, ST_AUTH_FAIL,
-	ST_ACCEPTED, ST_ACCEPTED_BYTES, ST_REJECTED, ST_FORWARDED, ST_DEFERRED, ST_BOUNCED,
+	ST_ACCEPTED, ST_ACCEPTED_BYTES, ST_REJECTED,
 	ST_NCOUNTERS
 };
 
@@ -22,6 +22,10 @@ void stats_inc(enum stats_counter c, uint64_t n);
 uint64_t stats_get(enum stats_counter c);
 /* stats_add_section - another module's lines (gauges, per-upstream, per-user) */
 void stats_add_section(void (*fn)(struct buf *out, bool prometheus));
+/* stats_kv_prometheus - turn "key=value" lines into gauges named relayd_<prefix>_<key>;
+ * "upstream.N.key=value" lines become relayd_upstream_<key>{upstream="<upstream.N.name>"},
+ * and upstream.N.state=up|down becomes relayd_upstream_up 1|0 */
+void stats_kv_prometheus(const char *kv, const char *prefix, struct buf *out);
 /* stats_render - everything, as key=value lines or Prometheus exposition text */
 void stats_render(struct buf *out, bool prometheus);
 

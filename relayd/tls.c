@@ -9,10 +9,43 @@
 
 #include <stdio.h>
 
+static gnutls_priority_t tls_prio;
+static gnutls_datum_t tls_ticket;
+
 /* tls_global_init - initialise GnuTLS once */
 int tls_global_init(void)
 {
-	return gnutls_global_init() < 0 ? -1 : 0;
+	if (gnutls_global_init() < 0 || gnutls_priority_init(&tls_prio, TLS_PRIORITY, NULL) < 0)
+		return -1;
+	if (gnutls_session_ticket_key_generate(&tls_ticket) < 0)
+		tls_ticket.data = NULL;
+	return 0;
+}
+
+/* tls_global_deinit - release what tls_global_init made */
+void tls_global_deinit(void)
+{
+	if (tls_prio)
+		gnutls_priority_deinit(tls_prio);
+	tls_prio = NULL;
+	if (tls_ticket.data) {
+		gnutls_memset(tls_ticket.data, 0, tls_ticket.size);
+		gnutls_free(tls_ticket.data);
+	}
+	tls_ticket.data = NULL;
+	gnutls_global_deinit();
+}
+
+/* tls_priority - the shared priority cache */
+gnutls_priority_t tls_priority(void)
+{
+	return tls_prio;
+}
+
+/* tls_ticket_key - the session ticket key */
+const gnutls_datum_t *tls_ticket_key(void)
+{
+	return tls_ticket.data ? &tls_ticket : NULL;
 }
 
 /* tls_server_creds - load a certificate chain and its key */

@@ -66,6 +66,7 @@ static const char relayctl_usage_text[] =
 	"  queue flush                      ask relayd to retry every queued message now\n"
 	"  queue delete ID                  remove a message from the queue (no bounce)\n"
 	"  stats                            relayd's counters (queue summary if it is not running)\n"
+	"  reload                           make relayd re-read its configuration (like SIGHUP)\n"
 	"options:\n"
 	"  -c FILE                          config file (default " RELAYCTL_DEFAULT_CONFIG ")\n";
 
@@ -907,11 +908,29 @@ static int relayctl_cmd_stats(const char *config_path, int argc, char **argv)
 	return 0;
 }
 
+/* relayctl reload: through the control socket; relayd answers ERR when the config is bad */
+static int relayctl_cmd_reload(const char *config_path, int argc, char **argv)
+{
+	const struct config *c;
+	char *body;
+
+	(void)argv;
+	if (argc != 0)
+		relayctl_usage();
+	c = relayctl_config(config_path);
+	if (relayctl_control(c, "reload", &body) != 0)
+		relayctl_not_running(c);
+	fputs(body, stdout);
+	free(body);
+	return 0;
+}
+
 /* top-level commands */
 static const struct relayctl_cmd relayctl_cmds[] = {
 	{ "user", relayctl_cmd_user },
 	{ "queue", relayctl_cmd_queue },
 	{ "stats", relayctl_cmd_stats },
+	{ "reload", relayctl_cmd_reload },
 };
 
 int main(int argc, char **argv)

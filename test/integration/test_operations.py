@@ -1,0 +1,183 @@
+"""test_operations - issue 5: reload under load with no failed session, a bad reload refused,
+SIGTERM during a DATA transfer (the message still gets its 250), a second SIGTERM, metrics
+scraped with curl and parsed, relayctl stats/reload through the control socket, and the
+privilege drop seen on the running process (when the tests run as root).
+"""
+import os
+import pwd
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import relaytest as t  # noqa: E402
+
+USER = "ops@example.org"
+PW = "ops password"
+
+metrics_port = t.free_port()
+relay = t.Relay(extra_config=f"metrics 127.0.0.1:{metrics_port}\ndrain_timeout 20s\n")
+relay.add_user(USER, PW)
+relay.start()
+
+
+def one_message(r, tag):
+    c = r.session(USER)
+    try:
+        for line, want in ((f"MAIL FROM:<{USER}>", 250), ("RCPT TO:<x@example.net>", 250), ("DATA", 354)):
+            code, text = c.cmd(line)
+            if code != want:
+                return text
+        c.send(t.dot_stuff(t.make_message(USER, "x@example.net", subject=tag)))
+        code, text = c.reply()
+        c.cmd("QUIT")
+        return text
+    finally:
+        c.close()
+
+
+def connect_refused():
+    try:
+        socket.create_connection(("127.0.0.1", relay.port_starttls), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+@t.test("SIGHUP under load: every session of 4 clients x 15 messages succeeds")
+def _():
+    results = []
+    lock = threading.Lock()
+
+    def client(n):
+        for i in range(15):
+            text = one_message(relay, f"reload-{n}-{i}")
+            with lock:
+                results.append(text)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for th in threads:
+        th.start()
+    for _ in range(5):
+        time.sleep(0.2)
+        os.kill(relay.proc.pid, signal.SIGHUP)
+    for th in threads:
+        th.join(60)
+    good = sum(1 for r in results if t.queued_id(r))
+    t.is_(good, 60, "all 60 messages queued while reloading")
+    t.ok(len(re.findall(r"event=reloaded", relay.log())) >= 5, "five reloads logged")
+
+
+@t.test("a bad config on SIGHUP is refused and the old one kept")
+def _():
+    with open(relay.conf) as f:
+        good = f.read()
+    with open(relay.conf, "a") as f:
+        f.write("no_such_directive 1\n")
+    os.kill(relay.proc.pid, signal.SIGHUP)
+    t.wait_for(lambda: "reload-failed" in relay.log(), timeout=5)
+    t.like(relay.log(), r"event=reload-failed error=\".*relayd\.conf:\d+: unknown directive", "error logged with file:line")
+    with open(relay.conf, "w") as f:
+        f.write(good)
+    t.like(one_message(relay, "after-bad-reload"), t.QUEUED_RE, "still serving with the old config")
+
+
+@t.test("relayctl reload and stats through the control socket")
+def _():
+    rc, out = relay.relayctl("reload")
+    t.like(out, r"reloaded", "relayctl reload")
+    rc, out = relay.relayctl("stats")
+    t.like(out, r"(?m)^messages_accepted=\d+", "stats has counters")
+    t.like(out, rf"(?m)^user={re.escape(USER)} accepted=\d+", "stats has per-user counters")
+
+
+@t.test("metrics scraped with curl are valid Prometheus text and count what happened")
+def _():
+    rc, out = t.curl(["-s", f"http://127.0.0.1:{metrics_port}/metrics"])
+    t.is_(rc, 0, "curl exit 0")
+    samples = {}
+    bad = []
+    for line in out.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (-?[0-9.eE+]+)$", line)
+        if not m:
+            bad.append(line)
+            continue
+        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    t.is_(bad, [], "every sample line parses")
+    t.ok(samples.get("relayd_messages_accepted_total", 0) >= 61, "accepted counter >= 61",
+         str(samples.get("relayd_messages_accepted_total")))
+    t.ok(samples.get("relayd_auth_success_total", 0) >= 61, "auth successes counted")
+    t.ok("relayd_sessions" in samples, "sessions gauge present")
+
+
+@t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")
+def _():
+    c = relay.session(USER)
+    c.cmd(f"MAIL FROM:<{USER}>")
+    c.cmd("RCPT TO:<x@example.net>")
+    code, _ = c.cmd("DATA")
+    t.is_(code, 354, "354")
+    c.send(b"Subject: drain\r\n\r\nfirst half\r\n")
+    os.kill(relay.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    t.ok(relay.proc.poll() is None, "relayd waits for the transfer")
+    t.ok(connect_refused(), "no new connections while draining")
+    c.send(b"second half\r\n.\r\n")
+    code, text = c.reply()
+    qid = t.queued_id(text)
+    t.ok(qid is not None, "250 queued after SIGTERM", text)
+    code, text = c.reply()
+    t.like(text, r"^421 4\.3\.2 ", "then 421 4.3.2 shutting down")
+    c.close()
+    rc = relay.proc.wait(timeout=15)
+    t.is_(rc, 0, "exit status 0")
+    t.ok(qid in relay.queue_ids() or "forward" in relay.log(), "the message is in the queue")
+
+
+@t.test("a second SIGTERM exits at once, and what got 250 is kept")
+def _():
+    relay.start()
+    c = relay.session(USER)
+    c.cmd(f"MAIL FROM:<{USER}>")
+    c.cmd("RCPT TO:<x@example.net>")
+    c.cmd("DATA")
+    c.send(b"Subject: never finished\r\n\r\n")
+    before = set(relay.queue_ids())
+    os.kill(relay.proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    t.ok(connect_refused(), "no new connections while draining")
+    os.kill(relay.proc.pid, signal.SIGTERM)
+    rc = relay.proc.wait(timeout=5)
+    t.is_(rc, 0, "second SIGTERM: exit 0 at once")
+    t.ok(before <= set(relay.queue_ids()), "nothing that was queued is gone")
+    c.close()
+
+
+@t.test("privilege drop: the running relayd has the configured user's uid")
+def _():
+    if os.geteuid() != 0:
+        t.ok(True, "not root: relayd keeps its uid (nothing to drop)")
+        return
+    r = t.Relay(extra_config="user nobody\n")
+    os.chmod(r.dir, 0o755)  # nobody must reach the database and queue inside
+    r.add_user(USER, PW)
+    r.start()
+    with open(f"/proc/{r.proc.pid}/status") as f:
+        status = f.read()
+    nobody = pwd.getpwnam("nobody")
+    uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M).groups()
+    t.is_(set(map(int, uids)), {nobody.pw_uid}, "real, effective, saved and fs uid are nobody's")
+    t.like(r.log(), r"event=privileges-dropped user=nobody", "logged")
+    t.like(one_message(r, "as-nobody"), t.QUEUED_RE, "still accepts and commits mail after the drop")
+    st = os.stat(os.path.join(r.queue_dir, "msg"))
+    t.is_(st.st_mode & 0o077, 0, "queue folder not readable by others")
+    t.is_(os.stat(os.path.join(r.dir, "relayd.db")).st_mode & 0o077, 0, "database not readable by others")
+    r.stop()
+
+
+t.done()
