@@ -65,6 +65,7 @@ void config_defaults(struct config *c)
 	c->auth_fail_limit = 5;
 	c->auth_lockout = 900;
 	c->drain_timeout = 30;
+	c->tls_threads = 1;
 }
 
 /* config_parse_size - "35M" -> bytes */
@@ -380,6 +381,8 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_hostport(x, argv[1], c->metrics_host, sizeof(c->metrics_host), c->metrics_port,
 				       sizeof(c->metrics_port));
 	}
+	if (!strcmp(d, "tls_threads"))
+		return config_unsigned(x, argc, argv, &c->tls_threads, 8, NULL);
 	if (!strcmp(d, "drain_timeout"))
 		return config_unsigned(x, argc, argv, &c->drain_timeout, 3600, config_parse_duration);
 	if (!strcmp(d, "limit_msgs"))

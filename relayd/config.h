@@ -54,6 +54,7 @@ struct config {
 	char metrics_host[256];   /* Prometheus listener; empty = off */
 	char metrics_port[16];
 	unsigned drain_timeout;   /* seconds SIGTERM waits for sessions in progress (default 30) */
+	unsigned tls_threads;     /* server TLS handshake threads (default 1; 0 = on the loop) */
 
 	size_t max_message_size;  /* SIZE, bytes (default 35 MiB) */
 	unsigned max_recipients;  /* per message (default 100) */

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "tls.h"
+#include "tlsoff.h"
 
 #define CONN_READ_CHUNK 16384
 
@@ -57,6 +58,13 @@ static void conn_update_watchers(struct conn *c)
 
 static void conn_handshake(struct conn *c)
 {
+	if (!c->tls_client && tlsoff_enabled()) { /* the public-key work goes to another core */
+		ev_io_stop(c->loop, &c->rio);
+		ev_io_stop(c->loop, &c->wio);
+		c->offloaded = true;
+		tlsoff_submit(c);
+		return;
+	}
 	int rc = gnutls_handshake(c->tls);
 	if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
 		conn_update_watchers(c);
@@ -288,6 +296,35 @@ int conn_start_tls_client(struct conn *c, gnutls_certificate_credentials_t cred,
 {
 	c->tls_client = true;
 	return conn_tls_begin(c, GNUTLS_CLIENT, cred, servername, verify);
+}
+
+/* conn_cancel_offload - take back an offloaded handshake early */
+bool conn_cancel_offload(struct conn *c)
+{
+	if (!c->offloaded)
+		return false;
+	tlsoff_cancel(c);
+	return true;
+}
+
+/* conn_offload_done - the handshake came back from its thread */
+void conn_offload_done(struct conn *c, int rc)
+{
+	c->offloaded = false;
+	if (c->off_cancel) {
+		conn_fail(c, "closed-during-tls-handshake");
+		return;
+	}
+	if (rc < 0) {
+		char why[256];
+		snprintf(why, sizeof(why), "tls-handshake: %s", gnutls_strerror(rc));
+		conn_fail(c, why);
+		return;
+	}
+	c->tls_handshaking = false;
+	conn_update_watchers(c);
+	if (c->ops->on_tls)
+		c->ops->on_tls(c, c->arg);
 }
 
 /* conn_tls_info - version and cipher for logs and Received: */

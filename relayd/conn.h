@@ -48,6 +48,15 @@ struct conn {
 	struct buf out;
 	const struct conn_ops *ops;
 	void *arg;
+	/* server handshake offload (tlsoff.c); the loop leaves the conn alone while offloaded */
+	bool offloaded;
+	bool off_cancel;
+	int off_state;
+	int off_rc;
+	ev_io off_io;
+	struct conn *off_next;
+	struct conn *off_cancel_next;
+	struct tlsoff_thread *off_thread;
 };
 
 /* conn_init - take over a connected non-blocking fd and start reading */
@@ -65,6 +74,11 @@ void conn_tls_info(const struct conn *c, char *out, size_t outlen);
 /* conn_pause_read / conn_resume_read - stop or restart reading from the socket */
 void conn_pause_read(struct conn *c);
 void conn_resume_read(struct conn *c);
+/* conn_cancel_offload - if the handshake runs on a tlsoff thread, ask for it back and return
+ * true: the owner must not free now; on_error follows when it is back */
+bool conn_cancel_offload(struct conn *c);
+/* conn_offload_done - a tlsoff thread finished c's handshake with rc (loop thread) */
+void conn_offload_done(struct conn *c, int rc);
 /* conn_close - stop watchers, say goodbye to TLS (best effort), close the fd, free buffers */
 void conn_close(struct conn *c);
 

@@ -30,6 +30,7 @@
 #include "smtp_server.h"
 #include "stats.h"
 #include "tls.h"
+#include "tlsoff.h"
 #include "userdb.h"
 #include "workq.h"
 
@@ -392,6 +393,8 @@ int main(int argc, char **argv)
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
 		fatal("cannot start worker threads");
+	if (tlsoff_init(loop, (int)main_cfg.tls_threads) < 0)
+		fatal("cannot start TLS handshake threads");
 	smtp_server_init(loop, &main_cfg, main_cred);
 	main_control_init(loop); /* after the drop: the socket belongs to relayd's user */
 	if (main_cfg.metrics_host[0] && metrics_init(loop, main_cfg.metrics_host, main_cfg.metrics_port, err, sizeof(err)) < 0)
@@ -407,6 +410,7 @@ int main(int argc, char **argv)
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
 	ev_run(loop, 0);
 	forward_shutdown();
+	tlsoff_shutdown();
 	workq_shutdown();
 	queue_shutdown();
 	policy_shutdown();

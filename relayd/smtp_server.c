@@ -1051,6 +1051,8 @@ static void session_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void session_free(struct session *s, const char *reason)
 {
+	if (conn_cancel_offload(&s->conn))
+		return; /* its handshake thread gives it back, then on_error frees it */
 	if (s->state == SS_TLS_HANDSHAKE && !s->tls && strncmp(reason, "tls", 3) == 0)
 		stats_inc(ST_TLS_FAIL, 1);
 	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
@@ -1163,7 +1165,10 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
 /* smtp_server_shutdown - close every session */
 void smtp_server_shutdown(void)
 {
-	for (int i = 0; i < SMTP_BUCKETS; i++)
-		while (smtp_registry[i])
-			session_free(smtp_registry[i], "shutdown");
+	for (int i = 0; i < SMTP_BUCKETS; i++) {
+		for (struct session *s = smtp_registry[i], *next; s; s = next) {
+			next = s->hnext;
+			session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+		}
+	}
 }
