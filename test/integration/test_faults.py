@@ -19,9 +19,7 @@ import atexit
 import os
 import random
 import re
-import shutil
 import smtplib
-import socket
 import subprocess
 import threading
 import time

@@ -286,7 +286,10 @@ def _():
     for name, data in cases:
         # implicit TLS port
         s = socket.create_connection(("127.0.0.1", relay.port_tls), timeout=5 * SLOW)
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except OSError:
+            pass  # relayd already hung up: what we check below
         if name.endswith("then nothing"):
             s.settimeout(0.5)
             try:
@@ -295,7 +298,10 @@ def _():
                 pass
             s.close()
         else:
-            s.shutdown(socket.SHUT_WR)
+            try:
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             s.settimeout(5 * SLOW)
             try:
                 while s.recv(65536):
@@ -310,7 +316,10 @@ def _():
         # after STARTTLS
         c, code = starttls_ready()
         t.is_(code, 220, f"STARTTLS then {name}: 220 first")
-        c.send(data)
+        try:
+            c.send(data)
+        except OSError:
+            pass
         if name.endswith("then nothing"):
             c.close()
         else:

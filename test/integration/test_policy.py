@@ -130,6 +130,20 @@ def _():
     stage, code, text = send(relay2)
     t.is_(code, 250, "accepted again once the window moved on")
 
+@t.test("relayctl user limit applies at the next session, without a restart")
+def _():
+    relay2.add_user("carol@example.org", "carolpw")
+    rc, out = relay2.relayctl("user", "limit", "carol@example.org", "msgs=1/hour")
+    t.is_(rc, 0, "relayctl user limit exit 0")
+    stage, code, text = send(relay2, user="carol@example.org", frm="carol@example.org")
+    t.is_(code, 250, "first message accepted")
+    stage, code, text = send(relay2, user="carol@example.org", frm="carol@example.org")
+    t.is_((stage, code), ("mail", 450), "second refused by the per-user override")
+    t.like(text, r"Limit of 1/hour messages", "the override's value is in the reply")
+    relay2.relayctl("user", "limit", "carol@example.org", "msgs=100/hour")
+    stage, code, text = send(relay2, user="carol@example.org", frm="carol@example.org")
+    t.is_(code, 250, "raised again with relayctl: accepted at once")
+
 relay2.stop()
 
 # --- check_header_from no --------------------------------------------------------------------
