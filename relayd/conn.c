@@ -56,6 +56,21 @@ static void conn_update_watchers(struct conn *c)
 		ev_io_stop(c->loop, &c->wio);
 }
 
+/* the end of a handshake, here or on a tlsoff thread: report it to the owner */
+static void conn_handshake_finished(struct conn *c, int rc)
+{
+	if (rc < 0) {
+		char why[256];
+		snprintf(why, sizeof(why), "tls-handshake: %s", gnutls_strerror(rc));
+		conn_fail(c, why);
+		return;
+	}
+	c->tls_handshaking = false;
+	conn_update_watchers(c);
+	if (c->ops->on_tls)
+		c->ops->on_tls(c, c->arg);
+}
+
 static void conn_handshake(struct conn *c)
 {
 	if (!c->tls_client && tlsoff_enabled()) { /* the public-key work goes to another core */
@@ -70,16 +85,7 @@ static void conn_handshake(struct conn *c)
 		conn_update_watchers(c);
 		return;
 	}
-	if (rc < 0) {
-		char why[256];
-		snprintf(why, sizeof(why), "tls-handshake: %s", gnutls_strerror(rc));
-		conn_fail(c, why);
-		return;
-	}
-	c->tls_handshaking = false;
-	conn_update_watchers(c);
-	if (c->ops->on_tls)
-		c->ops->on_tls(c, c->arg);
+	conn_handshake_finished(c, rc);
 }
 
 /* read once from the socket or TLS; returns bytes, 0 on EOF, -1 again, -2 error */
@@ -311,20 +317,10 @@ bool conn_cancel_offload(struct conn *c)
 void conn_offload_done(struct conn *c, int rc)
 {
 	c->offloaded = false;
-	if (c->off_cancel) {
+	if (c->off_cancel)
 		conn_fail(c, "closed-during-tls-handshake");
-		return;
-	}
-	if (rc < 0) {
-		char why[256];
-		snprintf(why, sizeof(why), "tls-handshake: %s", gnutls_strerror(rc));
-		conn_fail(c, why);
-		return;
-	}
-	c->tls_handshaking = false;
-	conn_update_watchers(c);
-	if (c->ops->on_tls)
-		c->ops->on_tls(c, c->arg);
+	else
+		conn_handshake_finished(c, rc);
 }
 
 /* conn_tls_info - version and cipher for logs and Received: */

@@ -282,6 +282,18 @@ int queue_commit(struct queue_envelope *env, struct buf *msg, queue_commit_cb cb
 	return 0;
 }
 
+/* make a change of QUEUE/msg's entries (a new name, an unlink) durable */
+static void queue_sync_dir(const char *dir)
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/msg", dir);
+	int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd >= 0) {
+		fsync(dfd);
+		close(dfd);
+	}
+}
+
 /* queue_write_sync - write and fsync one message now (not on the loop's hot path) */
 int queue_write_sync(const char *dir, struct queue_envelope *env, const char *msg, size_t len)
 {
@@ -319,12 +331,7 @@ int queue_write_sync(const char *dir, struct queue_envelope *env, const char *ms
 		errno = e;
 		return -1;
 	}
-	snprintf(tmp, sizeof(tmp), "%s/msg", dir);
-	int dfd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd >= 0) {
-		fsync(dfd);
-		close(dfd);
-	}
+	queue_sync_dir(dir);
 	return 0;
 }
 
@@ -532,12 +539,7 @@ int queue_remove(const char *dir, const char *id)
 	char path[PATH_MAX];
 	if (queue_path(dir, id, path, sizeof(path)) < 0 || unlink(path) < 0)
 		return -1;
-	snprintf(path, sizeof(path), "%s/msg", dir);
-	int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd >= 0) {
-		fsync(dfd);
-		close(dfd);
-	}
+	queue_sync_dir(dir);
 	return 0;
 }
 

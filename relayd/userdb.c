@@ -320,6 +320,20 @@ static int userdb_name_check(const char *name, char *err, size_t errlen)
 	return -1;
 }
 
+/* a fresh salted hash of a new password (refusing an empty one) */
+static int userdb_hash_new(const char *password, char *hash, size_t hashlen, char *err, size_t errlen)
+{
+	if (!password || !*password) {
+		userdb_seterr(err, errlen, "empty password");
+		return -1;
+	}
+	if (passwd_hash(password, hash, hashlen) < 0) {
+		userdb_seterr(err, errlen, "cannot hash the password");
+		return -1;
+	}
+	return 0;
+}
+
 /* userdb_user_add - add a user with a password (hashed here); -1 with err if it exists or fails */
 int userdb_user_add(struct userdb *db, const char *name, const char *password, char *err,
     size_t errlen)
@@ -331,14 +345,8 @@ int userdb_user_add(struct userdb *db, const char *name, const char *password, c
 
 	if (userdb_name_check(name, err, errlen) < 0)
 		return -1;
-	if (!password || !*password) {
-		userdb_seterr(err, errlen, "empty password");
+	if (userdb_hash_new(password, hash, sizeof(hash), err, errlen) < 0)
 		return -1;
-	}
-	if (passwd_hash(password, hash, sizeof(hash)) < 0) {
-		userdb_seterr(err, errlen, "cannot hash the password");
-		return -1;
-	}
 	if (sqlite3_prepare_v2(db->db,
 	    "INSERT INTO users (name, hash, created, pw_changed) VALUES (?, ?, ?, ?)",
 	    -1, &st, NULL) != SQLITE_OK) {
@@ -372,14 +380,8 @@ int userdb_user_passwd(struct userdb *db, const char *name, const char *password
 		userdb_seterr(err, errlen, "user name is empty");
 		return -1;
 	}
-	if (!password || !*password) {
-		userdb_seterr(err, errlen, "empty password");
+	if (userdb_hash_new(password, hash, sizeof(hash), err, errlen) < 0)
 		return -1;
-	}
-	if (passwd_hash(password, hash, sizeof(hash)) < 0) {
-		userdb_seterr(err, errlen, "cannot hash the password");
-		return -1;
-	}
 	if (sqlite3_prepare_v2(db->db,
 	    "UPDATE users SET hash = ?, pw_changed = ? WHERE name = ?",
 	    -1, &st, NULL) != SQLITE_OK) {
