@@ -2040,6 +2040,104 @@ int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size
 	return 0;
 }
 
+/* what a reload replaced: live sessions may still point at it, so it is freed at shutdown */
+struct forward_retired {
+	gnutls_certificate_credentials_t cred;
+	char *user;
+	sasl_secret_t *secret;
+};
+static struct forward_retired forward_retired[64];
+static int forward_nretired;
+
+static void forward_retire(struct forward_upstream *u)
+{
+	if (forward_nretired == (int)(sizeof(forward_retired) / sizeof(forward_retired[0])))
+		return; /* XXX past 64 reloads the old credentials are simply kept */
+	forward_retired[forward_nretired++] = (struct forward_retired){ u->cred, u->user, u->secret };
+}
+
+static void forward_retired_free(void)
+{
+	for (int i = 0; i < forward_nretired; i++) {
+		struct forward_retired *r = &forward_retired[i];
+		if (r->cred)
+			gnutls_certificate_free_credentials(r->cred);
+		if (r->secret) {
+			explicit_bzero(r->secret->data, r->secret->len);
+			free(r->secret);
+		}
+		free(r->user);
+	}
+	forward_nretired = 0;
+}
+
+/* load one upstream's trust anchors and secret into t (a scratch copy); -1 with err */
+static int forward_load_upstream(struct forward_upstream *t, const struct upstream_cfg *uc, char *err, size_t errlen)
+{
+	memset(t, 0, sizeof(*t));
+	t->conf = *uc;
+	t->cfg = &t->conf;
+	snprintf(t->name, sizeof(t->name), "%s:%s", uc->host, uc->port);
+	if (uc->tls != UPSTREAM_TLS_NONE) {
+		char terr[512];
+		t->cred = tls_client_creds(uc->ca, terr, sizeof(terr));
+		if (!t->cred) {
+			snprintf(err, errlen, "%s:%d: upstream %s: %s", forward_cfg->path, uc->line, t->name, terr);
+			return -1;
+		}
+	}
+	if (uc->auth_file[0] && forward_read_secret(t, err, errlen) < 0) {
+		if (t->cred)
+			gnutls_certificate_free_credentials(t->cred);
+		return -1;
+	}
+	return 0;
+}
+
+/* forward_reload - SIGHUP: an upstream keeping its place, host, port and tls mode takes its
+ * new ca=, verify=, auth= file, rate= and connections= at once (sessions in progress finish
+ * with the old ones); a changed list of upstreams is reported and needs a restart */
+int forward_reload(const struct config *cfg, char *err, size_t errlen)
+{
+	struct forward_upstream fresh[CONFIG_MAX_UPSTREAM];
+	if (cfg->nupstream != forward_nup) {
+		log_warn("forward event=reload-partial reason=\"the list of upstreams changed: restart relayd to apply it\"");
+		return 0;
+	}
+	for (int i = 0; i < forward_nup; i++) {
+		const struct upstream_cfg *n = &cfg->upstream[i], *o = &forward_up[i].conf;
+		if (strcmp(n->host, o->host) || strcmp(n->port, o->port) || n->tls != o->tls) {
+			log_warn("forward event=reload-partial reason=\"the list of upstreams changed: restart relayd to apply it\"");
+			return 0;
+		}
+	}
+	for (int i = 0; i < forward_nup; i++) {
+		if (forward_load_upstream(&fresh[i], &cfg->upstream[i], err, errlen) < 0) {
+			for (int k = 0; k < i; k++)
+				forward_retire(&fresh[k]); /* freed at shutdown like any replaced credential */
+			return -1;
+		}
+	}
+	for (int i = 0; i < forward_nup; i++) {
+		struct forward_upstream *u = &forward_up[i];
+		forward_retire(u);
+		u->cred = fresh[i].cred;
+		u->user = fresh[i].user;
+		u->secret = fresh[i].secret;
+		u->conf = fresh[i].conf;
+		ratelimit_set(&u->rate, u->conf.rate_count, u->conf.rate_window);
+		if (u->secret && !forward_sasl) {
+			int rc = sasl_client_init(NULL);
+			if (rc == SASL_OK)
+				forward_sasl = true;
+			else
+				log_err("forward event=sasl-init-failed error=\"%s\"", sasl_errstring(rc, NULL, NULL));
+		}
+	}
+	log_info("forward event=reloaded upstreams=%d", forward_nup);
+	return 0;
+}
+
 /* forward_notify - a fresh message */
 void forward_notify(const char *id)
 {
@@ -2175,6 +2273,7 @@ void forward_shutdown(void)
 		free(u->user);
 		u->user = NULL;
 	}
+	forward_retired_free();
 	if (forward_sasl)
 		sasl_client_done();
 	log_info("forward event=stopped");

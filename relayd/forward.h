@@ -23,6 +23,9 @@ struct config;
  * SASL client set-up, then every message in the queue is scheduled (recovery).
  * Nothing runs before the loop does. -1 with err on a start-up error. */
 int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen);
+/* forward_reload - SIGHUP: new ca=, verify=, auth= secrets, rate= and connections= for
+ * upstreams whose list is unchanged; -1 with err (nothing changed) if one cannot be loaded */
+int forward_reload(const struct config *cfg, char *err, size_t errlen);
 /* forward_notify - message id was just committed: load it (off the loop) and send it now */
 void forward_notify(const char *id);
 /* forward_shutdown - no new attempts; QUIT idle upstream connections, close the others */

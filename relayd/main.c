@@ -173,11 +173,6 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
 	    strcmp(n->metrics_port, o->metrics_port))
 		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control and metrics change only on restart\"");
-	bool same_up = n->nupstream == o->nupstream;
-	for (int i = 0; same_up && i < n->nupstream; i++)
-		same_up = !memcmp(&n->upstream[i], &o->upstream[i], offsetof(struct upstream_cfg, line));
-	if (!same_up)
-		log_warn("main event=reload-partial reason=\"upstream lines change only on restart\"");
 	memcpy(n->listen, o->listen, sizeof(n->listen));
 	n->nlisten = o->nlisten;
 	memcpy(n->queue, o->queue, sizeof(n->queue));
@@ -204,6 +199,13 @@ static int main_reload(void)
 	gnutls_certificate_credentials_t cred = NULL;
 	if (n->tls_cert[0] && !(cred = tls_server_creds(n->tls_cert, n->tls_key, err, sizeof(err)))) {
 		log_err("main event=reload-failed error=\"%s\" action=kept-old-config", err);
+		free(n);
+		return -1;
+	}
+	if (forward_reload(n, err, sizeof(err)) < 0) { /* last: it applies what it loaded */
+		log_err("main event=reload-failed error=\"%s\" action=kept-old-config", err);
+		if (cred)
+			gnutls_certificate_free_credentials(cred);
 		free(n);
 		return -1;
 	}

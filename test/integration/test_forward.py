@@ -427,4 +427,31 @@ def _():
     relay.stop()
 
 
+
+@t.test("reload: a corrected upstream secret applies without a restart")
+def _():
+    sink = t.Sink(SINK_TLS + ["--require-auth", f"{UP_USER}:{UP_PW}"])
+    relay = t.Relay(extra_config=RETRY)
+    sec = os.path.join(relay.dir, "upstream.secret")
+    with open(sec, "w") as f:
+        f.write(f"{UP_USER}:wrong-password\n")
+    os.chmod(sec, 0o600)
+    reconfigure(relay, [f"localhost:{sink.port} tls=starttls ca={SINK_CA} auth={sec}"])
+    relay.add_user(ALICE, ALICE_PW)
+    relay.start()
+    pid = relay.proc.pid
+    code, qid, msg = submit(relay, ["bob@example.net"], subject=marker("reload"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, r"event=deferred"), "deferred: the upstream refuses the wrong password")
+    t.is_(sink.messages(), [], "nothing delivered yet")
+    secret_file(relay)  # the right password
+    rc, out = relay.relayctl("reload")
+    t.is_(rc, 0, "relayctl reload")
+    t.ok(wait_log(relay, r"forward event=reloaded upstreams=1"), "forwarder took the new settings")
+    relay.relayctl("queue", "flush")
+    msgs = wait_msgs(sink, 1)
+    t.is_(len(msgs), 1, "delivered after the reload")
+    t.is_(relay.proc.pid, pid, "same relayd process (no restart)")
+    done(relay, sink)
+
 t.done()
