@@ -57,6 +57,7 @@ void config_defaults(struct config *c)
 	c->retry_min = 60;
 	c->retry_max = 3600;
 	c->queue_lifetime = 5 * 86400;
+	c->delay_warning = 4 * 3600;
 	c->check_header_from = true;
 	c->auth_cache_ttl = 300;
 	c->limit_msgs_window = c->limit_rcpts_window = c->limit_bytes_window = 3600;
@@ -373,6 +374,8 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_unsigned(x, argc, argv, &c->retry_max, 86400 * 7, config_parse_duration);
 	if (!strcmp(d, "queue_lifetime"))
 		return config_unsigned(x, argc, argv, &c->queue_lifetime, 86400 * 60, config_parse_duration);
+	if (!strcmp(d, "delay_warning"))
+		return config_unsigned(x, argc, argv, &c->delay_warning, 86400 * 60, config_parse_duration);
 	if (!strcmp(d, "auth_cache_ttl"))
 		return config_unsigned(x, argc, argv, &c->auth_cache_ttl, 86400, config_parse_duration);
 	if (!strcmp(d, "metrics")) {

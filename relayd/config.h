@@ -66,6 +66,7 @@ struct config {
 	unsigned retry_min;       /* forwarding backoff, seconds (default 60) */
 	unsigned retry_max;       /* (default 3600) */
 	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days) */
+	unsigned delay_warning;   /* seconds deferred before a "delayed" DSN (default 4h, 0 = off) */
 	bool check_header_from;   /* check From: against allowed senders (default yes) */
 	unsigned auth_cache_ttl;  /* verified-credential cache, seconds (default 300, 0 = off) */
 

@@ -1,12 +1,13 @@
 /*
- * dsn - bounce messages: RFC 3464 (delivery-status), RFC 3462/6522 (multipart/report),
+ * dsn - bounces, delay warnings and relayed notices: RFC 3464 (delivery-status), RFC 3462/6522 (multipart/report),
  * RFC 3461 (NOTIFY, RET, ENVID, ORCPT), RFC 3834 (Auto-Submitted), RFC 3463 (status codes).
  *
  * Invariants:
  *  - pure: no I/O, no clock (now is passed in), so the output is unit-testable;
  *  - every line ends in CRLF and stays under 998 octets (RFC 5322 §2.1.1): text taken
  *    from upstream replies is cut and stripped of control characters;
- *  - a recipient is reported only when it failed (5xx D record) and its NOTIFY allows it.
+ *  - a recipient is reported only when its state fits the notice (failed: 5xx D record;
+ *    delayed: pending; relayed: 2xx and R record) and its NOTIFY allows it.
  */
 #include "dsn.h"
 
@@ -25,6 +26,27 @@ bool dsn_rcpt_wanted(const struct queue_rcpt *r)
 	if (r->notify & DSN_NOTIFY_NEVER)
 		return false;
 	return r->notify == 0 || (r->notify & DSN_NOTIFY_FAILURE);
+}
+
+/* dsn_rcpt_reported - the recipient's state and NOTIFY fit the notice */
+bool dsn_rcpt_reported(const struct queue_rcpt *r, enum dsn_action action)
+{
+	switch (action) {
+	case DSN_ACTION_FAILED:
+		return dsn_rcpt_wanted(r);
+	case DSN_ACTION_DELAYED:
+		return r->done_code == 0 && !(r->notify & DSN_NOTIFY_NEVER) &&
+		       (r->notify == 0 || (r->notify & DSN_NOTIFY_DELAY));
+	case DSN_ACTION_RELAYED:
+		return r->done_code >= 200 && r->done_code < 300 && r->relay_notice && !(r->notify & DSN_NOTIFY_NEVER) &&
+		       (r->notify & DSN_NOTIFY_SUCCESS);
+	}
+	return false;
+}
+
+static const char *dsn_action_name(enum dsn_action action)
+{
+	return action == DSN_ACTION_FAILED ? "failed" : action == DSN_ACTION_DELAYED ? "delayed" : "relayed";
 }
 
 /* dsn_xtext_decode - "+XX" hex escapes to bytes */
@@ -72,17 +94,25 @@ static void dsn_split_text(const char *text, char *remote, size_t rlen, const ch
 	}
 }
 
-/* the enhanced status code at the start of a reply text (RFC 3463), else 5.0.0 */
-static void dsn_status(const char *reply, char *out, size_t outlen)
+/* the enhanced status code (RFC 3463) at the start of a reply text, of class 4 or 5 for a
+ * failure, 2 for relayed; for delayed the first one of class 4 anywhere in the text (it is
+ * "upstream said: 451 4.3.0 ..."); else 5.0.0, 2.0.0 or 4.0.0 */
+static void dsn_status(const char *reply, enum dsn_action action, char *out, size_t outlen)
 {
-	unsigned a, b, c;
-	int n = 0;
-	if (sscanf(reply, "%1u.%3u.%3u%n", &a, &b, &c, &n) == 3 && (a == 4 || a == 5) &&
-	    (reply[n] == '\0' || reply[n] == ' ')) {
-		snprintf(out, outlen, "%u.%u.%u", a, b, c);
-		return;
+	const char *p = reply;
+	for (;;) {
+		unsigned a, b, c;
+		int n = 0;
+		if (sscanf(p, "%1u.%3u.%3u%n", &a, &b, &c, &n) == 3 && (p[n] == '\0' || p[n] == ' ') &&
+		    (action == DSN_ACTION_FAILED ? a == 4 || a == 5 : a == (action == DSN_ACTION_RELAYED ? 2u : 4u))) {
+			snprintf(out, outlen, "%u.%u.%u", a, b, c);
+			return;
+		}
+		if (action != DSN_ACTION_DELAYED || !(p = strchr(p, ' ')))
+			break;
+		p++;
 	}
-	snprintf(out, outlen, "5.0.0");
+	snprintf(out, outlen, "%s", action == DSN_ACTION_FAILED ? "5.0.0" : action == DSN_ACTION_RELAYED ? "2.0.0" : "4.0.0");
 }
 
 static bool dsn_has_8bit(const char *p, size_t n)
@@ -117,32 +147,48 @@ static const char *dsn_addr_type(const char *addr)
 	return dsn_has_8bit(addr, strlen(addr)) ? "utf-8" : "rfc822";
 }
 
-static int dsn_human_part(const struct queue_envelope *env, const char *hostname, const char *boundary,
-			  bool utf8, struct buf *out)
+static int dsn_human_part(const struct queue_envelope *env, enum dsn_action action, const char *hostname,
+			  const char *boundary, bool utf8, struct buf *out)
 {
+	static const char *intro[] = {
+		"I'm sorry to have to inform you that your message could not\r\n"
+		"be delivered to one or more recipients. It's attached below.\r\n\r\n",
+		"####### THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #######\r\n\r\n"
+		"Your message could not be delivered yet to one or more recipients.\r\n"
+		"The mail system will keep trying. Its headers are attached below.\r\n\r\n",
+		"Your message was delivered to the mail systems below, which will not\r\n"
+		"send delivery notifications of their own. Its headers are attached below.\r\n\r\n",
+	};
 	int rc = buf_printf(out, "--%s\r\nContent-Description: Notification\r\n"
 			    "Content-Type: text/plain; charset=%s\r\n%s\r\n"
-			    "This is the mail system at host %s.\r\n\r\n"
-			    "I'm sorry to have to inform you that your message could not\r\n"
-			    "be delivered to one or more recipients. It's attached below.\r\n\r\n"
+			    "This is the mail system at host %s.\r\n\r\n%s"
 			    "The mail system\r\n\r\n", boundary, utf8 ? "utf-8" : "us-ascii",
-			    utf8 ? "Content-Transfer-Encoding: 8bit\r\n" : "", hostname);
+			    utf8 ? "Content-Transfer-Encoding: 8bit\r\n" : "", hostname, intro[action]);
 	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
 		const struct queue_rcpt *r = &env->rcpt[i];
-		if (!dsn_rcpt_wanted(r))
+		if (!dsn_rcpt_reported(r, action))
 			continue;
 		char remote[256], text[DSN_TEXT_MAX + 1];
 		const char *reply;
+		if (action == DSN_ACTION_DELAYED) {
+			dsn_clean(env->last_error ? env->last_error : "not delivered yet", text, sizeof(text), DSN_TEXT_MAX);
+			rc |= buf_printf(out, "<%s>: delivery temporarily suspended: %s\r\n\r\n", r->addr, text);
+			continue;
+		}
 		dsn_split_text(r->done_text, remote, sizeof(remote), &reply);
 		dsn_clean(reply, text, sizeof(text), DSN_TEXT_MAX);
-		rc |= buf_printf(out, "<%s>: %s%s%s said: %d %s\r\n\r\n", r->addr, remote[0] ? "host " : "",
-				 remote[0] ? remote : "the mail system", "", r->done_code, text);
+		if (action == DSN_ACTION_RELAYED)
+			rc |= buf_printf(out, "<%s>: delivery via %s: %d %s\r\n\r\n", r->addr,
+					 remote[0] ? remote : "the mail system", r->done_code, text);
+		else
+			rc |= buf_printf(out, "<%s>: %s%s%s said: %d %s\r\n\r\n", r->addr, remote[0] ? "host " : "",
+					 remote[0] ? remote : "the mail system", "", r->done_code, text);
 	}
 	return rc;
 }
 
-static int dsn_status_part(const struct queue_envelope *env, const char *hostname, const char *boundary,
-			   struct buf *out)
+static int dsn_status_part(const struct queue_envelope *env, enum dsn_action action, const char *hostname,
+			   const char *boundary, struct buf *out)
 {
 	char date[64];
 	dsn_date(env->created, date, sizeof(date));
@@ -159,13 +205,18 @@ static int dsn_status_part(const struct queue_envelope *env, const char *hostnam
 	rc |= buf_printf(out, "Arrival-Date: %s\r\n", date);
 	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
 		const struct queue_rcpt *r = &env->rcpt[i];
-		if (!dsn_rcpt_wanted(r))
+		if (!dsn_rcpt_reported(r, action))
 			continue;
 		char remote[256], text[DSN_TEXT_MAX + 1], status[16];
 		const char *reply;
-		dsn_split_text(r->done_text, remote, sizeof(remote), &reply);
+		if (action == DSN_ACTION_DELAYED) {
+			remote[0] = '\0';
+			reply = env->last_error ? env->last_error : "";
+		} else {
+			dsn_split_text(r->done_text, remote, sizeof(remote), &reply);
+		}
 		dsn_clean(reply, text, sizeof(text), DSN_TEXT_MAX);
-		dsn_status(text, status, sizeof(status));
+		dsn_status(text, action, status, sizeof(status));
 		rc |= buf_printf(out, "\r\n");
 		if (r->orcpt) {
 			/* ORCPT is "addr-type;xtext" (RFC 3461 §4.2) */
@@ -182,23 +233,31 @@ static int dsn_status_part(const struct queue_envelope *env, const char *hostnam
 				}
 			}
 		}
-		rc |= buf_printf(out, "Final-Recipient: %s; %s\r\nAction: failed\r\nStatus: %s\r\n",
-				 dsn_addr_type(r->addr), r->addr, status);
+		rc |= buf_printf(out, "Final-Recipient: %s; %s\r\nAction: %s\r\nStatus: %s\r\n",
+				 dsn_addr_type(r->addr), r->addr, dsn_action_name(action), status);
 		if (remote[0])
 			rc |= buf_printf(out, "Remote-MTA: dns; %s\r\n", remote);
-		rc |= buf_printf(out, "Diagnostic-Code: smtp; %d %s\r\n", r->done_code, text);
+		if (action != DSN_ACTION_DELAYED) {
+			rc |= buf_printf(out, "Diagnostic-Code: smtp; %d %s\r\n", r->done_code, text);
+		} else {
+			const char *said = strstr(text, " said: "); /* "upstream said: 451 4.3.0 ..." */
+			if (said)
+				rc |= buf_printf(out, "Diagnostic-Code: smtp; %s\r\n", said + 7);
+		}
 	}
 	return rc;
 }
 
 /* dsn_build - the whole report */
-int dsn_build(const struct queue_envelope *env, const char *body, size_t len, const char *hostname, time_t now,
-	      struct buf *out)
+int dsn_build(const struct queue_envelope *env, enum dsn_action action, const char *body, size_t len,
+	      const char *hostname, time_t now, struct buf *out)
 {
+	static const char *subject[] = { "Undelivered Mail Returned to Sender", "Delayed Mail (still being retried)",
+					 "Successful Mail Delivery Report" };
 	int n = 0;
 	bool utf8 = false;
 	for (size_t i = 0; i < env->nrcpt; i++) {
-		if (!dsn_rcpt_wanted(&env->rcpt[i]))
+		if (!dsn_rcpt_reported(&env->rcpt[i], action))
 			continue;
 		n++;
 		utf8 |= dsn_has_8bit(env->rcpt[i].addr, strlen(env->rcpt[i].addr));
@@ -207,7 +266,10 @@ int dsn_build(const struct queue_envelope *env, const char *body, size_t len, co
 	}
 	if (n == 0)
 		return 0;
-	bool hdrs_only = env->ret && !strcmp(env->ret, "HDRS");
+	if (action == DSN_ACTION_DELAYED && env->last_error)
+		utf8 |= dsn_has_8bit(env->last_error, strlen(env->last_error));
+	/* only a bounce returns the whole message (RFC 3461 §4.3 leaves it open for the others) */
+	bool hdrs_only = action != DSN_ACTION_FAILED || (env->ret && !strcmp(env->ret, "HDRS"));
 	size_t part_len = hdrs_only ? dsn_header_len(body, len) : len;
 	bool body8 = dsn_has_8bit(body, part_len);
 	char date[64], boundary[128];
@@ -216,20 +278,23 @@ int dsn_build(const struct queue_envelope *env, const char *body, size_t len, co
 
 	int rc = buf_printf(out, "From: Mail Delivery System <MAILER-DAEMON@%s>\r\n"
 			    "To: <%s>\r\n"
-			    "Subject: Undelivered Mail Returned to Sender\r\n"
+			    "Subject: %s\r\n"
 			    "Date: %s\r\n"
-			    "Message-ID: <%s.%lld.dsn@%s>\r\n"
+			    "Message-ID: <%s.%lld.%s@%s>\r\n"
 			    "Auto-Submitted: auto-replied\r\n"
 			    "MIME-Version: 1.0\r\n"
 			    "Content-Type: multipart/report; report-type=delivery-status;\r\n"
 			    "\tboundary=\"%s\"\r\n"
 			    "\r\n"
 			    "This is a MIME-encapsulated message.\r\n\r\n",
-			    hostname, env->from, date, env->id, (long long)now, hostname, boundary);
-	rc |= dsn_human_part(env, hostname, boundary, utf8, out);
-	rc |= dsn_status_part(env, hostname, boundary, out);
+			    hostname, env->from, subject[action], date, env->id, (long long)now,
+			    action == DSN_ACTION_FAILED ? "dsn" : action == DSN_ACTION_DELAYED ? "delay" : "relay", hostname,
+			    boundary);
+	rc |= dsn_human_part(env, action, hostname, boundary, utf8, out);
+	rc |= dsn_status_part(env, action, hostname, boundary, out);
 	rc |= buf_printf(out, "\r\n--%s\r\nContent-Description: %s\r\nContent-Type: %s\r\n%s\r\n", boundary,
-			 hdrs_only ? "Undelivered Message Headers" : "Undelivered Message",
+			 action != DSN_ACTION_FAILED ? "Message Headers"
+			 : hdrs_only ? "Undelivered Message Headers" : "Undelivered Message",
 			 hdrs_only ? "text/rfc822-headers" : "message/rfc822",
 			 body8 ? "Content-Transfer-Encoding: 8bit\r\n" : "");
 	rc |= buf_append(out, body, part_len);

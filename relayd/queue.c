@@ -407,6 +407,13 @@ static void queue_parse_status(struct queue_envelope *env, char *line)
 	} else if (line[0] == 'B' && line[1] == ' ') {
 		if (strlen(line + 2) == QUEUE_ID_LEN)
 			memcpy(env->bounce_id, line + 2, QUEUE_ID_LEN + 1);
+	} else if (line[0] == 'R' && line[1] == ' ') {
+		char *end;
+		unsigned long idx = strtoul(line + 2, &end, 10);
+		if (end != line + 2 && idx < env->nrcpt)
+			env->rcpt[idx].relay_notice = true;
+	} else if (line[0] == 'W' && (line[1] == ' ' || line[1] == '\0')) {
+		env->delay_warned = true;
 	}
 }
 

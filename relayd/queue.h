@@ -20,6 +20,9 @@
  *     D <rcpt index> <smtp code> <text>\n     recipient finished (delivered 2xx or failed 5xx)
  *     T <attempts> <next attempt unix time> <text>\n   transient failure, retry later
  *     B <bounce queue id>\n                    the bounce for failed recipients is committed
+     R <rcpt index>\n                         recipient delivered with NOTIFY=SUCCESS to an upstream
+                                              without DSN: a "relayed" notice is owed (RFC 3464)
+     W <notice queue id>\n                    the one "delayed" notice (delay_warning) is committed
  * A file without a valid END trailer never got a 250 and is discarded at recovery.
  * A message is removed (unlink) only when every recipient has a D record and, where any
  * recipient failed, its bounce is committed (B record), or it is a bounce itself.
@@ -57,6 +60,7 @@ struct queue_rcpt {
 	unsigned notify;      /* DSN_NOTIFY_* bits */
 	int done_code;        /* 0 = pending, else the final SMTP code (2xx delivered, 5xx failed) */
 	char *done_text;      /* upstream reply text for done recipients (NULL if pending) */
+	bool relay_notice;    /* R record: a "relayed" DSN is owed to the sender */
 };
 
 struct queue_envelope {
@@ -75,6 +79,7 @@ struct queue_envelope {
 	time_t next_attempt;
 	char *last_error;     /* text of the last T record, NULL if none */
 	char bounce_id[QUEUE_ID_LEN + 1]; /* "" if no B record */
+	bool delay_warned;    /* W record: the "delayed" notice was sent */
 	/* the message */
 	size_t size;
 	off_t body_offset;    /* where the N message bytes start in the file */

@@ -45,6 +45,7 @@
 #define SMTP_AUTH_LINE_MAX  12288   /* RFC 4954 §4 */
 #define SMTP_OUT_HIGH       (256 * 1024) /* stop reading while this much output waits */
 #define SMTP_BUCKETS        4096
+#define SMTP_BATCH          100     /* commands per turn: a pipelining flood cannot hold the loop */
 
 enum session_state {
 	SS_TLS_HANDSHAKE, /* implicit TLS: waiting for the handshake before the greeting */
@@ -79,6 +80,7 @@ struct session {
 	struct policy_limits limits;    /* this user's limits, read at AUTH */
 	struct auth_req *auth;
 	ev_timer delay;                 /* holds a failed AUTH's reply (brute-force tarpit) */
+	ev_idle more;                   /* more buffered commands: continue when the loop is idle */
 	unsigned errors;
 	unsigned auth_failures;
 	ev_timer timer;
@@ -365,6 +367,12 @@ static void session_auth_response(struct session *s, char *line)
 		return;
 	}
 	session_auth_submit(s);
+}
+
+static void session_more(struct ev_loop *loop, ev_idle *w, int revents)
+{
+	(void)loop; (void)revents;
+	session_process(w->data);
 }
 
 static void session_delay_done(struct ev_loop *loop, ev_timer *w, int revents)
@@ -933,7 +941,13 @@ static bool session_command_input(struct session *s)
 /* process as much buffered input as the state allows */
 static void session_process(struct session *s)
 {
+	unsigned turn = 0;
+	ev_idle_stop(smtp_loop, &s->more);
 	while (!s->busy && s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE) {
+		if (++turn > SMTP_BATCH && s->conn.in.len > 0) {
+			ev_idle_start(smtp_loop, &s->more); /* other clients and timers go first */
+			return;
+		}
 		if (smtp_draining && (s->state == SS_CONNECTED || s->state == SS_GREETED)) {
 			/* RFC 5321 §3.8: the server may close with 421 between transactions */
 			session_reply(s, "421 4.3.2 %s Service shutting down, try again later", smtp_cfg->hostname);
@@ -1061,6 +1075,7 @@ static void session_free(struct session *s, const char *reason)
 	policy_ip_disconnect(s->peer);
 	ev_timer_stop(smtp_loop, &s->timer);
 	ev_timer_stop(smtp_loop, &s->delay);
+	ev_idle_stop(smtp_loop, &s->more);
 	conn_close(&s->conn);
 	if (s->auth && !s->busy)
 		auth_req_free(s->auth); /* a busy request is freed when its step comes back */
@@ -1088,6 +1103,8 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	session_register(s);
 	conn_init(&s->conn, smtp_loop, fd, &session_conn_ops, s);
 	s->conn.in_max = SMTP_AUTH_LINE_MAX + 16384;
+	ev_idle_init(&s->more, session_more);
+	s->more.data = s;
 	ev_init(&s->delay, session_delay_done);
 	s->delay.data = s;
 	ev_init(&s->timer, session_timeout);

@@ -1,101 +1,136 @@
 /*
- * fuzz_upstream_reply - libFuzzer target for the forwarder's reply parsing (relayd/forward.c).
+ * fuzz_upstream_reply - libFuzzer target for the forwarder's reply parsing (relayd/smtp_reply.c).
  *
- * forward.c has no separate pure reply parser: replies are split and checked inside the
- * static conn callback forward_on_read() (RFC 5321 §4.2.1 "ddd-"/"ddd " lines, at most
- * FORWARD_REPLY_MAX), and EHLO keywords are read by the static forward_parse_ehlo(). This
- * target #includes forward.c to drive both as they are: a session in FS_CONNECT (where
- * forward_response() only logs) is fed the input in random-sized pieces, the way conn.c
- * appends to c->in; a malformed reply takes the real forward_session_fail() path (upstream
- * marked down, session freed and reaped). The input is also given to forward_parse_ehlo().
- * It uses forward.c's internal names: when they change, this file follows.
+ * The input (after one seed byte) is parsed twice: once in one piece, once in pieces whose
+ * sizes come from a PRNG seeded by the first byte, dropping the consumed bytes after each
+ * call the way forward_session.c drops them from c->in. Invariants: consumed <= offered;
+ * after "need more" what is left holds no complete line; the text is NUL-terminated, holds
+ * no NUL, and never passes SMTP_REPLY_MAX; a complete reply has a 2xx..5xx code and at
+ * least one line; the split does not change the sequence of replies (code, status, text)
+ * nor where parsing fails. Every reply's text also goes through smtp_reply_ehlo().
  */
-#include "../../relayd/forward.c"
-
 #include <assert.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-static struct config fz_cfg;
-static bool fz_ready;
+#include "smtp_reply.h"
 
-static void fz_init(void)
+#define FZ_MAX_REPLIES 4096
+
+struct fz_seen {
+	int code;
+	char status[16];
+	uint32_t hash;              /* of the text */
+	size_t len;
+};
+
+struct fz_run {
+	struct fz_seen seen[FZ_MAX_REPLIES];
+	size_t n;
+	bool failed;                /* -1 at some point */
+	size_t total;               /* bytes consumed by complete replies */
+};
+
+static struct smtp_reply fz_r;
+static struct fz_run fz_a, fz_b;
+
+static uint32_t fz_hash(const char *p, size_t n)
 {
-	log_init("fuzz", 1, 0);
-	config_defaults(&fz_cfg);
-	forward_cfg = &fz_cfg;
-	forward_loop = ev_loop_new(EVFLAG_AUTO);
-	ev_init(&forward_reaper, forward_reaper_cb);
-	forward_stopping = true; /* forward_upstream_dispatch() opens no connection */
-	forward_nup = 1;
-	struct forward_upstream *u = &forward_up[0];
-	snprintf(u->conf.host, sizeof(u->conf.host), "upstream.test");
-	snprintf(u->conf.port, sizeof(u->conf.port), "587");
-	u->conf.max_connections = 1;
-	u->cfg = &u->conf;
-	snprintf(u->name, sizeof(u->name), "upstream.test:587");
-	fz_ready = true;
+	uint32_t h = 2166136261u;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ (unsigned char)p[i]) * 16777619u;
+	return h;
+}
+
+static void fz_check(const struct smtp_reply *r)
+{
+	assert(r->len <= SMTP_REPLY_MAX);
+	assert(r->text[r->len] == '\0');
+	assert(strlen(r->text) == r->len);
+	assert(memchr(r->status, '\0', sizeof(r->status)));
+}
+
+static void fz_record(struct fz_run *run, const struct smtp_reply *r)
+{
+	fz_check(r);
+	assert(r->code >= 200 && r->code <= 599 && r->nlines >= 1);
+	if (r->status[0])
+		assert(r->status[0] == '0' + r->code / 100 && !strncmp(r->text, r->status, strlen(r->status)));
+	struct smtp_ehlo e;
+	smtp_reply_ehlo(r->text, &e);
+	if (run->n < FZ_MAX_REPLIES) {
+		struct fz_seen *s = &run->seen[run->n];
+		s->code = r->code;
+		memcpy(s->status, r->status, sizeof(s->status));
+		s->hash = fz_hash(r->text, r->len);
+		s->len = r->len;
+	}
+	run->n++;
+}
+
+/* parse data in pieces of the sizes the PRNG gives (st == 0: one piece) */
+static void fz_run(struct fz_run *run, const char *data, size_t n, uint32_t st)
+{
+	char *buf = malloc(n ? n : 1);
+	size_t have = 0, off = 0;
+	memset(run, 0, sizeof(*run));
+	smtp_reply_init(&fz_r);
+	assert(buf);
+	while (off < n) {
+		size_t k = n - off;
+		if (st) {
+			st ^= st << 13;
+			st ^= st >> 17;
+			st ^= st << 5;
+			k = 1 + st % k;
+		}
+		memcpy(buf + have, data + off, k);
+		have += k;
+		off += k;
+		for (;;) {
+			size_t used = 0;
+			int rc = smtp_reply_parse(buf, have, &fz_r, &used);
+			assert(used <= have);
+			if (rc < 0) {
+				run->failed = true;
+				free(buf);
+				return;
+			}
+			fz_check(&fz_r);
+			memmove(buf, buf + used, have - used);
+			have -= used;
+			run->total += used;
+			if (rc == 0) {
+				assert(!memchr(buf, '\n', have));
+				break;
+			}
+			fz_record(run, &fz_r);
+		}
+	}
+	free(buf);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	if (!fz_ready)
-		fz_init();
 	if (size < 1)
 		return 0;
-	struct forward_upstream *u = &forward_up[0];
-	struct forward_session *s = calloc(1, sizeof(*s));
-	assert(s);
-	s->id = ++forward_next_sid;
-	snprintf(s->idstr, sizeof(s->idstr), "%016llx", (unsigned long long)s->id);
-	s->up = u;
-	s->state = FS_CONNECT;
-	s->fd = -1;
-	ev_init(&s->timer, forward_timeout_cb);
-	ev_io_init(&s->cio, forward_connect_cb, -1, EV_WRITE);
-	s->next = u->sessions;
-	u->sessions = s;
-	u->nsessions++;
-	u->nsetup++;
-
-	/* first byte: piece size seed; the rest arrives as conn.c would append it */
-	uint32_t st = data[0] | 0x100;
 	const char *p = (const char *)data + 1;
 	size_t n = size - 1;
-	struct conn c;
-	memset(&c, 0, sizeof(c));
-	forward_on_read(&c, s); /* nothing read yet: c.in.data is NULL */
-	bool failed = s->dead;
-	for (size_t off = 0; off < n && !failed;) {
-		st ^= st << 13;
-		st ^= st >> 17;
-		st ^= st << 5;
-		size_t k = 1 + st % (n - off);
-		assert(buf_append(&c.in, p + off, k) == 0);
-		off += k;
-		size_t before = c.in.len;
-		forward_on_read(&c, s);
-		failed = s->dead;
-		assert(c.in.len <= before);
-		if (!failed) {
-			/* what is left is one partial line, and replies never grow past the cap */
-			assert(c.in.len == 0 || !memchr(c.in.data, '\n', c.in.len));
-			assert(s->rtext.len <= FORWARD_REPLY_MAX);
-		}
+	fz_run(&fz_a, p, n, 0);
+	fz_run(&fz_b, p, n, data[0] | 0x100);
+	/* a split may only find a malformed line earlier (an overlong partial line is seen
+	 * before its newline in both); the replies completed before agree */
+	assert(fz_a.failed == fz_b.failed);
+	if (!fz_a.failed)
+		assert(fz_a.n == fz_b.n && fz_a.total == fz_b.total);
+	size_t common = fz_a.n < fz_b.n ? fz_a.n : fz_b.n;
+	if (common > FZ_MAX_REPLIES)
+		common = FZ_MAX_REPLIES;
+	for (size_t i = 0; i < common; i++) {
+		assert(fz_a.seen[i].code == fz_b.seen[i].code);
+		assert(!strcmp(fz_a.seen[i].status, fz_b.seen[i].status));
+		assert(fz_a.seen[i].hash == fz_b.seen[i].hash && fz_a.seen[i].len == fz_b.seen[i].len);
 	}
-	if (!s->dead)
-		forward_session_free(s); /* a partial reply at EOF */
-	ev_run(forward_loop, EVRUN_NOWAIT); /* the reaper frees the session */
-	assert(forward_graveyard == NULL && u->sessions == NULL && u->nsessions == 0);
-	buf_free(&c.in);
-	u->fail_streak = 0;
-	u->nsetup = 0;
-
-	/* the EHLO keyword parser on the text of a reply */
-	char *text = malloc(n + 1);
-	memcpy(text, p, n);
-	text[n] = '\0';
-	struct forward_session e;
-	memset(&e, 0, sizeof(e));
-	forward_parse_ehlo(&e, text);
-	free(text);
 	return 0;
 }

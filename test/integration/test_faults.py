@@ -346,16 +346,19 @@ def _():
     for round_ in range(5):
         stop = threading.Event()
         ths = [threading.Thread(target=client, args=(stop,), daemon=True) for _ in range(4)]
+        before = len(acked)
         for th in ths:
             th.start()
-        time.sleep(rnd.uniform(0.5, 2.0))
+        # at least one 250 in every round (slow under valgrind), then a random moment
+        t.wait_for(lambda: len(acked) > before, 30 * SLOW, 0.05)
+        time.sleep(rnd.uniform(0.2, 1.5))
         relay.kill9()
         stop.set()
         for th in ths:
             th.join(10 * SLOW)
         relay.start()
     t.diag(f"{len(acked)} messages got 250 across 5 kill -9 rounds")
-    t.ok(len(acked) >= 20, f"load was real: {len(acked)} messages acknowledged")
+    t.ok(len(acked) >= 5, f"load was real: {len(acked)} messages acknowledged")
 
     def missing():
         got = set(sink_subjects(sink))

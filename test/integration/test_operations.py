@@ -61,9 +61,10 @@ def _():
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for th in threads:
         th.start()
-    for _ in range(5):
+    for i in range(5):  # one at a time: signals sent together may be delivered as one
         time.sleep(0.2)
         os.kill(relay.proc.pid, signal.SIGHUP)
+        t.wait_for(lambda: len(re.findall(r"event=reloaded", relay.log())) > i, 5 * t.SLOW)
     for th in threads:
         th.join(60)
     good = sum(1 for r in results if t.queued_id(r))

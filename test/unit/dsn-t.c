@@ -1,6 +1,6 @@
 /*
- * dsn-t - the RFC 3464 bounce: structure, per-recipient fields, RET=HDRS, NOTIFY rules,
- * ENVID and ORCPT carried, CRLF only and bounded line lengths.
+ * dsn-t - the RFC 3464 notices: bounce structure, per-recipient fields, RET=HDRS, NOTIFY rules,
+ * ENVID and ORCPT carried, CRLF only and bounded line lengths; delayed and relayed notices.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +76,7 @@ int main(void)
 	struct buf out = { 0 };
 
 	setup(&env);
-	int n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	int n = dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
 	is_int(n, 2, "two failed recipients reported");
 	const char *d = out.data;
 	ok(d && strstr(d, "From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n") != NULL, "From: MAILER-DAEMON@hostname");
@@ -112,7 +112,7 @@ int main(void)
 	env.ret = "HDRS";
 	env.envid = "QQ+2B314";
 	rcpts[1].orcpt = "rfc822;Bad+2BAlias@example.net";
-	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	n = dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
 	is_int(n, 2, "RET=HDRS: still two reported");
 	d = out.data;
 	ok(d && strstr(d, "Content-Type: text/rfc822-headers\r\n") != NULL, "RET=HDRS: text/rfc822-headers");
@@ -128,11 +128,11 @@ int main(void)
 	setup(&env);
 	rcpts[1].notify = DSN_NOTIFY_NEVER;
 	rcpts[2].notify = DSN_NOTIFY_SUCCESS | DSN_NOTIFY_DELAY;
-	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	n = dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
 	is_int(n, 0, "NOTIFY=NEVER and NOTIFY without FAILURE: nothing to report");
 	is_int((long long)out.len, 0, "and nothing written");
 	rcpts[2].notify = DSN_NOTIFY_FAILURE | DSN_NOTIFY_DELAY;
-	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	n = dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
 	is_int(n, 1, "NOTIFY=FAILURE,DELAY is reported");
 	ok(out.data && !strstr(out.data, "bad@example.net") && strstr(out.data, "gone@example.net"),
 	   "only the recipient that asked for it");
@@ -142,7 +142,7 @@ int main(void)
 	setup(&env);
 	rcpts[1].done_text = NULL;
 	rcpts[2].done_text = "4.4.7 Delivery time expired: last error: mx said: 451 4.3.0 try later";
-	n = dsn_build(&env, msg, strlen(msg), "relay.test", 1700000100, &out);
+	n = dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
 	is_int(n, 2, "missing text is fine");
 	ok(out.data && strstr(out.data, "Status: 4.4.7\r\n") != NULL, "expiry reported with 4.4.7");
 	buf_free(&out);
@@ -150,10 +150,66 @@ int main(void)
 	/* 8-bit original */
 	setup(&env);
 	const char m8[] = "Subject: caf\xc3\xa9\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n";
-	n = dsn_build(&env, m8, strlen(m8), "relay.test", 1700000100, &out);
+	n = dsn_build(&env, DSN_ACTION_FAILED, m8, strlen(m8), "relay.test", 1700000100, &out);
 	ok(n == 2 && strstr(out.data, "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n") != NULL,
 	   "8-bit original: Content-Transfer-Encoding: 8bit");
 	buf_free(&out);
+
+	/* delayed: the pending recipients whose NOTIFY has DELAY or is not given */
+	setup(&env);
+	rcpts[1].done_code = 0;
+	rcpts[1].done_text = NULL;
+	rcpts[2].done_code = 0;
+	rcpts[2].done_text = NULL;
+	rcpts[2].notify = DSN_NOTIFY_FAILURE;
+	env.last_error = "mx.example.net:25 said: 451 4.3.0 try later";
+	n = dsn_build(&env, DSN_ACTION_DELAYED, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 1, "delayed: only the pending recipient without NOTIFY (FAILURE alone: no warning)");
+	d = out.data;
+	ok(d && strstr(d, "Subject: Delayed Mail (still being retried)\r\n") != NULL, "delayed: Subject");
+	ok(d && strstr(d, "Final-Recipient: rfc822; bad@example.net\r\nAction: delayed\r\nStatus: 4.3.0\r\n"
+			  "Diagnostic-Code: smtp; 451 4.3.0 try later\r\n") != NULL,
+	   "delayed: Action, Status from the last error, Diagnostic-Code");
+	ok(d && !strstr(d, "ok@example.net") && !strstr(d, "gone@example.net"), "delayed: not the others");
+	ok(d && strstr(d, "Content-Type: text/rfc822-headers\r\n") != NULL && !strstr(d, "BODY-LINE-ONE"),
+	   "delayed: headers only");
+	ok(d && strstr(d, "WARNING ONLY") != NULL, "delayed: the human part says it is a warning");
+	ok(lines_ok(out.data, out.len), "delayed: CRLF only");
+	buf_free(&out);
+	rcpts[1].notify = DSN_NOTIFY_NEVER;
+	is_int(dsn_build(&env, DSN_ACTION_DELAYED, msg, strlen(msg), "relay.test", 1700000100, &out), 0,
+	       "delayed: NOTIFY=NEVER: nothing");
+	rcpts[1].notify = DSN_NOTIFY_DELAY;
+	env.last_error = "mx.example.net:25: connect: Connection refused";
+	n = dsn_build(&env, DSN_ACTION_DELAYED, msg, strlen(msg), "relay.test", 1700000100, &out);
+	ok(n == 1 && strstr(out.data, "Status: 4.0.0\r\n") && !strstr(out.data, "Diagnostic-Code"),
+	   "delayed: NOTIFY=DELAY; no reply: Status 4.0.0, no Diagnostic-Code");
+	buf_free(&out);
+
+	/* relayed: delivered, marked, NOTIFY has SUCCESS */
+	setup(&env);
+	rcpts[0].notify = DSN_NOTIFY_SUCCESS | DSN_NOTIFY_FAILURE;
+	is_int(dsn_build(&env, DSN_ACTION_RELAYED, msg, strlen(msg), "relay.test", 1700000100, &out), 0,
+	       "relayed: not marked (the upstream passed NOTIFY on): nothing");
+	rcpts[0].relay_notice = true;
+	rcpts[1].relay_notice = true; /* failed: never relayed */
+	rcpts[1].notify = DSN_NOTIFY_SUCCESS;
+	n = dsn_build(&env, DSN_ACTION_RELAYED, msg, strlen(msg), "relay.test", 1700000100, &out);
+	is_int(n, 1, "relayed: the delivered recipient");
+	d = out.data;
+	ok(d && strstr(d, "Subject: Successful Mail Delivery Report\r\n") != NULL, "relayed: Subject");
+	ok(d && strstr(d, "Final-Recipient: rfc822; ok@example.net\r\nAction: relayed\r\nStatus: 2.0.0\r\n"
+			  "Remote-MTA: dns; mx.example.net\r\nDiagnostic-Code: smtp; 250 2.0.0 Ok\r\n") != NULL,
+	   "relayed: Action, Status, Remote-MTA, Diagnostic-Code");
+	ok(d && !strstr(d, "bad@example.net"), "relayed: not the failed one");
+	ok(d && strstr(d, "Content-Type: text/rfc822-headers\r\n") != NULL, "relayed: headers only");
+	ok(d && strstr(d, "<ok@example.net>: delivery via mx.example.net: 250 2.0.0 Ok") != NULL,
+	   "relayed: human-readable part");
+	ok(lines_ok(out.data, out.len), "relayed: CRLF only");
+	buf_free(&out);
+	rcpts[0].notify = DSN_NOTIFY_FAILURE;
+	is_int(dsn_build(&env, DSN_ACTION_RELAYED, msg, strlen(msg), "relay.test", 1700000100, &out), 0,
+	       "relayed: without SUCCESS: nothing");
 
 	char x[64];
 	ok(dsn_xtext_decode("a+2Bb+3Dc", x, sizeof(x)) == 0 && !strcmp(x, "a+b=c"), "xtext decode");
