@@ -64,6 +64,11 @@ struct forward_io {
 	char bounce_id[QUEUE_ID_LEN + 1];
 	struct queue_envelope bounce;   /* loaded when a bounce was made */
 	bool have_bounce;
+	bool warn;                      /* send the "delayed" notice (not with finish) */
+	char notice_id[QUEUE_ID_LEN + 1];
+	struct queue_envelope notice;   /* loaded when a delayed or relayed notice was made */
+	bool have_notice;
+	const char *notice_action;
 };
 
 struct forward_load {
@@ -248,6 +253,18 @@ static unsigned forward_backoff(unsigned attempts)
 	return d < forward_cfg->retry_max ? d : forward_cfg->retry_max;
 }
 
+/* deferred for delay_warning, and someone wants to know (RFC 3461 NOTIFY=DELAY or none) */
+static bool forward_msg_warning_due(const struct forward_msg *m, time_t now)
+{
+	if (!forward_cfg->delay_warning || m->env.delay_warned || !m->env.from[0] ||
+	    now - m->env.created < (time_t)forward_cfg->delay_warning)
+		return false;
+	for (size_t i = 0; i < m->env.nrcpt; i++)
+		if (dsn_rcpt_reported(&m->env.rcpt[i], DSN_ACTION_DELAYED))
+			return true;
+	return false;
+}
+
 /* every upstream failed this round: T record and wait */
 static void forward_msg_defer(struct forward_msg *m)
 {
@@ -265,6 +282,10 @@ static void forward_msg_defer(struct forward_msg *m)
 	m->env.next_attempt = now + (time_t)delay;
 	buf_printf(&m->records, "%sT %u %lld %s", m->records.len ? "\n" : "", attempts, (long long)m->env.next_attempt,
 		   reason);
+	if (forward_msg_warning_due(m, now)) {
+		m->env.delay_warned = true; /* once; the W record follows the notice on disk */
+		m->warn_due = true;
+	}
 	forward_stat_deferrals++;
 	log_info("%s forward event=deferred attempts=%u retry=%us reason=\"%s\"", m->id, attempts, delay, reason);
 	forward_msg_schedule(m, m->env.next_attempt);
@@ -336,7 +357,55 @@ static void forward_msg_route(struct forward_msg *m)
 
 static void forward_reload_later(const char *id);
 
-/* the finish sequence: bounce for failed recipients (unless null sender), B record, remove */
+/* a notice of this action about env to its sender, written as a new queue message from the
+ * null sender (body read into *body on first use); its id into id. Returns how many
+ * recipients it reports (0: none, nothing written), or -1 with j->rc, err and what set. */
+static int forward_io_notice(struct forward_io *j, const struct queue_envelope *env, enum dsn_action action,
+			     char **body, char id[QUEUE_ID_LEN + 1])
+{
+	int n = 0;
+	for (size_t i = 0; i < env->nrcpt; i++)
+		n += dsn_rcpt_reported(&env->rcpt[i], action);
+	if (n == 0)
+		return 0;
+	struct buf dsn = { 0 };
+	if ((!*body && queue_read_body(forward_queue, env, body) < 0) ||
+	    dsn_build(env, action, *body, env->size, j->hostname, time(NULL), &dsn) < 0) {
+		buf_free(&dsn);
+		j->rc = -1;
+		j->err = EIO;
+		j->what = action == DSN_ACTION_FAILED ? "bounce-build" : "notice-build";
+		return -1;
+	}
+	struct queue_envelope b = { 0 };
+	struct queue_rcpt r = { 0 };
+	bool eight = false;
+	for (size_t i = 0; i < dsn.len && !eight; i++)
+		eight = (unsigned char)dsn.data[i] & 0x80;
+	r.addr = env->from;
+	r.notify = DSN_NOTIFY_NEVER;
+	b.user = (char *)"MAILER-DAEMON";
+	b.from = (char *)"";
+	b.body = eight ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
+	for (const char *p = env->from; *p; p++)
+		if ((unsigned char)*p & 0x80)
+			b.smtputf8 = true;
+	b.rcpt = &r;
+	b.nrcpt = 1;
+	b.size = dsn.len;
+	int rc = queue_write_sync(forward_queue, &b, dsn.data, dsn.len);
+	buf_free(&dsn);
+	if (rc < 0) {
+		j->rc = -1, j->err = errno;
+		j->what = action == DSN_ACTION_FAILED ? "bounce-write" : "notice-write";
+		return -1;
+	}
+	memcpy(id, b.id, QUEUE_ID_LEN + 1);
+	return n;
+}
+
+/* the finish sequence: bounce for failed recipients (unless null sender), B record, relayed
+ * notice, remove */
 static void forward_io_finish(struct forward_io *j)
 {
 	const char *dir = forward_queue;
@@ -359,61 +428,61 @@ static void forward_io_finish(struct forward_io *j)
 		else
 			j->failed++;
 	}
+	char *body = NULL;
 	if (j->failed && !env.from[0]) {
 		j->dropped = true; /* never bounce a bounce (RFC 5321 §6.1) */
 	} else if (j->failed && !env.bounce_id[0]) {
-		char *body = NULL;
-		struct buf dsn = { 0 };
-		int n = -1;
-		if (queue_read_body(dir, &env, &body) == 0)
-			n = dsn_build(&env, body, env.size, j->hostname, time(NULL), &dsn);
-		free(body);
-		if (n < 0) {
-			buf_free(&dsn);
-			queue_envelope_free(&env);
-			j->rc = -1;
-			j->err = EIO;
-			j->what = "bounce-build";
-			return;
-		}
+		int n = forward_io_notice(j, &env, DSN_ACTION_FAILED, &body, j->bounce_id);
 		if (n == 0) {
 			j->nobounce = true; /* NOTIFY=NEVER or without FAILURE */
-		} else {
-			struct queue_envelope b = { 0 };
-			struct queue_rcpt r = { 0 };
-			bool eight = false;
-			for (size_t i = 0; i < dsn.len && !eight; i++)
-				eight = (unsigned char)dsn.data[i] & 0x80;
-			r.addr = env.from;
-			r.notify = DSN_NOTIFY_NEVER;
-			b.user = (char *)"MAILER-DAEMON";
-			b.from = (char *)"";
-			b.body = eight ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
-			for (const char *p = env.from; *p; p++)
-				if ((unsigned char)*p & 0x80)
-					b.smtputf8 = true;
-			b.rcpt = &r;
-			b.nrcpt = 1;
-			b.size = dsn.len;
+		} else if (n > 0) {
 			char rec[8 + QUEUE_ID_LEN];
-			if (queue_write_sync(dir, &b, dsn.data, dsn.len) < 0) {
-				j->rc = -1, j->err = errno, j->what = "bounce-write";
-			} else {
-				memcpy(j->bounce_id, b.id, sizeof(j->bounce_id));
-				snprintf(rec, sizeof(rec), "B %s", b.id);
-				if (queue_append_status(dir, j->id, rec) < 0)
-					j->rc = -1, j->err = errno, j->what = "append-B";
-				else if (queue_load(dir, b.id, &j->bounce) == 0)
-					j->have_bounce = true;
-			}
+			snprintf(rec, sizeof(rec), "B %s", j->bounce_id);
+			if (queue_append_status(dir, j->id, rec) < 0)
+				j->rc = -1, j->err = errno, j->what = "append-B";
+			else if (queue_load(dir, j->bounce_id, &j->bounce) == 0)
+				j->have_bounce = true;
 		}
-		buf_free(&dsn);
 	} else if (j->failed) {
 		memcpy(j->bounce_id, env.bounce_id, sizeof(j->bounce_id)); /* committed before a crash */
 	}
+	/* RFC 3461 §5.2.2.2: NOTIFY=SUCCESS that could not travel on. XXX a crash between this
+	 * and the removal sends it twice */
+	if (j->rc == 0 && env.from[0] && forward_io_notice(j, &env, DSN_ACTION_RELAYED, &body, j->notice_id) > 0 &&
+	    queue_load(dir, j->notice_id, &j->notice) == 0) {
+		j->have_notice = true;
+		j->notice_action = "relayed";
+	}
+	free(body);
 	queue_envelope_free(&env);
 	if (j->rc == 0 && queue_remove(dir, j->id) < 0)
 		j->rc = -1, j->err = errno, j->what = "remove";
+}
+
+/* the one "delayed" notice (delay_warning), from the file as it is now (its T record in),
+ * then its W record */
+static void forward_io_warn(struct forward_io *j)
+{
+	struct queue_envelope env;
+	char *body = NULL;
+	if (queue_load(forward_queue, j->id, &env) < 0) {
+		j->rc = -1;
+		j->err = errno ? errno : EIO;
+		j->what = "load";
+		return;
+	}
+	if (!env.delay_warned && env.from[0] && forward_io_notice(j, &env, DSN_ACTION_DELAYED, &body, j->notice_id) > 0) {
+		char rec[8 + QUEUE_ID_LEN];
+		snprintf(rec, sizeof(rec), "W %s", j->notice_id);
+		if (queue_append_status(forward_queue, j->id, rec) < 0) {
+			j->rc = -1, j->err = errno, j->what = "append-W";
+		} else if (queue_load(forward_queue, j->notice_id, &j->notice) == 0) {
+			j->have_notice = true;
+			j->notice_action = "delayed";
+		}
+	}
+	free(body);
+	queue_envelope_free(&env);
 }
 
 static void forward_io_run(struct workq_job *job)
@@ -427,6 +496,8 @@ static void forward_io_run(struct workq_job *job)
 	}
 	if (j->finish)
 		forward_io_finish(j);
+	else if (j->warn)
+		forward_io_warn(j);
 }
 
 static void forward_msg_add_loaded(struct queue_envelope *env, bool now);
@@ -437,6 +508,10 @@ static void forward_io_done(struct workq_job *job)
 	struct forward_msg *m = forward_stopping ? NULL : forward_msg_find(j->id);
 	if (forward_stopping)
 		goto out;
+	if (j->have_notice) { /* on disk: it goes out whatever happened next */
+		log_info("%s forward event=notice action=%s notice=%s", j->id, j->notice_action, j->notice_id);
+		forward_msg_add_loaded(&j->notice, true);
+	}
 	if (j->rc < 0 && j->err == ENOENT) { /* deleted from the queue meanwhile (relayctl queue delete) */
 		log_info("%s forward event=vanished op=%s", j->id, j->what);
 		if (m)
@@ -478,6 +553,8 @@ static void forward_io_done(struct workq_job *job)
 out:
 	if (j->have_bounce)
 		queue_envelope_free(&j->bounce);
+	if (j->have_notice)
+		queue_envelope_free(&j->notice);
 	free(j->records);
 	free(j);
 }
@@ -488,7 +565,7 @@ static void forward_msg_io(struct forward_msg *m)
 	if (m->io_busy || forward_stopping)
 		return;
 	bool finish = m->state == MS_FINISH;
-	if (!finish && m->records.len == 0)
+	if (!finish && m->records.len == 0 && !m->warn_due)
 		return;
 	struct forward_io *j = calloc(1, sizeof(*j));
 	if (!j) {
@@ -497,10 +574,12 @@ static void forward_msg_io(struct forward_msg *m)
 	}
 	memcpy(j->id, m->id, sizeof(j->id));
 	j->finish = finish;
+	j->warn = m->warn_due && !finish;
+	m->warn_due = false;
 	if (finish) {
 		j->all_delivered = true;
 		for (size_t i = 0; i < m->env.nrcpt; i++)
-			if (m->env.rcpt[i].done_code < 200 || m->env.rcpt[i].done_code >= 300)
+			if (m->env.rcpt[i].done_code < 200 || m->env.rcpt[i].done_code >= 300 || m->env.rcpt[i].relay_notice)
 				j->all_delivered = false;
 		j->nrcpt = (int)m->env.nrcpt;
 	}
@@ -720,6 +799,12 @@ void forward_tx_done(struct forward_session *s, const char *why)
 			log_info("%s forward event=delivered upstream=%s rcpt=<%s> reply=\"%d %s\" delay=%.2f", m->id,
 				 u->name, m->env.rcpt[i].addr, code, logreply, delay);
 			forward_msg_done_rcpt(m, i, code, text);
+			/* RFC 3461 §5.2.2.2: NOTIFY=SUCCESS cannot travel on: "relayed" to the sender */
+			unsigned notify = m->env.rcpt[i].notify;
+			if (!s->ext.dsn && (notify & DSN_NOTIFY_SUCCESS) && !(notify & DSN_NOTIFY_NEVER) && m->env.from[0]) {
+				m->env.rcpt[i].relay_notice = true;
+				buf_printf(&m->records, "\nR %zu", i);
+			}
 			forward_stat_rcpt_ok++;
 			u->stat_rcpts++;
 			any_ok = true;

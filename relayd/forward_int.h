@@ -64,6 +64,7 @@ struct forward_msg {
 	bool gone;                      /* forgotten while a session held it: freed by forward_tx_done */
 	/* disk work: one job at a time */
 	bool io_busy;
+	bool warn_due;                  /* the "delayed" notice is to be made by the next disk job */
 	struct buf records;             /* status lines not yet appended */
 };
 

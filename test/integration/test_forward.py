@@ -246,6 +246,91 @@ def _():
     done(relay, sink)
 
 
+def submit_notify(relay, rcpts, subject):
+    """one message with RCPT parameters: rcpts is [(address, "NOTIFY=..." or "")]; returns the queue id"""
+    c = relay.session(ALICE)
+    msg = t.make_message(ALICE, rcpts[0][0], subject=subject)
+    t.is_(c.cmd(f"MAIL FROM:<{ALICE}>")[0], 250, "MAIL")
+    for addr, params in rcpts:
+        c.cmd(f"RCPT TO:<{addr}>{' ' + params if params else ''}")
+    t.is_(c.cmd("DATA")[0], 354, "DATA")
+    c.send(t.dot_stuff(msg))
+    code, text = c.reply()
+    t.is_(code, 250, "accepted")
+    c.cmd("QUIT")
+    return t.queued_id(text)
+
+
+@t.test("NOTIFY=SUCCESS and an upstream without DSN: a relayed DSN goes to the sender")
+def _():
+    sink = t.Sink(["--no-dsn"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    qid = submit_notify(relay, [("sue@example.net", "NOTIFY=SUCCESS,FAILURE"), ("sam@example.net", "")],
+                        marker("relayed"))
+    msgs = wait_msgs(sink, 2, 15)
+    t.is_(len(msgs), 2, "the message and a notice arrived")
+    normal = [m for m in msgs if m[0]["mail_from"] == ALICE]
+    notices = [m for m in msgs if m[0]["mail_from"] == ""]
+    t.ok(len(normal) == 1 and normal[0][0]["rcpt_options"] == [[], []], "no NOTIFY sent to an upstream without DSN",
+         [m[0] for m in normal])
+    t.is_(len(notices), 1, "one notice with the null sender")
+    if notices:
+        meta, eml = notices[0]
+        t.is_(meta["rcpt_tos"], [ALICE], "addressed to the sender")
+        t.like(header(eml, "Subject") or "", r"Successful Mail Delivery Report", "Subject")
+        t.like(eml, rb"Final-Recipient: rfc822; sue@example\.net\r\nAction: relayed\r\nStatus: 2\.0\.0\r\n"
+               rb"Remote-MTA: dns; 127\.0\.0\.1\r\nDiagnostic-Code: smtp; 250 ", "Action: relayed for sue@")
+        t.unlike(eml, rb"sam@example\.net\r\nAction", "not the recipient without NOTIFY=SUCCESS")
+        t.like(eml, rb"Content-Type: text/rfc822-headers", "the original's headers")
+    t.ok(wait_log(relay, rf"{qid} forward event=notice action=relayed notice=[0-9a-f]{{16}}", 5), "notice log line")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "original and notice removed from the queue",
+         relay.queue_ids())
+    done(relay, sink)
+
+
+@t.test("NOTIFY=SUCCESS and an upstream with DSN: NOTIFY passed on, no notice from relayd")
+def _():
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    qid = submit_notify(relay, [("sue@example.net", "NOTIFY=SUCCESS")], marker("passed"))
+    msgs = wait_msgs(sink, 1, 15)
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
+    time.sleep(0.5)
+    msgs = sink.messages()
+    t.is_([m[0]["mail_from"] for m in msgs], [ALICE], "only the message arrived")
+    t.ok(msgs and msgs[0][0]["rcpt_options"] == [["NOTIFY=SUCCESS"]], "NOTIFY carried",
+         [m[0] for m in msgs])
+    t.unlike(relay.log(), rf"{qid} forward event=notice", "no notice")
+    done(relay, sink)
+
+
+@t.test("delay_warning: one delayed DSN to the sender while 451s defer the message")
+def _():
+    sink = t.Sink(["--fail-data-times", "3"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"], extra=RETRY + "delay_warning 2s\n")
+    qid = submit_notify(relay, [("dora@example.net", ""), ("dan@example.net", "NOTIFY=FAILURE")],
+                        marker("delayed"))
+    t.ok(wait_log(relay, rf"{qid} forward event=notice action=delayed notice=[0-9a-f]{{16}}", 20),
+         "delayed notice log line")
+    msgs = wait_msgs(sink, 2, 20)
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 10 * t.SLOW), "original and notice leave the queue",
+         relay.queue_ids())
+    msgs = sink.messages()
+    normal = [m for m in msgs if m[0]["mail_from"] == ALICE]
+    notices = [m for m in msgs if m[0]["mail_from"] == ""]
+    t.is_(len(normal), 1, "the message was delivered in the end")
+    t.is_(len(notices), 1, "exactly one delayed notice")
+    if notices:
+        meta, eml = notices[0]
+        t.is_(meta["rcpt_tos"], [ALICE], "addressed to the sender")
+        t.like(header(eml, "Subject") or "", r"Delayed Mail", "Subject")
+        t.like(eml, rb"Final-Recipient: rfc822; dora@example\.net\r\nAction: delayed\r\nStatus: 4\.3\.0\r\n"
+               rb"Diagnostic-Code: smtp; 451 4\.3\.0 ", "Action: delayed, Status 4.3.0 from the 451")
+        t.unlike(eml, rb"dan@example\.net\r\nAction", "not the recipient with NOTIFY=FAILURE only")
+    t.like(relay.log(), rf"{qid} forward event=deferred attempts=3 ", "deferred three times")
+    done(relay, sink)
+
+
 @t.test("5xx for one of three recipients: that one bounces, the others are delivered")
 def _():
     sink = t.Sink(["--reply-rcpt", "bad@example.net=550"])
