@@ -9,6 +9,10 @@
  * its backoff (retry_min doubling to retry_max); after queue_lifetime its pending recipients
  * fail. When every recipient is done, failed ones get a bounce (dsn.c, RFC 3464) and the
  * file is removed. At start every message in the queue is scheduled again (recovery).
+ * Notices (RFC 3461 §5.2.2.2, RFC 3464): a recipient with NOTIFY=SUCCESS delivered to an
+ * upstream that does not offer DSN gets an R record, and at the finish a "relayed" notice
+ * goes to the sender; a message deferred for delay_warning sends one "delayed" notice (W
+ * record) for recipients with NOTIFY=DELAY or no NOTIFY. Never for the null sender.
  *
  * Invariants:
  *  - nothing blocks the loop: every status append, bounce write and removal

@@ -6,8 +6,11 @@
  * Runs on the libev loop; DNS, queue file reads and every fsync go to workq threads.
  *
  * Status records it writes (queue.h): "D <i> <code> [<upstream host>] <reply text>" when
- * recipient i is finished, "T <attempts> <next> <text>" when the message is deferred,
- * "B <bounce id>" once the bounce is committed; then the file is removed.
+ * recipient i is finished, "R <i>" when it was delivered with NOTIFY=SUCCESS to an upstream
+ * without DSN (a "relayed" notice is owed), "T <attempts> <next> <text>" when the message is
+ * deferred, "W <notice id>" once the one "delayed" notice (delay_warning) is committed,
+ * "B <bounce id>" once the bounce is committed; then the relayed notice, if owed, is
+ * written and the file is removed.
  */
 #ifndef RELAYD_FORWARD_H
 #define RELAYD_FORWARD_H

@@ -3,8 +3,10 @@
 STARTTLS + AUTH end to end with byte comparison, certificate verification (untrusted CA refused,
 accepted once ca= names it), STARTTLS required, implicit TLS, upstream down then up, 4xx then 250,
 a 5xx recipient bounced (RFC 3464) while the others are delivered, failover to the second
-upstream, kill -9 under load (nothing that got 250 is lost), pacing (rate=N/minute), and an
-auth= file readable by others refused.
+upstream, kill -9 under load (nothing that got 250 is lost), pacing (rate=N/minute), an
+auth= file readable by others refused, and DSN notices (RFC 3461/3464): "relayed" for
+NOTIFY=SUCCESS through an upstream without DSN (none when it offers DSN), one "delayed" after
+delay_warning.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
