@@ -69,8 +69,10 @@ void config_defaults(struct config *c)
 	c->tls_threads = 1;
 }
 
-/* config_parse_size - "35M" -> bytes */
-long long config_parse_size(const char *s)
+/* a non-negative number with an optional one-letter unit from units[] (multipliers in
+ * muls[]) and, for sizes, an optional trailing B; -1 if malformed or above max */
+static long long config_parse_unit(const char *s, const char *units, const long long *muls, bool fold_b,
+				   long long max)
 {
 	char *end;
 	errno = 0;
@@ -78,40 +80,32 @@ long long config_parse_size(const char *s)
 	if (errno || end == s || v < 0)
 		return -1;
 	long long mul = 1;
-	switch (tolower((unsigned char)*end)) {
-	case '\0': break;
-	case 'k': mul = 1024; end++; break;
-	case 'm': mul = 1024 * 1024; end++; break;
-	case 'g': mul = 1024LL * 1024 * 1024; end++; break;
-	default: return -1;
-	}
-	if (*end == 'b' || *end == 'B')
+	if (*end) {
+		const char *u = strchr(units, fold_b ? tolower((unsigned char)*end) : *end);
+		if (!u)
+			return -1;
+		mul = muls[u - units];
 		end++;
-	if (*end || v > (1LL << 40) / mul)
+	}
+	if (fold_b && (*end == 'b' || *end == 'B'))
+		end++;
+	if (*end || v > max / mul)
 		return -1;
 	return v * mul;
+}
+
+/* config_parse_size - "35M" -> bytes */
+long long config_parse_size(const char *s)
+{
+	static const long long muls[] = { 1024, 1024 * 1024, 1024LL * 1024 * 1024 };
+	return config_parse_unit(s, "kmg", muls, true, 1LL << 40);
 }
 
 /* config_parse_duration - "5m" -> 300 */
 long long config_parse_duration(const char *s)
 {
-	char *end;
-	errno = 0;
-	long long v = strtoll(s, &end, 10);
-	if (errno || end == s || v < 0)
-		return -1;
-	long long mul = 1;
-	switch (*end) {
-	case '\0': break;
-	case 's': mul = 1; end++; break;
-	case 'm': mul = 60; end++; break;
-	case 'h': mul = 3600; end++; break;
-	case 'd': mul = 86400; end++; break;
-	default: return -1;
-	}
-	if (*end || v > (1LL << 31) / mul)
-		return -1;
-	return v * mul;
+	static const long long muls[] = { 1, 60, 3600, 86400 };
+	return config_parse_unit(s, "smhd", muls, false, 1LL << 31);
 }
 
 /* config_listen_mode_str - name of a listen mode */

@@ -320,6 +320,18 @@ static int userdb_name_check(const char *name, char *err, size_t errlen)
 	return -1;
 }
 
+/* run a prepared write statement and finalize it: the rows changed, or -1 with err */
+static int userdb_write(struct userdb *db, sqlite3_stmt *st, char *err, size_t errlen)
+{
+	int rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if (rc != SQLITE_DONE) {
+		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		return -1;
+	}
+	return sqlite3_changes(db->db);
+}
+
 /* a fresh salted hash of a new password (refusing an empty one) */
 static int userdb_hash_new(const char *password, char *hash, size_t hashlen, char *err, size_t errlen)
 {
@@ -391,17 +403,10 @@ int userdb_user_passwd(struct userdb *db, const char *name, const char *password
 	sqlite3_bind_text(st, 1, hash, -1, SQLITE_STATIC);
 	sqlite3_bind_int64(st, 2, (sqlite3_int64)time(NULL));
 	sqlite3_bind_text(st, 3, name, -1, SQLITE_STATIC);
-	rc = sqlite3_step(st);
-	sqlite3_finalize(st);
-	if (rc != SQLITE_DONE) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
-		return -1;
-	}
-	if (sqlite3_changes(db->db) == 0) {
+	rc = userdb_write(db, st, err, errlen);
+	if (rc == 0)
 		userdb_seterr(err, errlen, "no such user: %s", name);
-		return -1;
-	}
-	return 0;
+	return rc > 0 ? 0 : -1;
 }
 
 /* userdb_user_del - delete a user and their senders and limits; -1 if no such user */
@@ -420,17 +425,10 @@ int userdb_user_del(struct userdb *db, const char *name, char *err, size_t errle
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-	rc = sqlite3_step(st);
-	sqlite3_finalize(st);
-	if (rc != SQLITE_DONE) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
-		return -1;
-	}
-	if (sqlite3_changes(db->db) == 0) {
+	rc = userdb_write(db, st, err, errlen);
+	if (rc == 0)
 		userdb_seterr(err, errlen, "no such user: %s", name);
-		return -1;
-	}
-	return 0;
+	return rc > 0 ? 0 : -1;
 }
 
 static int userdb_senders_load(struct userdb *db, struct userdb_user *u)
@@ -603,17 +601,10 @@ int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, 
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 2, pat, -1, SQLITE_STATIC);
-	rc = sqlite3_step(st);
-	sqlite3_finalize(st);
-	if (rc != SQLITE_DONE) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
-		return -1;
-	}
-	if (sqlite3_changes(db->db) == 0) {
+	rc = userdb_write(db, st, err, errlen);
+	if (rc == 0)
 		userdb_seterr(err, errlen, "%s has no sender pattern %s", name, pat);
-		return -1;
-	}
-	return 0;
+	return rc > 0 ? 0 : -1;
 }
 
 /* 1 if the user exists, 0 if not or on error */
