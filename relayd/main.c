@@ -389,7 +389,7 @@ int main(int argc, char **argv)
 	main_recover(main_cfg.queue);
 	if (forward_init(loop, &main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
-	if (policy_init(&main_cfg, err, sizeof(err)) < 0)
+	if (policy_init(loop, &main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_drop_privileges(&main_cfg);
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);

@@ -6,7 +6,8 @@
  *     <unix time> <msgs +1|-1> <rcpts> <bytes> <user>
  * written (not fsync'd) before the message is handed to the commit thread: the commit's
  * syncfs(2) covers the whole file system, so the line is durable when the 250 is sent.
- * At start the last day is replayed and the file rewritten with only that day.
+ * At start the last day is replayed and the file rewritten with only that day; once a day
+ * it is rotated to usage.log.1, so it never holds more than two days.
  *
  * Brute force: each AUTH failure from an IP (and for a user name) counts; the reply is
  * delayed 1, 2, 4 ... s (at most 8); at auth_fail_limit failures the IP (or name) is
@@ -18,6 +19,7 @@
 #include "policy.h"
 
 #include <errno.h>
+#include <ev.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +57,8 @@ static const struct config *policy_cfg;
 static struct policy_user *policy_users[POLICY_BUCKETS];
 static struct policy_ip *policy_ips[POLICY_BUCKETS];
 static int policy_journal = -1;
+static struct ev_loop *policy_loop;
+static ev_timer policy_rotate_timer;
 
 static unsigned policy_hash(const char *s)
 {
@@ -90,15 +94,18 @@ static void policy_user_add(struct policy_user *u, time_t t, int64_t msgs, int64
 			ratelimit_add(&u->w[m][g], t, (uint64_t)v[m]); /* -1 wraps: unsigned add takes it back */
 }
 
+/* replay the last day of usage.log.1 then usage.log, and leave one compacted usage.log */
 static void policy_replay(const char *path, time_t now)
 {
-	char tmp[PATH_MAX + 32], line[512];
-	FILE *in = fopen(path, "r");
-	if (!in)
-		return;
+	char tmp[PATH_MAX + 32], old[PATH_MAX + 32], line[512];
 	snprintf(tmp, sizeof(tmp), "%s.new", path);
+	snprintf(old, sizeof(old), "%s.1", path);
 	FILE *out = fopen(tmp, "w");
 	int n = 0;
+	for (int f = 0; f < 2; f++) {
+	FILE *in = fopen(f == 0 ? old : path, "r");
+	if (!in)
+		continue;
 	while (fgets(line, sizeof(line), in)) {
 		long long t, msgs, rcpts, bytes;
 		char user[256];
@@ -114,15 +121,37 @@ static void policy_replay(const char *path, time_t now)
 		n++;
 	}
 	fclose(in);
-	if (out && fflush(out) == 0 && fsync(fileno(out)) == 0 && fclose(out) == 0)
-		rename(tmp, path);
-	else if (out)
+	}
+	if (out && fflush(out) == 0 && fsync(fileno(out)) == 0 && fclose(out) == 0) {
+		if (rename(tmp, path) == 0)
+			unlink(old);
+	} else if (out) {
 		fclose(out);
+	}
 	log_info("policy event=usage-replayed entries=%d", n);
 }
 
-/* policy_init - defaults, journal replay */
-int policy_init(const struct config *cfg, char *err, size_t errlen)
+/* once a day usage.log becomes usage.log.1 (replacing one whose entries are all older than
+ * a day by now), so the journal holds at most two days however long relayd runs */
+static void policy_rotate(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	char path[PATH_MAX + 16], old[PATH_MAX + 32];
+	(void)loop; (void)w; (void)revents;
+	snprintf(path, sizeof(path), "%s/usage.log", policy_cfg->queue);
+	snprintf(old, sizeof(old), "%s.1", path);
+	if (rename(path, old) < 0)
+		return;
+	int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		log_warn("policy event=journal-rotate-failed error=\"%s\"", strerror(errno));
+		return; /* keep appending to the renamed file: replay reads it too */
+	}
+	close(policy_journal);
+	policy_journal = fd;
+}
+
+/* policy_init - defaults, journal replay, daily rotation */
+int policy_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen)
 {
 	char path[PATH_MAX + 16];
 	policy_cfg = cfg;
@@ -132,6 +161,12 @@ int policy_init(const struct config *cfg, char *err, size_t errlen)
 	if (policy_journal < 0) {
 		snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
 		return -1;
+	}
+	if (loop) {
+		policy_loop = loop;
+		ev_timer_init(&policy_rotate_timer, policy_rotate, POLICY_DAY, POLICY_DAY);
+		ev_timer_start(loop, &policy_rotate_timer);
+		ev_unref(loop); /* the rotation alone does not keep relayd running */
 	}
 	return 0;
 }
@@ -150,6 +185,11 @@ void policy_shutdown(void)
 			policy_ips[i] = p->next;
 			free(p);
 		}
+	}
+	if (policy_loop) {
+		ev_ref(policy_loop);
+		ev_timer_stop(policy_loop, &policy_rotate_timer);
+		policy_loop = NULL;
 	}
 	if (policy_journal >= 0)
 		close(policy_journal);

@@ -19,6 +19,7 @@
 #include "buf.h"
 
 struct config;
+struct ev_loop;
 
 enum policy_metric { POLICY_MSGS, POLICY_RCPTS, POLICY_BYTES, POLICY_NMETRICS };
 
@@ -28,7 +29,7 @@ struct policy_limits {
 };
 
 /* policy_init - defaults from the config; replay and compact the usage journal */
-int policy_init(const struct config *cfg, char *err, size_t errlen);
+int policy_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen);
 /* policy_shutdown - close the journal, free the tables */
 void policy_shutdown(void);
 /* policy_default_limits - the limits from relayd.conf */

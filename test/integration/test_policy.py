@@ -72,6 +72,17 @@ def _():
     t.like(relay.log(), r"event=usage-replayed entries=[1-9]", "usage journal replayed")
 
 
+@t.test("a rotated journal (usage.log.1) is replayed too")
+def _():
+    relay.stop()
+    j = os.path.join(relay.queue_dir, "usage.log")
+    os.rename(j, j + ".1")
+    relay.start()
+    stage, code, text = send(relay)
+    t.is_((stage, code), ("mail", 450), "still limited with the usage in usage.log.1")
+    t.ok(not os.path.exists(j + ".1"), "merged into one usage.log at start")
+
+
 @t.test("kill -9 does not refill the budget either")
 def _():
     relay.kill9()
