@@ -333,10 +333,16 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_string(x, argc, argv, c->hostname, sizeof(c->hostname));
 	if (!strcmp(d, "user"))
 		return config_string(x, argc, argv, c->user, sizeof(c->user));
-	if (argc == 2 && !strcmp(d, "tls_cert"))
-		return config_path(x, argv[1], c->tls_cert, sizeof(c->tls_cert));
-	if (argc == 2 && !strcmp(d, "tls_key"))
-		return config_path(x, argv[1], c->tls_key, sizeof(c->tls_key));
+	if (argc == 2 && !strcmp(d, "tls_cert")) {
+		if (c->ncert == CONFIG_MAX_CERTS)
+			return config_error(x, "at most %d tls_cert lines", CONFIG_MAX_CERTS);
+		return config_path(x, argv[1], c->tls_cert[c->ncert++], sizeof(c->tls_cert[0]));
+	}
+	if (argc == 2 && !strcmp(d, "tls_key")) {
+		if (c->nkey == CONFIG_MAX_CERTS)
+			return config_error(x, "at most %d tls_key lines", CONFIG_MAX_CERTS);
+		return config_path(x, argv[1], c->tls_key[c->nkey++], sizeof(c->tls_key[0]));
+	}
 	if (argc == 2 && !strcmp(d, "database"))
 		return config_path(x, argv[1], c->database, sizeof(c->database));
 	if (argc == 2 && !strcmp(d, "queue"))
@@ -443,8 +449,10 @@ static int config_check(struct config_ctx *x)
 	for (int i = 0; i < c->nlisten; i++)
 		if (c->listen[i].mode != LISTEN_PLAIN)
 			need_tls = true;
-	if (need_tls && (!c->tls_cert[0] || !c->tls_key[0]))
+	if (need_tls && (!c->ncert || !c->nkey))
 		return config_error(x, "tls_cert and tls_key are needed for starttls and tls listeners");
+	if (c->ncert != c->nkey)
+		return config_error(x, "every tls_cert needs its tls_key (%d tls_cert, %d tls_key lines)", c->ncert, c->nkey);
 	if (!c->database[0])
 		return config_error(x, "no database line");
 	if (!c->queue[0])

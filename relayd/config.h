@@ -12,6 +12,7 @@
 
 #define CONFIG_MAX_LISTEN   16
 #define CONFIG_MAX_UPSTREAM 8
+#define CONFIG_MAX_CERTS    4   /* tls_cert/tls_key pairs, e.g. ECDSA and RSA */
 
 enum listen_mode { LISTEN_STARTTLS, LISTEN_TLS, LISTEN_PLAIN };
 enum upstream_tls { UPSTREAM_TLS_STARTTLS, UPSTREAM_TLS_IMPLICIT, UPSTREAM_TLS_NONE };
@@ -44,8 +45,9 @@ struct config {
 	int nlisten;
 	struct upstream_cfg upstream[CONFIG_MAX_UPSTREAM];
 	int nupstream;
-	char tls_cert[PATH_MAX];
-	char tls_key[PATH_MAX];
+	char tls_cert[CONFIG_MAX_CERTS][PATH_MAX]; /* paired with tls_key by order */
+	char tls_key[CONFIG_MAX_CERTS][PATH_MAX];
+	int ncert, nkey;
 	char database[PATH_MAX];
 	char queue[PATH_MAX];
 	char user[64];            /* drop privileges to this user after binding; empty = stay */

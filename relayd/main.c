@@ -197,7 +197,8 @@ static int main_reload(void)
 	}
 	main_reload_keep(n, &main_cfg);
 	gnutls_certificate_credentials_t cred = NULL;
-	if (n->tls_cert[0] && !(cred = tls_server_creds(n->tls_cert, n->tls_key, err, sizeof(err)))) {
+	if (n->ncert && !(cred = tls_server_creds((const char (*)[PATH_MAX])n->tls_cert,
+						  (const char (*)[PATH_MAX])n->tls_key, n->ncert, err, sizeof(err)))) {
 		log_err("main event=reload-failed error=\"%s\" action=kept-old-config", err);
 		free(n);
 		return -1;
@@ -365,8 +366,9 @@ int main(int argc, char **argv)
 		fatal("%s", err);
 	if (tls_global_init() < 0)
 		fatal("cannot initialise GnuTLS");
-	if (main_cfg.tls_cert[0]) {
-		main_cred = tls_server_creds(main_cfg.tls_cert, main_cfg.tls_key, err, sizeof(err));
+	if (main_cfg.ncert) {
+		main_cred = tls_server_creds((const char (*)[PATH_MAX])main_cfg.tls_cert,
+					     (const char (*)[PATH_MAX])main_cfg.tls_key, main_cfg.ncert, err, sizeof(err));
 		if (!main_cred)
 			fatal("%s", err);
 	}

@@ -48,8 +48,9 @@ const gnutls_datum_t *tls_ticket_key(void)
 	return tls_ticket.data ? &tls_ticket : NULL;
 }
 
-/* tls_server_creds - load a certificate chain and its key */
-gnutls_certificate_credentials_t tls_server_creds(const char *cert, const char *key, char *err, size_t errlen)
+/* tls_server_creds - load certificate chains and their keys */
+gnutls_certificate_credentials_t tls_server_creds(const char (*certs)[PATH_MAX], const char (*keys)[PATH_MAX], int n,
+						  char *err, size_t errlen)
 {
 	gnutls_certificate_credentials_t cred;
 	int rc = gnutls_certificate_allocate_credentials(&cred);
@@ -57,11 +58,14 @@ gnutls_certificate_credentials_t tls_server_creds(const char *cert, const char *
 		snprintf(err, errlen, "gnutls: %s", gnutls_strerror(rc));
 		return NULL;
 	}
-	rc = gnutls_certificate_set_x509_key_file2(cred, cert, key, GNUTLS_X509_FMT_PEM, NULL, 0);
-	if (rc < 0) {
-		snprintf(err, errlen, "cannot load certificate %s / key %s: %s", cert, key, gnutls_strerror(rc));
-		gnutls_certificate_free_credentials(cred);
-		return NULL;
+	for (int i = 0; i < n; i++) {
+		rc = gnutls_certificate_set_x509_key_file2(cred, certs[i], keys[i], GNUTLS_X509_FMT_PEM, NULL, 0);
+		if (rc < 0) {
+			snprintf(err, errlen, "cannot load certificate %s / key %s: %s", certs[i], keys[i],
+				 gnutls_strerror(rc));
+			gnutls_certificate_free_credentials(cred);
+			return NULL;
+		}
 	}
 	return cred;
 }

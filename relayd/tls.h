@@ -6,6 +6,7 @@
 #define RELAYD_TLS_H
 
 #include <gnutls/gnutls.h>
+#include <limits.h>
 
 /* the priority string for every session: TLS 1.2 or newer */
 #define TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:%SERVER_PRECEDENCE"
@@ -20,8 +21,10 @@ void tls_global_deinit(void);
 gnutls_priority_t tls_priority(void);
 /* tls_ticket_key - the server's session ticket key (NULL if tickets are off) */
 const gnutls_datum_t *tls_ticket_key(void);
-/* tls_server_creds - load a certificate chain and key; NULL with err on failure */
-gnutls_certificate_credentials_t tls_server_creds(const char *cert, const char *key, char *err, size_t errlen);
+/* tls_server_creds - load n certificate chains with their keys (GnuTLS picks, per client,
+ * one its signature algorithms allow: ECDSA for most, RSA for old clients); NULL with err */
+gnutls_certificate_credentials_t tls_server_creds(const char (*certs)[PATH_MAX], const char (*keys)[PATH_MAX], int n,
+						  char *err, size_t errlen);
 /* tls_client_creds - trust the CA file, or the system trust store when ca is NULL or "" */
 gnutls_certificate_credentials_t tls_client_creds(const char *ca, char *err, size_t errlen);
 

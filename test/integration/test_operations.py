@@ -181,4 +181,37 @@ def _():
     r.stop()
 
 
+
+@t.test("two certificates (RSA and ECDSA): each client gets one it can use")
+def _():
+    r = t.Relay()
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile", j("ec-key.pem")])
+    t._run(["certtool", "--generate-certificate", "--load-privkey", j("ec-key.pem"), "--load-ca-certificate", j("ca.pem"),
+            "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile", j("ec-cert.pem")])
+    with open(r.conf, "a") as f:
+        f.write("tls_cert ec-cert.pem\ntls_key ec-key.pem\n")
+    r.add_user(USER, PW)
+    r.start()
+    import ssl
+    for kind, cipher in (("RSA", "ECDHE-RSA-AES128-GCM-SHA256"), ("ECDSA", "ECDHE-ECDSA-AES128-GCM-SHA256")):
+        ctx = ssl.create_default_context(cafile=r.ca_file)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(cipher)
+        try:
+            with socket.create_connection(("127.0.0.1", r.port_tls), timeout=10) as sock:
+                with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+                    got = tls.cipher()[0]
+                    greeting = tls.recv(200).decode()
+            t.is_(got, cipher, f"a client that only takes {kind} gets an {kind} certificate")
+            t.like(greeting, r"^220 ", f"and the greeting ({kind})")
+        except (ssl.SSLError, OSError) as e:
+            t.ok(False, f"a client that only takes {kind} gets an {kind} certificate", repr(e))
+    with open(r.conf, "a") as f:
+        f.write("tls_cert ec-cert.pem\n")
+    rc, out = t._runner([t.RELAYD, "-n", "-c", r.conf], 10)
+    t.ok(rc == 1, "a tls_cert without its tls_key is refused by -n (exit 1)", out)
+    t.like(out, r"every tls_cert needs its tls_key", "and says why")
+    r.stop()
+
 t.done()
