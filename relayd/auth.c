@@ -137,8 +137,12 @@ static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const 
 		if (r->check == USERDB_OK && have_user)
 			credcache_put(user, pw, u.hash, now);
 	}
-	if (have_user)
-		userdb_user_free(&u);
+	if (have_user) { /* kept for auth_load_user: one lookup per AUTH, not two */
+		if (r->have_found)
+			userdb_user_free(&r->found);
+		r->found = u;
+		r->have_found = true;
+	}
 	explicit_bzero(pw, passlen);
 	free(pw);
 	switch (r->check) {
@@ -165,7 +169,10 @@ static void auth_load_user(struct auth_req *r)
 	}
 	snprintf(r->user, sizeof(r->user), "%s", (const char *)name);
 	struct userdb_user u;
-	if (!auth_db || userdb_user_get(auth_db, r->user, &u) != 0) {
+	if (r->have_found && !strcmp(r->found.name, r->user)) {
+		u = r->found;
+		r->have_found = false;
+	} else if (!auth_db || userdb_user_get(auth_db, r->user, &u) != 0) {
 		r->result = AUTH_TEMPFAIL;
 		return;
 	}
@@ -285,6 +292,8 @@ void auth_req_free(struct auth_req *r)
 		free(r->input);
 	}
 	auth_senders_free(r->senders, r->nsenders);
+	if (r->have_found)
+		userdb_user_free(&r->found);
 	explicit_bzero(r, sizeof(*r));
 	free(r);
 }

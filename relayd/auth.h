@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "policy.h"
+#include "userdb.h"
 #include "workq.h"
 
 struct config;
@@ -42,6 +43,8 @@ struct auth_req {
 	char challenge[1024];              /* base64 server challenge for 334 */
 	char user[256];
 	char attempted[256];               /* the user name the client tried (for lockouts) */
+	struct userdb_user found;          /* that user's record, read by the password check */
+	bool have_found;
 	struct policy_limits limits;       /* defaults from relayd.conf, overridden per user */
 	char **senders;                    /* allowed sender patterns of user */
 	size_t nsenders;

@@ -696,6 +696,17 @@ static bool session_has_header(const char *hdrs, size_t len, const char *name)
 	return false;
 }
 
+/* the length of the received message's header section: up to and including the CRLF of
+ * its last header line (RFC 5322 §2.1: it ends at the first empty line) */
+static size_t session_header_len(const struct session *s)
+{
+	const char *p = s->msg.data;
+	if (!p || (s->msg.len >= 2 && p[0] == '\r' && p[1] == '\n'))
+		return 0;
+	const char *e = memmem(p, s->msg.len, "\r\n\r\n", 4);
+	return e ? (size_t)(e - p) + 2 : s->msg.len;
+}
+
 /* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the final message. */
 static int session_add_headers(struct session *s, struct buf *out)
 {
@@ -715,16 +726,8 @@ static int session_add_headers(struct session *s, struct buf *out)
 	if (s->env.nrcpt == 1)
 		rc |= buf_printf(out, "\r\n\tfor <%s>", s->env.rcpt[0].addr);
 	rc |= buf_printf(out, ";\r\n\t%s\r\n", date);
-	/* the header section ends at the first empty line */
-	size_t hlen = s->msg.len;
 	const char *p = s->msg.data ? s->msg.data : "";
-	if (s->msg.len >= 2 && p[0] == '\r' && p[1] == '\n')
-		hlen = 0;
-	else {
-		const char *e = memmem(p, s->msg.len, "\r\n\r\n", 4);
-		if (e)
-			hlen = (size_t)(e - p) + 2;
-	}
+	size_t hlen = session_header_len(s);
 	rc |= buf_append(out, p, hlen);
 	if (!session_has_header(p, hlen, "Message-ID:"))
 		rc |= buf_printf(out, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
@@ -742,9 +745,7 @@ static bool session_header_from_ok(struct session *s)
 	if (!smtp_cfg->check_header_from)
 		return true;
 	const char *p = s->msg.data ? s->msg.data : "";
-	const char *e = s->msg.len ? memmem(p, s->msg.len, "\r\n\r\n", 4) : NULL;
-	size_t hlen = e ? (size_t)(e - p) + 2 : s->msg.len;
-	int n = smtp_header_addresses(p, hlen, "From", addrs, 8);
+	int n = smtp_header_addresses(p, session_header_len(s), "From", addrs, 8);
 	for (int i = 0; i < n; i++) {
 		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
 			policy_count(s->user, PC_REJECT_SENDER);

@@ -71,6 +71,18 @@ class RssSampler:
         return self.peak
 
 
+def closed_by_peer(s):
+    """read until relayd closes the socket (True) or its timeout passes (False)"""
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except OSError:
+        return True
+
+
 def served(r=relay, port=None, host="127.0.0.1"):
     """(True, seconds) when a fresh client gets 220, 250 to EHLO and 221 to QUIT in time"""
     t0 = time.monotonic()
@@ -303,15 +315,7 @@ def _():
             except OSError:
                 pass
             s.settimeout(5 * SLOW)
-            try:
-                while s.recv(65536):
-                    pass
-                closed = True
-            except (socket.timeout, TimeoutError):
-                closed = False
-            except OSError:
-                closed = True
-            t.ok(closed, f"465: {name}: relayd closes the connection")
+            t.ok(closed_by_peer(s), f"465: {name}: relayd closes the connection")
             s.close()
         # after STARTTLS
         c, code = starttls_ready()
@@ -329,14 +333,7 @@ def _():
     s = socket.create_connection(("127.0.0.1", relay.port_tls), timeout=10 * SLOW)
     s.sendall(hello[:20])
     t0 = time.monotonic()
-    try:
-        while s.recv(65536):
-            pass
-        closed = True
-    except (socket.timeout, TimeoutError):
-        closed = False
-    except OSError:
-        closed = True
+    closed = closed_by_peer(s)
     t.ok(closed and time.monotonic() - t0 < 6 * SLOW,
          f"465: a stalled ClientHello is closed by the idle timer ({time.monotonic() - t0:.1f} s)")
     s.close()
