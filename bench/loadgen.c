@@ -10,6 +10,9 @@
  * Latency of a message: from the start of its transaction to the 250 after the final dot. The
  * first message of a connection starts at connect(), so with --per-connection 1 (the default)
  * it includes TCP, TLS and AUTH; later messages on a connection start when MAIL is sent.
+ * With --rate (open loop) a connection's first message counts from when it was due, so time
+ * spent waiting for a free slot counts too. Also reported: final dot to 250 (the server's
+ * accept-and-commit time, fsync included).
  * Any unexpected reply (not 2xx, 354 to DATA, 334 to AUTH) or connection/TLS failure is an
  * error: it is counted, the first few are printed, the message counts as failed and the
  * connection is dropped (the slot reconnects while there is work left).
@@ -20,6 +23,7 @@
  *
  * Output: a human summary and one machine-readable line
  *   RESULT clients=.. msgs=.. rate=.. p50=.. p90=.. p99=.. max=.. errors=.. elapsed=..
+ *          dot_p50=.. dot_p99=.. offered=..
  * (idle mode: RESULT idle=.. established=.. errors=.. dropped=..). Exit 0 when errors=0.
  *
  * Certificates are not verified: this is a benchmark client on loopback.
@@ -91,6 +95,8 @@ struct lg_client {
 	bool done;              /* slot finished: no more work */
 	int msgs_on_conn;
 	double t_conn, t_msg;
+	double t_sched;         /* --rate: when this slot's connection was due to start */
+	double t_dot;           /* when the final dot of the current message was queued */
 	char in[LG_INBUF];
 	size_t inlen;
 	struct lg_buf out;
@@ -110,6 +116,7 @@ static struct {
 	int source_addrs;
 	long max_errors;
 	bool quickack;
+	double rate;            /* open loop: connections started per second (0: closed loop) */
 } opt = {
 	.host = "127.0.0.1", .port = "587", .priority = "NORMAL", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
 	.size = 4096, .per_conn = 1, .timeout = 30, .source_addrs = 1, .max_errors = 1000,
@@ -128,8 +135,13 @@ static long lg_claimed, lg_ok, lg_failed, lg_errors, lg_errors_shown, lg_connect
 static long lg_established, lg_dropped, lg_connecting, lg_next_idle;
 static bool lg_stopping;     /* no new work: duration over, signal, or too many errors */
 static double lg_t0, lg_t_end, lg_deadline;
-static double *lg_lat;       /* latencies in ms of successful messages */
-static size_t lg_nlat, lg_latcap;
+struct lg_lat {
+	double *v;           /* latencies in ms of successful messages */
+	size_t n, cap;
+};
+static struct lg_lat lg_lat;  /* start of the transaction (see --rate) to the 250 after the dot */
+static struct lg_lat lg_dlat; /* final dot sent to its 250: the server's accept-and-commit time */
+static double lg_next_start;  /* --rate: when the next connection is due */
 static char *lg_fill;        /* body filler: CRLF-terminated lines */
 static char lg_auth_b64[1024];
 static char lg_date[64];
@@ -238,13 +250,13 @@ static void lg_error(struct lg_client *c, const char *fmt, ...)
 	}
 }
 
-static void lg_record(double ms)
+static void lg_record(struct lg_lat *l, double ms)
 {
-	if (lg_nlat == lg_latcap) {
-		lg_latcap = lg_latcap ? lg_latcap * 2 : 4096;
-		lg_lat = lg_xrealloc(lg_lat, lg_latcap * sizeof(*lg_lat));
+	if (l->n == l->cap) {
+		l->cap = l->cap ? l->cap * 2 : 4096;
+		l->v = lg_xrealloc(l->v, l->cap * sizeof(*l->v));
 	}
-	lg_lat[lg_nlat++] = ms;
+	l->v[l->n++] = ms;
 }
 
 static int lg_cmp_double(const void *a, const void *b)
@@ -253,15 +265,15 @@ static int lg_cmp_double(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-/* nearest-rank percentile of the sorted latencies */
-static double lg_pct(unsigned p)
+/* nearest-rank percentile of sorted latencies (100: the maximum) */
+static double lg_pct(const struct lg_lat *l, unsigned p)
 {
-	if (!lg_nlat)
+	if (!l->n)
 		return 0;
-	size_t rank = (p * lg_nlat + 99) / 100;
+	size_t rank = (p * l->n + 99) / 100;
 	if (rank < 1)
 		rank = 1;
-	return lg_lat[rank - 1];
+	return l->v[rank - 1];
 }
 
 /* may this slot start one more message? (claims it when yes) */
@@ -304,6 +316,7 @@ static void lg_client_close(struct lg_client *c)
 	c->ext_pipelining = c->ext_starttls = c->ext_auth = false;
 	c->auth_sent_cred = false;
 	c->msgs_on_conn = 0;
+	c->t_sched = 0;
 	c->state = LS_FREE;
 	c->gen++;
 }
@@ -351,6 +364,30 @@ static void lg_slot_done(struct lg_client *c)
 	lg_check_finished();
 }
 
+/*
+ * --rate: the free slot takes the next start time of the schedule and, if that is still ahead,
+ * waits for it on its timer (returns true; the timer calls lg_slot_next again). A slot that is
+ * late keeps its due time as the start of the message, so a server that falls behind shows in
+ * the latencies instead of slowing the schedule (no coordinated omission).
+ */
+static bool lg_pace(struct lg_client *c)
+{
+	double now = lg_now();
+	if (c->t_sched == 0) {
+		if (lg_next_start == 0)
+			lg_next_start = now;
+		c->t_sched = lg_next_start;
+		lg_next_start += 1.0 / opt.rate;
+		if (c->t_sched > now) {
+			ev_timer_stop(loop, &c->timer);
+			ev_timer_set(&c->timer, c->t_sched - now, 0.);
+			ev_timer_start(loop, &c->timer);
+			return true;
+		}
+	}
+	return false;
+}
+
 /* the slot is free: start its next connection, or finish */
 static void lg_slot_next(struct lg_client *c)
 {
@@ -374,6 +411,8 @@ static void lg_slot_next(struct lg_client *c)
 		return;
 	}
 	if (c->done)
+		return;
+	if (opt.rate > 0 && lg_pace(c))
 		return;
 	if (!lg_claim()) {
 		lg_slot_done(c);
@@ -471,7 +510,8 @@ static void lg_start_message(struct lg_client *c)
 		c->msg_claimed = true;
 		c->t_msg = lg_now();
 	} else {
-		c->t_msg = c->t_conn;
+		c->t_msg = opt.rate > 0 ? c->t_sched : c->t_conn;
+		c->t_sched = 0;
 	}
 	lg_buf_printf(&c->out, "MAIL FROM:<%s> SIZE=%zu\r\n", opt.from, opt.size);
 	c->pipelined = c->ext_pipelining;
@@ -506,6 +546,7 @@ static void lg_send_body(struct lg_client *c)
 		blen = opt.size + 2;
 	lg_buf_add(&c->out, lg_fill + (opt.size + 2 - blen), blen);
 	lg_send(c, ".\r\n");
+	c->t_dot = lg_now();
 	c->state = LS_BODY;
 }
 
@@ -599,7 +640,8 @@ static int lg_reply(struct lg_client *c, int code, const char *line)
 	case LS_BODY:
 		if (code / 100 != 2)
 			break;
-		lg_record((lg_now() - c->t_msg) * 1000.0);
+		lg_record(&lg_lat, (lg_now() - c->t_msg) * 1000.0);
+		lg_record(&lg_dlat, (lg_now() - c->t_dot) * 1000.0);
 		lg_ok++;
 		c->msg_claimed = false;
 		c->msgs_on_conn++;
@@ -912,6 +954,8 @@ static void lg_usage(int rc)
 		"  --duration SECONDS     send for this long instead of a fixed number\n"
 		"  --size BYTES           message size including headers (default 4096)\n"
 		"  --per-connection K     messages per connection (default 1)\n"
+		"  --rate R               open loop: start R connections per second (at most --clients at\n"
+		"                         once); a message's latency counts from when it was due\n"
 		"  --tls-on-connect       implicit TLS (port 465 style) instead of STARTTLS\n"
 		"  --no-tls               plain SMTP (no STARTTLS), e.g. against bench/sink\n"
 		"  --user NAME --password PW   AUTH PLAIN with these (no AUTH without --user)\n"
@@ -932,7 +976,7 @@ static void lg_parse_args(int argc, char **argv)
 {
 	enum { O_HOST = 256, O_PORT, O_CLIENTS, O_MESSAGES, O_SIZE, O_PERCONN, O_TLSCONN, O_NOTLS, O_USER,
 	       O_PASSWORD, O_FROM, O_RCPT, O_DURATION, O_IDLE, O_HOLD, O_SNI, O_TIMEOUT, O_SRC, O_MAXERR,
-	       O_PRIO, O_NOQA, O_HELP };
+	       O_PRIO, O_NOQA, O_RATE, O_HELP };
 	static const struct option lo[] = {
 		{ "host", 1, NULL, O_HOST },         { "port", 1, NULL, O_PORT },
 		{ "clients", 1, NULL, O_CLIENTS },   { "messages", 1, NULL, O_MESSAGES },
@@ -944,7 +988,7 @@ static void lg_parse_args(int argc, char **argv)
 		{ "hold", 1, NULL, O_HOLD },         { "sni", 1, NULL, O_SNI },
 		{ "timeout", 1, NULL, O_TIMEOUT },   { "source-addrs", 1, NULL, O_SRC },
 		{ "max-errors", 1, NULL, O_MAXERR }, { "priority", 1, NULL, O_PRIO },
-		{ "no-quickack", 0, NULL, O_NOQA },
+		{ "no-quickack", 0, NULL, O_NOQA },  { "rate", 1, NULL, O_RATE },
 		{ "help", 0, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -975,6 +1019,7 @@ static void lg_parse_args(int argc, char **argv)
 		case O_MAXERR: opt.max_errors = strtol(optarg, &end, 10); break;
 		case O_PRIO: opt.priority = optarg; break;
 		case O_NOQA: opt.quickack = false; break;
+		case O_RATE: opt.rate = strtod(optarg, &end); break;
 		case O_HELP: case 'h': lg_usage(0); break;
 		default: lg_usage(1);
 		}
@@ -984,7 +1029,8 @@ static void lg_parse_args(int argc, char **argv)
 	if (optind != argc)
 		lg_usage(1);
 	if (opt.clients < 1 || opt.per_conn < 1 || opt.size < 64 || opt.size > (64u << 20) || opt.timeout <= 0 ||
-	    opt.source_addrs < 1 || opt.source_addrs > 254 || opt.idle < 0 || opt.max_errors < 0)
+	    opt.source_addrs < 1 || opt.source_addrs > 254 || opt.idle < 0 || opt.max_errors < 0 ||
+	    opt.rate < 0)
 		lg_die("option out of range (clients>=1, per-connection>=1, 64<=size<=64M, source-addrs 1..254)");
 	if (opt.implicit_tls && opt.no_tls)
 		lg_die("--tls-on-connect and --no-tls exclude each other");
@@ -1091,17 +1137,22 @@ int main(int argc, char **argv)
 	if (lg_t_end == 0)
 		lg_t_end = lg_now();
 	double elapsed = lg_t_end - lg_t0;
-	qsort(lg_lat, lg_nlat, sizeof(*lg_lat), lg_cmp_double);
+	qsort(lg_lat.v, lg_lat.n, sizeof(*lg_lat.v), lg_cmp_double);
+	qsort(lg_dlat.v, lg_dlat.n, sizeof(*lg_dlat.v), lg_cmp_double);
 	double rate = elapsed > 0 ? (double)lg_ok / elapsed : 0;
-	double maxl = lg_nlat ? lg_lat[lg_nlat - 1] : 0;
+	const struct lg_lat *l = &lg_lat, *d = &lg_dlat;
 	printf("loadgen: %s%s, %d clients, %d per connection, %zu bytes: %ld ok, %ld failed, %ld errors, "
 	       "%ld connections in %.2f s\n",
 	       opt.no_tls ? "plain" : opt.implicit_tls ? "implicit TLS" : "STARTTLS", opt.user ? " + AUTH PLAIN" : "",
 	       opt.clients, opt.per_conn, opt.size, lg_ok, lg_failed, lg_errors, lg_connects, elapsed);
-	printf("loadgen: %.1f msgs/s; latency ms p50 %.2f p90 %.2f p99 %.2f max %.2f\n", rate, lg_pct(50),
-	       lg_pct(90), lg_pct(99), maxl);
-	printf("RESULT clients=%d msgs=%ld rate=%.1f p50=%.2f p90=%.2f p99=%.2f max=%.2f errors=%ld elapsed=%.2f\n",
-	       opt.clients, lg_ok, rate, lg_pct(50), lg_pct(90), lg_pct(99), maxl, lg_errors, elapsed);
+	printf("loadgen: %.1f msgs/s; latency ms p50 %.2f p90 %.2f p99 %.2f max %.2f\n", rate, lg_pct(l, 50),
+	       lg_pct(l, 90), lg_pct(l, 99), lg_pct(l, 100));
+	printf("loadgen: final dot to 250 ms p50 %.2f p90 %.2f p99 %.2f max %.2f\n", lg_pct(d, 50), lg_pct(d, 90),
+	       lg_pct(d, 99), lg_pct(d, 100));
+	printf("RESULT clients=%d msgs=%ld rate=%.1f p50=%.2f p90=%.2f p99=%.2f max=%.2f errors=%ld elapsed=%.2f "
+	       "dot_p50=%.2f dot_p99=%.2f offered=%.1f\n",
+	       opt.clients, lg_ok, rate, lg_pct(l, 50), lg_pct(l, 90), lg_pct(l, 99), lg_pct(l, 100), lg_errors,
+	       elapsed, lg_pct(d, 50), lg_pct(d, 99), opt.rate);
 	gnutls_priority_deinit(lg_prio);
 	gnutls_certificate_free_credentials(lg_cred);
 	gnutls_global_deinit();

@@ -466,6 +466,15 @@ class Relay:
                         raise RuntimeError(f"relayd does not accept on [{host}]:{port} after "
                                            f"{timeout * SLOW:.0f} s:\n" + self.log())
                     time.sleep(0.05)
+        # the listeners accept before the rest is up (privilege drop, control socket): wait for
+        # the line main logs last, in this run's part of the log
+        while "main event=started" not in self.log().rsplit("===== relaytest: starting", 1)[-1]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relayd exited with status {self.proc.returncode} at start:\n" + self.log())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"relayd did not log main event=started after {timeout * SLOW:.0f} s:\n"
+                                   + self.log())
+            time.sleep(0.02)
         return self
 
     def running(self):

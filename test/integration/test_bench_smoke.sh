@@ -4,7 +4,7 @@
 # TAP output; run by `make check` (top_builddir/top_srcdir exported) or by hand.
 top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
-echo "1..5"
+echo "1..6"
 out=$(mktemp "${TMPDIR:-/tmp}/bench-smoke.XXXXXX") || { echo "Bail out! mktemp failed"; exit 1; }
 trap 'rm -f "$out"' EXIT
 
@@ -32,6 +32,13 @@ if grep -q '^idle: \([1-9][0-9]*\) of \1 TLS sessions open' "$out"; then
 else
 	echo "not ok 5 - idle sessions established"
 fi
-if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ -n "$bad_rate$bad_err" ]; then
+half=$(grep '^RESULT server=relayd mode=half-of-peak' "$out")
+if printf '%s\n' "$half" | grep -Eq 'offered=[1-9][0-9]* msgs=[1-9][0-9]* .*dot_p99=[0-9.]*[1-9][0-9.]* errors=0$'; then
+	echo "ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
+else
+	echo "not ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
+	half=bad
+fi
+if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ "$half" = bad ] || [ -n "$bad_rate$bad_err" ]; then
 	sed 's/^/# /' "$out"
 fi
