@@ -416,7 +416,7 @@ static void forward_io_finish(struct forward_io *j)
 	struct queue_envelope env;
 	if (j->all_delivered) {
 		j->delivered = j->nrcpt;
-		if (queue_remove(dir, j->id) < 0)
+		if (queue_remove(dir, j->id, false) < 0)
 			j->rc = -1, j->err = errno, j->what = "remove";
 		return;
 	}
@@ -459,7 +459,7 @@ static void forward_io_finish(struct forward_io *j)
 	}
 	free(body);
 	queue_envelope_free(&env);
-	if (j->rc == 0 && queue_remove(dir, j->id) < 0)
+	if (j->rc == 0 && queue_remove(dir, j->id, false) < 0)
 		j->rc = -1, j->err = errno, j->what = "remove";
 }
 

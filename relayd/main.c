@@ -254,7 +254,7 @@ static int main_ctl_flush(const char *args, struct buf *out)
 static int main_ctl_delete(const char *args, struct buf *out)
 {
 	forward_forget(args); /* first, so the forwarder does not race the removal */
-	if (queue_remove(main_cfg.queue, args) < 0) {
+	if (queue_remove(main_cfg.queue, args, true) < 0) {
 		buf_printf(out, "no such message: %s", args);
 		return -1;
 	}

@@ -540,13 +540,14 @@ int queue_append_status(const char *dir, const char *id, const char *record)
 	return rc;
 }
 
-/* queue_remove - unlink and make the removal durable */
-int queue_remove(const char *dir, const char *id)
+/* queue_remove - unlink; with durable, make the removal durable at once */
+int queue_remove(const char *dir, const char *id, bool durable)
 {
 	char path[PATH_MAX];
 	if (queue_path(dir, id, path, sizeof(path)) < 0 || unlink(path) < 0)
 		return -1;
-	queue_sync_dir(dir);
+	if (durable)
+		queue_sync_dir(dir);
 	return 0;
 }
 

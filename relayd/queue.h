@@ -109,8 +109,10 @@ int queue_read_body(const char *dir, const struct queue_envelope *env, char **ou
 void queue_envelope_free(struct queue_envelope *env);
 /* queue_append_status - append one status record line (without '\n') durably (fdatasync) */
 int queue_append_status(const char *dir, const char *id, const char *record);
-/* queue_remove - unlink a finished message (and fsync the folder) */
-int queue_remove(const char *dir, const char *id);
+/* queue_remove - unlink a message; with durable, fsync the folder too. The forwarder's removal
+ * of a finished message is not durable by itself: the next commit's syncfs (or the kernel's
+ * writeback) makes it so, and a crash before that can only forward it once more, never lose it */
+int queue_remove(const char *dir, const char *id, bool durable);
 /* queue_scan - call fn for each message id in the queue; returns the count or -1 */
 int queue_scan(const char *dir, void (*fn)(const char *id, void *arg), void *arg);
 /* queue_write_sync - write and fsync one message synchronously (for bounces made off the

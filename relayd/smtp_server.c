@@ -104,6 +104,11 @@ static struct session *smtp_registry[SMTP_BUCKETS];
 static unsigned smtp_sessions;
 static uint64_t smtp_next_id;
 static bool smtp_draining;          /* SIGTERM: finish transactions in progress, take no new ones */
+static ev_timer smtp_trim_timer;    /* no session for SMTP_TRIM_QUIET seconds: malloc_trim */
+
+/* long enough that a steady stream of one-at-a-time sessions never trims (each trim is
+ * madvise calls and TLB shootdowns), short enough that a burst's memory goes back soon */
+#define SMTP_TRIM_QUIET 0.5
 
 static void session_process(struct session *s);
 static void smtp_server_stats(struct buf *out, bool prometheus);
@@ -1084,6 +1089,14 @@ static void session_free(struct session *s, const char *reason)
 	session_reset_transaction(s);
 	free(s);
 	if (smtp_sessions == 0)
+		ev_timer_again(smtp_loop, &smtp_trim_timer); /* (re)starts the quiet period */
+}
+
+static void smtp_trim_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	ev_timer_stop(loop, w);
+	if (smtp_sessions == 0)
 		malloc_trim(0); /* give a burst's memory back to the system when all is quiet */
 }
 
@@ -1150,6 +1163,7 @@ void smtp_server_init(struct ev_loop *loop, const struct config *cfg, gnutls_cer
 	smtp_loop = loop;
 	smtp_cfg = cfg;
 	smtp_cred = cred;
+	ev_timer_init(&smtp_trim_timer, smtp_trim_cb, 0., SMTP_TRIM_QUIET);
 	stats_add_section(smtp_server_stats);
 }
 

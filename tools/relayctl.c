@@ -848,7 +848,7 @@ static int relayctl_queue_delete(const struct config *c, const char *arg)
 	/* relayd is not running: nothing else is using the file */
 	if (queue_path(c->queue, id, path, sizeof(path)) < 0 || stat(path, &st) < 0)
 		relayctl_die("no such message in the queue: %s", id);
-	if (queue_remove(c->queue, id) < 0)
+	if (queue_remove(c->queue, id, true) < 0)
 		relayctl_die("cannot remove %s: %s", path, strerror(errno));
 	return 0;
 }
