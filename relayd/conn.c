@@ -7,6 +7,11 @@
  *    command injection, CVE-2011-0411 class).
  *  - GnuTLS may hold decrypted records internally; after each read we drain
  *    gnutls_record_check_pending() so no data waits for a socket event that never comes.
+ *  - conn_write only queues: on the loop of the first conn_init, a prepare watcher sends every
+ *    queued output once per loop turn, just before the loop blocks, so the replies to a
+ *    pipelined group leave as one write (one TLS record) and a reply that fits the socket
+ *    buffer costs no write watcher (two epoll_ctl calls and a loop turn); only output the
+ *    socket does not take at once waits for EV_WRITE.
  */
 #include "conn.h"
 
@@ -22,6 +27,49 @@
 #include "tlsoff.h"
 
 #define CONN_READ_CHUNK 16384
+
+static struct ev_loop *conn_flush_loop;
+static ev_prepare conn_flush_watcher;
+static struct conn *conn_flush_head;
+
+static void conn_do_write(struct conn *c);
+
+static void conn_flush_unlink(struct conn *c)
+{
+	if (!c->flush_pending)
+		return;
+	*c->flush_pprev = c->flush_next;
+	if (c->flush_next)
+		c->flush_next->flush_pprev = c->flush_pprev;
+	c->flush_pending = false;
+	c->flush_next = NULL;
+	c->flush_pprev = NULL;
+}
+
+static void conn_flush_add(struct conn *c)
+{
+	if (c->flush_pending)
+		return;
+	c->flush_next = conn_flush_head;
+	if (conn_flush_head)
+		conn_flush_head->flush_pprev = &c->flush_next;
+	c->flush_pprev = &conn_flush_head;
+	conn_flush_head = c;
+	c->flush_pending = true;
+}
+
+/* before the loop blocks: send what every conn queued in this turn. Each conn is taken off
+ * the list before its write, whose on_drain or on_error may free it or queue on others */
+static void conn_flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	while (conn_flush_head) {
+		struct conn *c = conn_flush_head;
+		conn_flush_unlink(c);
+		if (!c->failed && !c->offloaded && !c->tls_handshaking && c->out.len > 0)
+			conn_do_write(c);
+	}
+}
 
 static void conn_fail(struct conn *c, const char *why)
 {
@@ -44,7 +92,7 @@ static void conn_update_watchers(struct conn *c)
 		want_write = dir == 1;
 	} else {
 		want_read = !c->read_paused && !c->eof && !c->tls_want;
-		want_write = c->out.len > 0;
+		want_write = c->out.len > 0 && !c->flush_pending;
 	}
 	if (want_read && !ev_is_active(&c->rio))
 		ev_io_start(c->loop, &c->rio);
@@ -226,6 +274,12 @@ void conn_init(struct conn *c, struct ev_loop *loop, int fd, const struct conn_o
 	ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
 	c->rio.data = c;
 	c->wio.data = c;
+	if (!conn_flush_loop) {
+		conn_flush_loop = loop;
+		ev_prepare_init(&conn_flush_watcher, conn_flush_cb);
+		ev_prepare_start(loop, &conn_flush_watcher);
+		ev_unref(loop); /* it must not keep the loop running by itself */
+	}
 	conn_update_watchers(c);
 }
 
@@ -236,7 +290,9 @@ int conn_write(struct conn *c, const void *p, size_t n)
 		return -1;
 	if (buf_append(&c->out, p, n) < 0)
 		return -1;
-	if (!c->tls_handshaking)
+	if (c->loop == conn_flush_loop)
+		conn_flush_add(c); /* sent before the loop blocks, with whatever else comes in this turn */
+	else if (!c->tls_handshaking)
 		conn_update_watchers(c);
 	return 0;
 }
@@ -357,6 +413,7 @@ void conn_resume_read(struct conn *c)
 /* conn_close - release everything */
 void conn_close(struct conn *c)
 {
+	conn_flush_unlink(c);
 	ev_io_stop(c->loop, &c->rio);
 	ev_io_stop(c->loop, &c->wio);
 	if (c->tls) {

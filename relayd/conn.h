@@ -43,6 +43,8 @@ struct conn {
 	bool read_paused;
 	bool eof;                  /* peer closed its side */
 	bool failed;               /* on_error was called */
+	bool flush_pending;        /* in the list of conns the loop flushes before it blocks */
+	struct conn *flush_next, **flush_pprev;
 	size_t in_max;
 	struct buf in;
 	struct buf out;
