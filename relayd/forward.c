@@ -91,11 +91,18 @@ char forward_queue[PATH_MAX];
 static struct forward_msg *forward_table[FORWARD_BUCKETS];
 static bool forward_started;
 static bool forward_sasl;
+/* a reload that changed the list of upstreams: the new list waits, loaded, until the old
+ * sessions have ended (forward_switch_finish); meanwhile messages due are held (MS_IDLE) */
+static bool forward_switching;
+static struct forward_upstream forward_next[CONFIG_MAX_UPSTREAM];
+static int forward_next_n;
+static ev_timer forward_switch_timer;
 /* stats */
 static unsigned long long forward_stat_forwarded, forward_stat_bounced, forward_stat_dropped, forward_stat_rcpt_ok,
 	forward_stat_rcpt_failed, forward_stat_deferrals;
 
 static void forward_msg_route(struct forward_msg *m);
+static unsigned forward_live_sessions(void);
 static void forward_msg_io(struct forward_msg *m);
 static void forward_msg_finish(struct forward_msg *m);
 static void forward_msg_free(struct forward_msg *m);
@@ -323,6 +330,10 @@ static void forward_msg_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
  * ones are down, the one back soonest, but only if nothing was tried yet this round */
 static void forward_msg_route(struct forward_msg *m)
 {
+	if (forward_switching) {
+		m->state = MS_IDLE; /* routed over the new list when the switch is done */
+		return;
+	}
 	ev_tstamp now = ev_now(forward_loop);
 	struct forward_upstream *pick = NULL, *soonest = NULL;
 	bool any_tried = false;
@@ -725,6 +736,15 @@ void forward_upstream_dispatch(struct forward_upstream *u)
 {
 	if (forward_stopping)
 		return;
+	if (forward_switching) { /* the list is being replaced: what has no message ends */
+		struct forward_session *next;
+		for (struct forward_session *s = u->sessions; s; s = next) {
+			next = s->next;
+			if (!s->dead && !s->msg && s->state == FS_READY)
+				forward_session_shutdown(s);
+		}
+		return;
+	}
 	while (u->wait_head) {
 		if (!forward_rate_allows(u))
 			return; /* held in memory until the window has room (rate_timer) */
@@ -919,59 +939,6 @@ static void forward_recover_one(const char *id, void *arg)
 	forward_msg_add_loaded(&env, false);
 }
 
-/* forward_init - credentials, secrets, SASL, recovery */
-int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen)
-{
-	forward_loop = loop;
-	forward_cfg = cfg;
-	snprintf(forward_queue, sizeof(forward_queue), "%s", cfg->queue);
-	forward_nup = cfg->nupstream;
-	forward_session_init(cfg);
-	for (int i = 0; i < forward_nup; i++) {
-		struct forward_upstream *u = &forward_up[i];
-		memset(u, 0, sizeof(*u));
-		u->index = i;
-		u->conf = cfg->upstream[i];
-		u->cfg = &u->conf;
-		snprintf(u->name, sizeof(u->name), "%s:%s", u->cfg->host, u->cfg->port);
-		ev_init(&u->rate_timer, forward_rate_cb);
-		u->rate_timer.data = u;
-		if (u->cfg->rate_count)
-			ratelimit_set(&u->rate, u->cfg->rate_count, u->cfg->rate_window);
-		if (u->cfg->tls != UPSTREAM_TLS_NONE) {
-			char terr[512];
-			u->cred = tls_client_creds(u->cfg->ca, terr, sizeof(terr));
-			if (!u->cred) {
-				snprintf(err, errlen, "%s:%d: upstream %s: %s", cfg->path, u->cfg->line, u->name, terr);
-				return -1;
-			}
-		}
-		if (u->cfg->auth_file[0]) {
-			if (forward_read_secret(u, err, errlen) < 0)
-				return -1;
-			if (u->cfg->tls == UPSTREAM_TLS_NONE)
-				log_warn("forward event=insecure-auth upstream=%s reason=\"AUTH over tls=none sends the "
-					 "password in clear\"", u->name);
-			forward_sasl = true;
-		}
-	}
-	if (forward_sasl) {
-		int rc = sasl_client_init(NULL);
-		if (rc != SASL_OK) {
-			snprintf(err, errlen, "sasl_client_init: %s", sasl_errstring(rc, NULL, NULL));
-			return -1;
-		}
-	}
-	forward_started = true;
-	struct forward_recovery r = { 0 };
-	queue_scan(forward_queue, forward_recover_one, &r);
-	if (forward_nup == 0)
-		log_warn("forward event=no-upstream messages=%d reason=\"no upstream line: mail stays queued\"", r.n);
-	else
-		log_info("forward event=started upstreams=%d messages=%d", forward_nup, r.n);
-	return 0;
-}
-
 /* what a reload replaced: live sessions may still point at it, so it is freed at shutdown */
 struct forward_retired {
 	gnutls_certificate_credentials_t cred;
@@ -1003,7 +970,7 @@ static void forward_retired_free(void)
 	forward_nretired = 0;
 }
 
-/* load one upstream's trust anchors and secret into t (a scratch copy); -1 with err */
+/* load one upstream's trust anchors and secret into t; -1 with err */
 static int forward_load_upstream(struct forward_upstream *t, const struct upstream_cfg *uc, char *err, size_t errlen)
 {
 	memset(t, 0, sizeof(*t));
@@ -1023,32 +990,164 @@ static int forward_load_upstream(struct forward_upstream *t, const struct upstre
 			gnutls_certificate_free_credentials(t->cred);
 		return -1;
 	}
+	if (uc->auth_file[0] && uc->tls == UPSTREAM_TLS_NONE)
+		log_warn("forward event=insecure-auth upstream=%s reason=\"AUTH over tls=none sends the password in clear\"",
+			 t->name);
 	return 0;
+}
+
+/* load every upstream of cfg into list; on failure none is kept */
+static int forward_load_list(struct forward_upstream *list, const struct config *cfg, char *err, size_t errlen)
+{
+	for (int i = 0; i < cfg->nupstream; i++) {
+		if (forward_load_upstream(&list[i], &cfg->upstream[i], err, errlen) < 0) {
+			for (int k = 0; k < i; k++)
+				forward_retire(&list[k]); /* freed at shutdown like any replaced credential */
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* the SASL client library, once, when an upstream has a secret */
+static void forward_sasl_need(const struct forward_upstream *u)
+{
+	if (!u->secret || forward_sasl)
+		return;
+	int rc = sasl_client_init(NULL);
+	if (rc == SASL_OK)
+		forward_sasl = true;
+	else
+		log_err("forward event=sasl-init-failed error=\"%s\"", sasl_errstring(rc, NULL, NULL));
+}
+
+/* a loaded upstream takes its place i in forward_up: index, pacing, SASL */
+static void forward_upstream_start(int i, const struct forward_upstream *loaded)
+{
+	struct forward_upstream *u = &forward_up[i];
+	*u = *loaded;
+	u->cfg = &u->conf;
+	u->index = i;
+	ev_init(&u->rate_timer, forward_rate_cb);
+	u->rate_timer.data = u;
+	if (u->cfg->rate_count)
+		ratelimit_set(&u->rate, u->cfg->rate_count, u->cfg->rate_window);
+	forward_sasl_need(u);
+}
+
+/* forward_init - credentials, secrets, SASL, recovery */
+int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size_t errlen)
+{
+	forward_loop = loop;
+	forward_cfg = cfg;
+	snprintf(forward_queue, sizeof(forward_queue), "%s", cfg->queue);
+	forward_session_init(cfg);
+	if (forward_load_list(forward_next, cfg, err, errlen) < 0)
+		return -1;
+	forward_nup = cfg->nupstream;
+	for (int i = 0; i < forward_nup; i++)
+		forward_upstream_start(i, &forward_next[i]);
+	forward_started = true;
+	struct forward_recovery r = { 0 };
+	queue_scan(forward_queue, forward_recover_one, &r);
+	if (forward_nup == 0)
+		log_warn("forward event=no-upstream messages=%d reason=\"no upstream line: mail stays queued\"", r.n);
+	else
+		log_info("forward event=started upstreams=%d messages=%d", forward_nup, r.n);
+	return 0;
+}
+
+/* the old sessions are gone: the new list takes over, and every held message (and every one
+ * that waited for an upstream to exist) starts a round over it */
+static void forward_switch_finish(void)
+{
+	ev_timer_stop(forward_loop, &forward_switch_timer);
+	for (int i = 0; i < forward_nup; i++) {
+		ev_timer_stop(forward_loop, &forward_up[i].rate_timer);
+		forward_retire(&forward_up[i]);
+	}
+	forward_nup = forward_next_n;
+	for (int i = 0; i < forward_nup; i++)
+		forward_upstream_start(i, &forward_next[i]);
+	forward_switching = false;
+	struct forward_msg *held = NULL;
+	int n = 0;
+	for (int b = 0; b < FORWARD_BUCKETS; b++)
+		for (struct forward_msg *m = forward_table[b]; m; m = m->hnext)
+			if (m->state == MS_IDLE && forward_nup > 0) {
+				m->wnext = held; /* in no waiting list while MS_IDLE */
+				held = m;
+				n++;
+			}
+	log_info("forward event=reloaded upstreams=%d list=changed messages=%d", forward_nup, n);
+	while (held) {
+		struct forward_msg *m = held;
+		held = m->wnext;
+		m->wnext = NULL;
+		forward_msg_due(m);
+	}
+}
+
+static void forward_switch_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop; (void)w; (void)revents;
+	if (forward_live_sessions() == 0)
+		forward_switch_finish();
+}
+
+/* a new list of upstreams: idle sessions quit, busy ones finish their transaction first */
+static void forward_switch_start(const struct forward_upstream *fresh, int n)
+{
+	if (forward_switching) /* a second reload before the first switch was done: the newest wins */
+		for (int i = 0; i < forward_next_n; i++)
+			forward_retire(&forward_next[i]);
+	memcpy(forward_next, fresh, (size_t)n * sizeof(*fresh));
+	forward_next_n = n;
+	forward_switching = true;
+	log_info("forward event=switching upstreams=%d reason=\"the list of upstreams changed\"", n);
+	for (int i = 0; i < forward_nup; i++) {
+		struct forward_upstream *u = &forward_up[i];
+		struct forward_msg *m;
+		while ((m = forward_upstream_pop(u)))
+			m->state = MS_IDLE; /* held until the switch is done */
+		forward_upstream_dispatch(u); /* READY sessions quit */
+		struct forward_session *s, *next;
+		for (s = u->sessions; s; s = next) {
+			next = s->next;
+			if (!s->dead && !s->msg && s->state != FS_QUIT)
+				forward_session_shutdown(s); /* still connecting: dropped */
+		}
+	}
+	ev_timer_init(&forward_switch_timer, forward_switch_cb, 0., 0.1);
+	ev_timer_again(forward_loop, &forward_switch_timer);
+}
+
+/* same upstreams in the same order (host, port, tls mode)? */
+static bool forward_same_list(const struct config *cfg)
+{
+	if (forward_switching || cfg->nupstream != forward_nup)
+		return false;
+	for (int i = 0; i < forward_nup; i++) {
+		const struct upstream_cfg *n = &cfg->upstream[i], *o = &forward_up[i].conf;
+		if (strcmp(n->host, o->host) || strcmp(n->port, o->port) || n->tls != o->tls)
+			return false;
+	}
+	return true;
 }
 
 /* forward_reload - SIGHUP: an upstream keeping its place, host, port and tls mode takes its
  * new ca=, verify=, auth= file, rate= and connections= at once (sessions in progress finish
- * with the old ones); a changed list of upstreams is reported and needs a restart */
+ * with the old ones); a changed list of upstreams replaces the old one once the sessions in
+ * progress have finished (forward_switch_start). Nothing is applied unless every upstream
+ * loaded. */
 int forward_reload(const struct config *cfg, char *err, size_t errlen)
 {
 	struct forward_upstream fresh[CONFIG_MAX_UPSTREAM];
-	if (cfg->nupstream != forward_nup) {
-		log_warn("forward event=reload-partial reason=\"the list of upstreams changed: restart relayd to apply it\"");
+	if (forward_load_list(fresh, cfg, err, errlen) < 0)
+		return -1;
+	if (!forward_same_list(cfg)) {
+		forward_switch_start(fresh, cfg->nupstream);
 		return 0;
-	}
-	for (int i = 0; i < forward_nup; i++) {
-		const struct upstream_cfg *n = &cfg->upstream[i], *o = &forward_up[i].conf;
-		if (strcmp(n->host, o->host) || strcmp(n->port, o->port) || n->tls != o->tls) {
-			log_warn("forward event=reload-partial reason=\"the list of upstreams changed: restart relayd to apply it\"");
-			return 0;
-		}
-	}
-	for (int i = 0; i < forward_nup; i++) {
-		if (forward_load_upstream(&fresh[i], &cfg->upstream[i], err, errlen) < 0) {
-			for (int k = 0; k < i; k++)
-				forward_retire(&fresh[k]); /* freed at shutdown like any replaced credential */
-			return -1;
-		}
 	}
 	for (int i = 0; i < forward_nup; i++) {
 		struct forward_upstream *u = &forward_up[i];
@@ -1058,13 +1157,7 @@ int forward_reload(const struct config *cfg, char *err, size_t errlen)
 		u->secret = fresh[i].secret;
 		u->conf = fresh[i].conf;
 		ratelimit_set(&u->rate, u->conf.rate_count, u->conf.rate_window);
-		if (u->secret && !forward_sasl) {
-			int rc = sasl_client_init(NULL);
-			if (rc == SASL_OK)
-				forward_sasl = true;
-			else
-				log_err("forward event=sasl-init-failed error=\"%s\"", sasl_errstring(rc, NULL, NULL));
-		}
+		forward_sasl_need(u);
 	}
 	log_info("forward event=reloaded upstreams=%d", forward_nup);
 	return 0;
@@ -1159,6 +1252,12 @@ void forward_shutdown(void)
 	if (!forward_started || forward_stopping)
 		return;
 	forward_stopping = true;
+	if (forward_switching) { /* the new list never started */
+		ev_timer_stop(forward_loop, &forward_switch_timer);
+		for (int i = 0; i < forward_next_n; i++)
+			forward_retire(&forward_next[i]);
+		forward_switching = false;
+	}
 	for (int i = 0; i < forward_nup; i++) {
 		struct forward_upstream *u = &forward_up[i];
 		ev_timer_stop(forward_loop, &u->rate_timer);

@@ -6,7 +6,8 @@ a 5xx recipient bounced (RFC 3464) while the others are delivered, failover to t
 upstream, kill -9 under load (nothing that got 250 is lost), pacing (rate=N/minute), an
 auth= file readable by others refused, and DSN notices (RFC 3461/3464): "relayed" for
 NOTIFY=SUCCESS through an upstream without DSN (none when it offers DSN), one "delayed" after
-delay_warning.
+delay_warning; a reload that changes the list of upstreams (the old upstream finishes the
+transaction in progress, the rest goes to the new list, same process).
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
@@ -429,7 +430,8 @@ def _():
     msgs = wait_msgs(sink, 1, 10)
     t.is_(len(msgs), 1, "delivered through the second upstream")
     t.like(relay.log(), rf"upstream-failed upstream=127\.0\.0\.1:{dead} ", "the first one failed")
-    t.like(relay.log(), rf"{qid} forward event=delivered upstream=127\.0\.0\.1:{sink.port} ", "second upstream named")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered upstream=127\.0\.0\.1:{sink.port} ", 10),
+         "second upstream named")  # logged when the 250 is read: after the sink has the message
     t.unlike(relay.log(), rf"{qid} forward event=deferred", "no deferral needed")
     done(relay, sink)
 
@@ -540,5 +542,60 @@ def _():
     t.is_(len(msgs), 1, "delivered after the reload")
     t.is_(relay.proc.pid, pid, "same relayd process (no restart)")
     done(relay, sink)
+
+@t.test("reload: a changed list of upstreams applies without a restart")
+def _():
+    sink_a = t.Sink([])
+    relay = make_relay([f"127.0.0.1:{sink_a.port} tls=none"])
+    pid = relay.proc.pid
+    code, qid1, _ = submit(relay, ["ann@example.net"], subject=marker("list-a"))
+    t.is_(len(wait_msgs(sink_a, 1)), 1, "the first message went to upstream A")
+    dead = t.free_port()
+    reconfigure(relay, [f"127.0.0.1:{dead} tls=none"])
+    rc, _ = relay.relayctl("reload")
+    t.is_(rc, 0, "relayctl reload with A replaced by a dead upstream")
+    t.ok(wait_log(relay, r"forward event=reloaded upstreams=1 list=changed"),
+         "the forwarder switched lists once A's idle session had quit")
+    code, qid2, _ = submit(relay, ["ben@example.net"], subject=marker("list-dead"))
+    t.ok(wait_log(relay, rf"{qid2} forward event=deferred attempts=1 .*127\.0\.0\.1:{dead}"),
+         "a message for the dead upstream is deferred (it tried the new list)")
+    sink_b = t.Sink([])
+    reconfigure(relay, [f"127.0.0.1:{sink_b.port} tls=none"])
+    relay.relayctl("reload")
+    t.ok(t.wait_for(lambda: len(re.findall(r"list=changed", relay.log())) >= 2, 10 * t.SLOW),
+         "second switch: to upstream B")
+    code, qid3, _ = submit(relay, ["cid@example.net"], subject=marker("list-b"))
+    msgs = wait_msgs(sink_b, 2, 20)
+    t.is_(len(msgs), 2, "B got the deferred message and the new one")
+    t.is_(len(sink_a.messages()), 1, "A got nothing after it was taken out")
+    t.ok(t.wait_for(lambda: not ({qid2, qid3} & set(relay.queue_ids())), 5 * t.SLOW), "both removed from the queue")
+    t.is_(relay.proc.pid, pid, "same relayd process (no restart)")
+    t.unlike(relay.log(), r"reload-partial", "no restart asked for")
+    done(relay, sink_a, sink_b)
+
+
+@t.test("reload: a transaction in progress finishes on the old upstream, the next goes to the new one")
+def _():
+    slow = t.Sink(["--data-delay", "2"])
+    relay = make_relay([f"127.0.0.1:{slow.port} tls=none"])
+    code, qid1, _ = submit(relay, ["dan@example.net"], subject=marker("slow"))
+    t.ok(wait_log(relay, r"forward event=connected upstream=127\.0\.0\.1:" + str(slow.port)), "sending to the slow upstream")
+    time.sleep(0.5)  # the body is out, the reply is 2 s away
+    fast = t.Sink([])
+    reconfigure(relay, [f"127.0.0.1:{fast.port} tls=none"])
+    relay.relayctl("reload")
+    t.ok(wait_log(relay, r"forward event=switching"), "switch started")
+    code, qid2, _ = submit(relay, ["eve@example.net"], subject=marker("after"))
+    t.is_(len(wait_msgs(slow, 1)), 1, "the message in progress was delivered by the old upstream")
+    t.ok(wait_log(relay, rf"{qid1} forward event=delivered upstream=127\.0\.0\.1:{slow.port}"),
+         "logged as delivered there")
+    log = relay.log()
+    t.ok(re.search(r"forward event=switching[\s\S]*" + qid1 + r" forward event=delivered", log),
+         "and that was after the switch began (it was in progress)")
+    t.is_(len(wait_msgs(fast, 1)), 1, "the message accepted during the switch went to the new upstream")
+    t.ok(t.wait_for(lambda: not ({qid1, qid2} & set(relay.queue_ids())), 5 * t.SLOW), "both removed from the queue")
+    t.is_(len(slow.messages()), 1, "nothing was sent twice")
+    done(relay, slow, fast)
+
 
 t.done()
