@@ -6,6 +6,9 @@
  * the loop. A crash mid-batch leaves files without a valid trailer: those never got a 250
  * and queue_load() refuses them (recovery deletes them).
  * Invariant: the callback reporting success runs only after syncfs returned 0.
+ * The forwarder's removals of finished messages are not synced one by one: the next batch's
+ * syncfs covers them, or, when no message comes, the commit thread's own syncfs at most
+ * QUEUE_REMOVAL_SYNC seconds later (a crash before that can only forward a message again).
  */
 #include "queue.h"
 
@@ -20,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -44,6 +48,9 @@ static ev_async queue_async;
 static struct ev_loop *queue_loop;
 static char queue_dir[PATH_MAX];
 static int queue_msgdir_fd = -1;
+static bool queue_removals_unsynced; /* under queue_lock */
+
+#define QUEUE_REMOVAL_SYNC 1 /* seconds */
 
 static uint32_t queue_crc_table[256];
 
@@ -160,15 +167,36 @@ static void queue_commit_batch(struct queue_job *batch)
 	}
 }
 
+/* wait for work; removals not yet synced get a syncfs after QUEUE_REMOVAL_SYNC seconds without
+ * a batch (whose syncfs would cover them). Called and returns with queue_lock held. */
+static void queue_thread_wait(void)
+{
+	while (!queue_pending && !queue_stopping) {
+		if (!queue_removals_unsynced) {
+			pthread_cond_wait(&queue_cond, &queue_lock);
+			continue;
+		}
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += QUEUE_REMOVAL_SYNC;
+		if (pthread_cond_timedwait(&queue_cond, &queue_lock, &ts) == ETIMEDOUT && !queue_pending) {
+			queue_removals_unsynced = false;
+			pthread_mutex_unlock(&queue_lock);
+			syncfs(queue_msgdir_fd);
+			pthread_mutex_lock(&queue_lock);
+		}
+	}
+}
+
 static void *queue_thread_main(void *arg)
 {
 	(void)arg;
 	pthread_mutex_lock(&queue_lock);
 	for (;;) {
-		while (!queue_pending && !queue_stopping)
-			pthread_cond_wait(&queue_cond, &queue_lock);
+		queue_thread_wait();
 		if (!queue_pending)
 			break;
+		queue_removals_unsynced = false; /* this batch's syncfs covers them */
 		struct queue_job *batch = NULL, *j = queue_pending;
 		queue_pending = NULL;
 		while (j) { /* reverse into arrival order */
@@ -247,6 +275,10 @@ void queue_shutdown(void)
 		return;
 	pthread_mutex_lock(&queue_lock);
 	queue_stopping = true;
+	if (queue_removals_unsynced && queue_msgdir_fd >= 0) {
+		queue_removals_unsynced = false;
+		syncfs(queue_msgdir_fd);
+	}
 	pthread_cond_signal(&queue_cond);
 	pthread_mutex_unlock(&queue_lock);
 	pthread_join(queue_thread, NULL);
@@ -546,8 +578,16 @@ int queue_remove(const char *dir, const char *id, bool durable)
 	char path[PATH_MAX];
 	if (queue_path(dir, id, path, sizeof(path)) < 0 || unlink(path) < 0)
 		return -1;
-	if (durable)
+	if (durable) {
 		queue_sync_dir(dir);
+	} else if (queue_thread_running) {
+		pthread_mutex_lock(&queue_lock);
+		if (!queue_removals_unsynced) { /* the commit thread starts its timed wait */
+			queue_removals_unsynced = true;
+			pthread_cond_signal(&queue_cond);
+		}
+		pthread_mutex_unlock(&queue_lock);
+	}
 	return 0;
 }
 

@@ -110,8 +110,9 @@ void queue_envelope_free(struct queue_envelope *env);
 /* queue_append_status - append one status record line (without '\n') durably (fdatasync) */
 int queue_append_status(const char *dir, const char *id, const char *record);
 /* queue_remove - unlink a message; with durable, fsync the folder too. The forwarder's removal
- * of a finished message is not durable by itself: the next commit's syncfs (or the kernel's
- * writeback) makes it so, and a crash before that can only forward it once more, never lose it */
+ * of a finished message is not synced by itself: the next commit's syncfs, or the commit
+ * thread's own a second later, makes it durable; a crash (power loss) before that can only
+ * forward it once more, never lose it */
 int queue_remove(const char *dir, const char *id, bool durable);
 /* queue_scan - call fn for each message id in the queue; returns the count or -1 */
 int queue_scan(const char *dir, void (*fn)(const char *id, void *arg), void *arg);
