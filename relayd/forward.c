@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <sasl/sasl.h>
 #include <stdbool.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -372,9 +373,30 @@ static void forward_msg_route(struct forward_msg *m)
 
 static void forward_reload_later(const char *id);
 
+/* the queue id of env's notice of this action: derived from env's own id, so that the finish
+ * run again after a crash finds the notice it wrote before instead of writing a second one */
+static void forward_notice_id(const char *id, enum dsn_action action, char out[QUEUE_ID_LEN + 1])
+{
+	uint64_t v = strtoull(id, NULL, 16) ^ (UINT64_C(0x8000000000000000) | (uint64_t)(action + 1));
+	snprintf(out, QUEUE_ID_LEN + 1, "%016" PRIx64, v);
+}
+
+/* is the message already at id the notice about env (null sender, to env's sender, ours)? */
+static bool forward_notice_is_ours(const char *id, const struct queue_envelope *env)
+{
+	struct queue_envelope e;
+	if (queue_load(forward_queue, id, &e) < 0)
+		return false;
+	bool ours = !e.from[0] && e.nrcpt == 1 && !strcmp(e.rcpt[0].addr, env->from) && e.user &&
+		    !strcmp(e.user, "MAILER-DAEMON");
+	queue_envelope_free(&e);
+	return ours;
+}
+
 /* a notice of this action about env to its sender, written as a new queue message from the
- * null sender (body read into *body on first use); its id into id. Returns how many
- * recipients it reports (0: none, nothing written), or -1 with j->rc, err and what set. */
+ * null sender (body read into *body on first use); its id into id. A notice written before a
+ * crash is found and kept (same derived id). Returns how many recipients it reports (0: none,
+ * nothing written), or -1 with j->rc, err and what set. */
 static int forward_io_notice(struct forward_io *j, const struct queue_envelope *env, enum dsn_action action,
 			     char **body, char id[QUEUE_ID_LEN + 1])
 {
@@ -408,7 +430,17 @@ static int forward_io_notice(struct forward_io *j, const struct queue_envelope *
 	b.rcpt = &r;
 	b.nrcpt = 1;
 	b.size = dsn.len;
+	forward_notice_id(env->id, action, b.id);
 	int rc = queue_write_sync(forward_queue, &b, dsn.data, dsn.len);
+	if (rc < 0 && errno == EEXIST) {
+		if (forward_notice_is_ours(b.id, env)) {
+			log_info("%s forward event=notice-found notice=%s reason=\"written before a restart\"", env->id, b.id);
+			rc = 0;
+		} else { /* a message of its own has that id: a fresh one */
+			b.id[0] = '\0';
+			rc = queue_write_sync(forward_queue, &b, dsn.data, dsn.len);
+		}
+	}
 	buf_free(&dsn);
 	if (rc < 0) {
 		j->rc = -1, j->err = errno;
@@ -461,8 +493,9 @@ static void forward_io_finish(struct forward_io *j)
 	} else if (j->failed) {
 		memcpy(j->bounce_id, env.bounce_id, sizeof(j->bounce_id)); /* committed before a crash */
 	}
-	/* RFC 3461 §5.2.2.2: NOTIFY=SUCCESS that could not travel on. XXX a crash between this
-	 * and the removal sends it twice */
+	/* RFC 3461 §5.2.2.2: NOTIFY=SUCCESS that could not travel on. After a crash between this
+	 * and the removal, the notice is found again by its derived id, not written twice (while
+	 * it is still queued; one already sent and removed before the crash goes out again) */
 	if (j->rc == 0 && env.from[0] && forward_io_notice(j, &env, DSN_ACTION_RELAYED, &body, j->notice_id) > 0 &&
 	    queue_load(dir, j->notice_id, &j->notice) == 0) {
 		j->have_notice = true;

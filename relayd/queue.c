@@ -356,10 +356,10 @@ int queue_write_sync(const char *dir, struct queue_envelope *env, const char *ms
 	if (rc == 0 && fsync(fd) < 0)
 		rc = -1, e = errno;
 	close(fd);
-	if (rc == 0 && rename(tmp, path) < 0)
+	if (rc == 0 && link(tmp, path) < 0) /* not rename: an existing file must not be replaced */
 		rc = -1, e = errno;
+	unlink(tmp);
 	if (rc < 0) {
-		unlink(tmp);
 		errno = e;
 		return -1;
 	}

@@ -117,7 +117,8 @@ int queue_remove(const char *dir, const char *id, bool durable);
 /* queue_scan - call fn for each message id in the queue; returns the count or -1 */
 int queue_scan(const char *dir, void (*fn)(const char *id, void *arg), void *arg);
 /* queue_write_sync - write and fsync one message synchronously (for bounces made off the
- * session path, and for tools); env->id assigned; 0 or -1 with errno */
+ * session path, and for tools); env->id assigned unless set; 0, or -1 with errno (EEXIST: a
+ * message with that id is there already, and stays as it was) */
 int queue_write_sync(const char *dir, struct queue_envelope *env, const char *msg, size_t len);
 
 #endif

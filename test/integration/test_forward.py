@@ -18,6 +18,7 @@ import smtplib
 import sys
 import threading
 import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import relaytest as t  # noqa: E402
@@ -596,6 +597,39 @@ def _():
     t.ok(t.wait_for(lambda: not ({qid1, qid2} & set(relay.queue_ids())), 5 * t.SLOW), "both removed from the queue")
     t.is_(len(slow.messages()), 1, "nothing was sent twice")
     done(relay, slow, fast)
+
+
+@t.test("a crash after a bounce was written, before it was recorded: one bounce, not two")
+def _():
+    sink = t.Sink([])
+    relay = make_relay([])  # no upstream yet: the message waits untouched
+    code, qid, _ = submit(relay, ["gone@example.net"], subject=marker("crash-bounce"))
+    t.is_(code, 250, "accepted")
+    relay.stop()
+    msgdir = os.path.join(relay.queue_dir, "msg")
+    # the state such a crash leaves: the recipient failed for good (D record) ...
+    with open(os.path.join(msgdir, qid), "ab") as f:
+        f.write(b"D 0 550 [upstream.test] 550 5.1.1 no such user\n")
+    # ... and the bounce is in the queue under the id derived from the message's, no B record yet
+    bid = "%016x" % (int(qid, 16) ^ 0x8000000000000001)
+    body = (b"From: MAILER-DAEMON@relay.test\r\nTo: <" + ALICE.encode() + b">\r\n"
+            b"Subject: Undelivered Mail (written before the crash)\r\n\r\nno such user\r\n")
+    head = (f"RELAYD-QUEUE 1\nid {bid}\ncreated {int(time.time())}\nuser MAILER-DAEMON\nfrom \nret -\n"
+            f"envid -\nbody 7BIT\nsmtputf8 0\nrcpt 1 - {ALICE}\nsize {len(body)}\n\n").encode()
+    with open(os.path.join(msgdir, bid), "wb") as f:
+        f.write(head + body + b"\nEND %08x\n" % zlib.crc32(body))
+    reconfigure(relay, [f"127.0.0.1:{sink.port} tls=none"])
+    relay.start()
+    t.ok(wait_log(relay, rf"{qid} forward event=notice-found notice={bid}"),
+         "the finish, run again, found the bounce written before the crash")
+    t.ok(wait_log(relay, rf"{qid} forward event=bounced bounce={bid}"), "and recorded it as the bounce")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 10 * t.SLOW), "queue empty")
+    time.sleep(1)
+    msgs = sink.messages()
+    t.is_(len(msgs), 1, "exactly one bounce reached the sender")
+    t.ok(msgs and b"written before the crash" in msgs[0][1], "the one written before the crash")
+    t.is_(msgs[0][0]["rcpt_tos"] if msgs else None, [ALICE], "to the sender")
+    done(relay, sink)
 
 
 t.done()
