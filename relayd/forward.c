@@ -773,8 +773,8 @@ void forward_upstream_dispatch(struct forward_upstream *u)
 		struct forward_session *next;
 		for (struct forward_session *s = u->sessions; s; s = next) {
 			next = s->next;
-			if (!s->dead && !s->msg && s->state == FS_READY)
-				forward_session_shutdown(s);
+			if (!s->dead && !s->msg && s->state != FS_QUIT)
+				forward_session_shutdown(s); /* idle: QUIT; still connecting: dropped */
 		}
 		return;
 	}
@@ -1143,13 +1143,7 @@ static void forward_switch_start(const struct forward_upstream *fresh, int n)
 		struct forward_msg *m;
 		while ((m = forward_upstream_pop(u)))
 			m->state = MS_IDLE; /* held until the switch is done */
-		forward_upstream_dispatch(u); /* READY sessions quit */
-		struct forward_session *s, *next;
-		for (s = u->sessions; s; s = next) {
-			next = s->next;
-			if (!s->dead && !s->msg && s->state != FS_QUIT)
-				forward_session_shutdown(s); /* still connecting: dropped */
-		}
+		forward_upstream_dispatch(u); /* sessions without a message end */
 	}
 	ev_timer_init(&forward_switch_timer, forward_switch_cb, 0., 0.1);
 	ev_timer_again(forward_loop, &forward_switch_timer);
