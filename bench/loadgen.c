@@ -97,6 +97,7 @@ struct lg_client {
 	double t_conn, t_msg;
 	double t_sched;         /* --rate: when this slot's connection was due to start */
 	double t_dot;           /* when the final dot of the current message was queued */
+	double t_phase;         /* --phases: when the current state began */
 	char in[LG_INBUF];
 	size_t inlen;
 	struct lg_buf out;
@@ -117,6 +118,7 @@ static struct {
 	long max_errors;
 	bool quickack;
 	double rate;            /* open loop: connections started per second (0: closed loop) */
+	bool phases;            /* report where the time of a session goes, per state */
 } opt = {
 	.host = "127.0.0.1", .port = "587", .priority = "NORMAL", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
 	.size = 4096, .per_conn = 1, .timeout = 30, .source_addrs = 1, .max_errors = 1000,
@@ -141,6 +143,7 @@ struct lg_lat {
 };
 static struct lg_lat lg_lat;  /* start of the transaction (see --rate) to the 250 after the dot */
 static struct lg_lat lg_dlat; /* final dot sent to its 250: the server's accept-and-commit time */
+static struct lg_lat lg_phase[LS_IDLE + 1]; /* --phases: time spent waiting in each state */
 static double lg_next_start;  /* --rate: when the next connection is due */
 static char *lg_fill;        /* body filler: CRLF-terminated lines */
 static char lg_auth_b64[1024];
@@ -257,6 +260,16 @@ static void lg_record(struct lg_lat *l, double ms)
 		l->v = lg_xrealloc(l->v, l->cap * sizeof(*l->v));
 	}
 	l->v[l->n++] = ms;
+}
+
+/* --phases: the state c is leaving took from t_phase until now (LS_FREE: due to connect()) */
+static void lg_phase_mark(struct lg_client *c, enum lg_state s)
+{
+	if (!opt.phases)
+		return;
+	double now = lg_now();
+	lg_record(&lg_phase[s], (now - c->t_phase) * 1000.0);
+	c->t_phase = now;
 }
 
 static int lg_cmp_double(const void *a, const void *b)
@@ -467,6 +480,8 @@ static void lg_client_connect(struct lg_client *c)
 	if (opt.idle > 0)
 		lg_connecting++;
 	c->t_conn = lg_now();
+	c->t_phase = opt.rate > 0 && c->t_sched > 0 ? c->t_sched : c->t_conn;
+	lg_phase_mark(c, LS_FREE);
 	c->fd = socket(lg_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (c->fd < 0) {
 		c->state = LS_CONNECTING;
@@ -589,6 +604,7 @@ static void lg_after_ehlo(struct lg_client *c)
 /* one complete reply (the last line of a multi-line one); returns -1 if c was closed */
 static int lg_reply(struct lg_client *c, int code, const char *line)
 {
+	lg_phase_mark(c, c->state);
 	switch (c->state) {
 	case LS_GREETING:
 		if (code != 220)
@@ -778,6 +794,7 @@ static void lg_do_handshake(struct lg_client *c)
 		return;
 	}
 	c->tls_on = true;
+	lg_phase_mark(c, LS_HANDSHAKE);
 	lg_touch(c);
 	if (opt.implicit_tls) {
 		c->state = LS_GREETING;
@@ -853,6 +870,7 @@ static void lg_io_cb(struct ev_loop *l, ev_io *w, int revents)
 			return;
 		}
 		lg_touch(c);
+		lg_phase_mark(c, LS_CONNECTING);
 		if (opt.implicit_tls) {
 			lg_tls_start(c);
 			lg_do_handshake(c);
@@ -884,6 +902,20 @@ static void lg_io_cb(struct ev_loop *l, ev_io *w, int revents)
 }
 
 /* setup ----------------------------------------------------------------------------------- */
+
+static void lg_print_phases(void)
+{
+	printf("PHASES");
+	for (int s = LS_FREE; s <= LS_IDLE; s++) {
+		struct lg_lat *l = &lg_phase[s];
+		if (!l->n)
+			continue;
+		qsort(l->v, l->n, sizeof(*l->v), lg_cmp_double);
+		printf(" %s=%.2f/%.2f", s == LS_FREE ? "start" : lg_strstate((enum lg_state)s), lg_pct(l, 50),
+		       lg_pct(l, 99));
+	}
+	printf(" (ms p50/p99)\n");
+}
 
 static void lg_b64(const unsigned char *in, size_t n, char *out, size_t outlen)
 {
@@ -968,7 +1000,9 @@ static void lg_usage(int rc)
 		"  --source-addrs N       spread connections over source addresses 127.0.0.1..N\n"
 		"  --priority STRING      GnuTLS priority string (default NORMAL)\n"
 		"  --no-quickack          leave delayed ACKs on (default: TCP_QUICKACK after every read, so a\n"
-		"                         server's Nagle + our delayed ACK cannot add 40 ms stalls)\n");
+		"                         server's Nagle + our delayed ACK cannot add 40 ms stalls)\n"
+		"  --phases               also print where a session's time goes: p50/p99 ms of each wait\n"
+		"                         (start: due to connect() under --rate; ehlo counts both EHLOs)\n");
 	exit(rc);
 }
 
@@ -976,7 +1010,7 @@ static void lg_parse_args(int argc, char **argv)
 {
 	enum { O_HOST = 256, O_PORT, O_CLIENTS, O_MESSAGES, O_SIZE, O_PERCONN, O_TLSCONN, O_NOTLS, O_USER,
 	       O_PASSWORD, O_FROM, O_RCPT, O_DURATION, O_IDLE, O_HOLD, O_SNI, O_TIMEOUT, O_SRC, O_MAXERR,
-	       O_PRIO, O_NOQA, O_RATE, O_HELP };
+	       O_PRIO, O_NOQA, O_RATE, O_PHASES, O_HELP };
 	static const struct option lo[] = {
 		{ "host", 1, NULL, O_HOST },         { "port", 1, NULL, O_PORT },
 		{ "clients", 1, NULL, O_CLIENTS },   { "messages", 1, NULL, O_MESSAGES },
@@ -989,7 +1023,7 @@ static void lg_parse_args(int argc, char **argv)
 		{ "timeout", 1, NULL, O_TIMEOUT },   { "source-addrs", 1, NULL, O_SRC },
 		{ "max-errors", 1, NULL, O_MAXERR }, { "priority", 1, NULL, O_PRIO },
 		{ "no-quickack", 0, NULL, O_NOQA },  { "rate", 1, NULL, O_RATE },
-		{ "help", 0, NULL, O_HELP },
+		{ "phases", 0, NULL, O_PHASES },     { "help", 0, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	int ch;
@@ -1020,6 +1054,7 @@ static void lg_parse_args(int argc, char **argv)
 		case O_PRIO: opt.priority = optarg; break;
 		case O_NOQA: opt.quickack = false; break;
 		case O_RATE: opt.rate = strtod(optarg, &end); break;
+		case O_PHASES: opt.phases = true; break;
 		case O_HELP: case 'h': lg_usage(0); break;
 		default: lg_usage(1);
 		}
@@ -1153,6 +1188,8 @@ int main(int argc, char **argv)
 	       "dot_p50=%.2f dot_p99=%.2f offered=%.1f\n",
 	       opt.clients, lg_ok, rate, lg_pct(l, 50), lg_pct(l, 90), lg_pct(l, 99), lg_pct(l, 100), lg_errors,
 	       elapsed, lg_pct(d, 50), lg_pct(d, 99), opt.rate);
+	if (opt.phases)
+		lg_print_phases();
 	gnutls_priority_deinit(lg_prio);
 	gnutls_certificate_free_credentials(lg_cred);
 	gnutls_global_deinit();

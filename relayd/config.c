@@ -66,7 +66,7 @@ void config_defaults(struct config *c)
 	c->auth_fail_limit = 5;
 	c->auth_lockout = 900;
 	c->drain_timeout = 30;
-	c->tls_threads = 1;
+	c->tls_threads = CONFIG_TLS_THREADS_AUTO;
 }
 
 /* a non-negative number with an optional one-letter unit from units[] (multipliers in
@@ -384,8 +384,13 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_hostport(x, argv[1], c->metrics_host, sizeof(c->metrics_host), c->metrics_port,
 				       sizeof(c->metrics_port));
 	}
-	if (!strcmp(d, "tls_threads"))
+	if (!strcmp(d, "tls_threads")) {
+		if (argc == 2 && !strcmp(argv[1], "auto")) {
+			c->tls_threads = CONFIG_TLS_THREADS_AUTO;
+			return 0;
+		}
 		return config_unsigned(x, argc, argv, &c->tls_threads, 8, NULL);
+	}
 	if (!strcmp(d, "drain_timeout"))
 		return config_unsigned(x, argc, argv, &c->drain_timeout, 3600, config_parse_duration);
 	if (!strcmp(d, "limit_msgs"))

@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#define CONFIG_TLS_THREADS_AUTO UINT_MAX /* tls_threads auto */
+
 #define CONFIG_MAX_LISTEN   16
 #define CONFIG_MAX_UPSTREAM 8
 #define CONFIG_MAX_CERTS    4   /* tls_cert/tls_key pairs, e.g. ECDSA and RSA */
@@ -56,7 +58,8 @@ struct config {
 	char metrics_host[256];   /* Prometheus listener; empty = off */
 	char metrics_port[16];
 	unsigned drain_timeout;   /* seconds SIGTERM waits for sessions in progress (default 30) */
-	unsigned tls_threads;     /* server TLS handshake threads (default 1; 0 = on the loop) */
+	unsigned tls_threads;     /* server TLS handshake threads (0 = on the loop), or CONFIG_TLS_THREADS_AUTO
+	                           * (the default): one thread for RSA keys, none for EC keys */
 
 	size_t max_message_size;  /* SIZE, bytes (default 35 MiB) */
 	unsigned max_recipients;  /* per message (default 100) */

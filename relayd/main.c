@@ -183,6 +183,22 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
 }
 
+/* TLS handshake threads: the configured count, or with "auto" one thread when a key signs
+ * slowly (RSA: the signature would hold the loop about a millisecond per handshake) and none
+ * for EC keys (a handshake on the loop costs less than handing it to a thread and back).
+ * Called at start and after each reload: an RSA key loaded later starts the thread then. */
+static void main_tls_threads(struct ev_loop *loop, gnutls_certificate_credentials_t cred, bool starting)
+{
+	bool automatic = main_cfg.tls_threads == CONFIG_TLS_THREADS_AUTO;
+	int n = automatic ? (cred && tls_creds_slow_sign(cred) ? 1 : 0) : (int)main_cfg.tls_threads;
+	if (tlsoff_enabled() || (n == 0 && !starting))
+		return; /* threads, once started, stay for the life of the process */
+	if (tlsoff_init(loop, n) < 0)
+		fatal("cannot start TLS handshake threads");
+	log_info("main event=tls-handshakes on=%s threads=%d setting=%s", n ? "threads" : "loop", n,
+		 automatic ? (n ? "auto-slow-key" : "auto-ec-key") : "tls_threads");
+}
+
 /* main_reload - SIGHUP: new config, certificates, limits; a bad one is refused whole */
 static int main_reload(void)
 {
@@ -218,6 +234,7 @@ static int main_reload(void)
 		/* XXX past 64 reloads the oldest credentials are kept alive rather than freed */
 		main_cred = cred;
 		smtp_server_set_creds(cred);
+		main_tls_threads(EV_DEFAULT, cred, false);
 	}
 	log_info("main event=reloaded config=%s", main_cfg.path);
 	return 0;
@@ -398,8 +415,7 @@ int main(int argc, char **argv)
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
 		fatal("cannot start worker threads");
-	if (tlsoff_init(loop, (int)main_cfg.tls_threads) < 0)
-		fatal("cannot start TLS handshake threads");
+	main_tls_threads(loop, main_cred, true);
 	smtp_server_init(loop, &main_cfg, main_cred);
 	main_control_init(loop); /* after the drop: the socket belongs to relayd's user */
 	if (main_cfg.metrics_host[0] && metrics_init(loop, main_cfg.metrics_host, main_cfg.metrics_port, err, sizeof(err)) < 0)

@@ -7,6 +7,7 @@
  */
 #include "tls.h"
 
+#include <gnutls/x509.h>
 #include <stdio.h>
 
 static gnutls_priority_t tls_prio;
@@ -68,6 +69,23 @@ gnutls_certificate_credentials_t tls_server_creds(const char (*certs)[PATH_MAX],
 		}
 	}
 	return cred;
+}
+
+/* tls_creds_slow_sign - any RSA or DSA key (or one that is not an X.509 key) among cred's */
+bool tls_creds_slow_sign(gnutls_certificate_credentials_t cred)
+{
+	for (unsigned i = 0;; i++) {
+		gnutls_x509_privkey_t key;
+		int rc = gnutls_certificate_get_x509_key(cred, i, &key);
+		if (rc == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+			return false;
+		if (rc < 0)
+			return true;
+		int alg = gnutls_x509_privkey_get_pk_algorithm2(key, NULL);
+		gnutls_x509_privkey_deinit(key);
+		if (alg != GNUTLS_PK_ECDSA && alg != GNUTLS_PK_EDDSA_ED25519 && alg != GNUTLS_PK_EDDSA_ED448)
+			return true;
+	}
 }
 
 /* tls_client_creds - trust anchors for verifying an upstream */

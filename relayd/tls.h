@@ -7,6 +7,7 @@
 
 #include <gnutls/gnutls.h>
 #include <limits.h>
+#include <stdbool.h>
 
 /* the priority string for every session: TLS 1.2 or newer */
 #define TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:%SERVER_PRECEDENCE"
@@ -25,6 +26,9 @@ const gnutls_datum_t *tls_ticket_key(void);
  * one its signature algorithms allow: ECDSA for most, RSA for old clients); NULL with err */
 gnutls_certificate_credentials_t tls_server_creds(const char (*certs)[PATH_MAX], const char (*keys)[PATH_MAX], int n,
 						  char *err, size_t errlen);
+/* tls_creds_slow_sign - does a key of cred sign slowly (RSA, DSA, or a kind we cannot tell:
+ * about a millisecond per handshake, too long for the loop)? EC keys sign in tens of µs */
+bool tls_creds_slow_sign(gnutls_certificate_credentials_t cred);
 /* tls_client_creds - trust the CA file, or the system trust store when ca is NULL or "" */
 gnutls_certificate_credentials_t tls_client_creds(const char *ca, char *err, size_t errlen);
 

@@ -214,4 +214,49 @@ def _():
     t.like(out, r"every tls_cert needs its tls_key", "and says why")
     r.stop()
 
+
+def ec_only(r):
+    """replace r's RSA server key and certificate with ECDSA P-256 ones (same CA and names)"""
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile",
+            j("server-key.pem")])
+    t._run(["certtool", "--generate-certificate", "--load-privkey", j("server-key.pem"), "--load-ca-certificate",
+            j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile",
+            j("server-cert.pem")])
+
+
+def implicit_tls_greeting(r):
+    import ssl
+    ctx = ssl.create_default_context(cafile=r.ca_file)
+    with socket.create_connection(("127.0.0.1", r.port_tls), timeout=10) as sock:
+        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+            return tls.recv(200).decode()
+
+
+@t.test("tls_threads auto: handshakes on the loop with an EC key, on a thread with an RSA key")
+def _():
+    for kind, extra, want in (("ECDSA", "", r"on=loop threads=0 setting=auto-ec-key"),
+                              ("RSA", "", r"on=threads threads=1 setting=auto-slow-key"),
+                              ("RSA, tls_threads 0", "tls_threads 0\n", r"on=loop threads=0 setting=tls_threads")):
+        r = t.Relay(extra_config=extra)
+        if kind == "ECDSA":
+            ec_only(r)
+        r.add_user(USER, PW)
+        r.start()
+        t.like(r.log(), want, f"{kind}: the log says where handshakes run")
+        t.is_(one_message(r, f"tls-threads {kind}")[:3], "250", f"{kind}: STARTTLS + AUTH + a message")
+        t.like(implicit_tls_greeting(r), r"^220 ", f"{kind}: implicit TLS greeting")
+        r.stop()
+    r = t.Relay()
+    ec_only(r)
+    r.add_user(USER, PW)
+    r.start()
+    t.unlike(r.log(), r"on=threads", "EC key: no handshake thread")
+    t.make_certs(r.dir)  # RSA again, then SIGHUP
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: re.search(r"on=threads threads=1 setting=auto-slow-key", r.log()), 10 * t.SLOW),
+         "an RSA key loaded by a reload starts the handshake thread")
+    t.is_(one_message(r, "tls-threads reload")[:3], "250", "and sessions still work")
+    r.stop()
+
 t.done()

@@ -66,6 +66,13 @@ int main(void)
 	is_int((int)config_parse_duration("2h"), 7200, "2h");
 	ok(config_parse_duration("5x") < 0, "bad unit refused");
 
+	ok(load(BASE, &c, err, sizeof(err)) == 0 && c.tls_threads == CONFIG_TLS_THREADS_AUTO, "tls_threads defaults to auto");
+	ok(load(BASE "tls_threads 2\n", &c, err, sizeof(err)) == 0 && c.tls_threads == 2, "tls_threads 2");
+	ok(load(BASE "tls_threads 1\ntls_threads auto\n", &c, err, sizeof(err)) == 0 &&
+	   c.tls_threads == CONFIG_TLS_THREADS_AUTO, "tls_threads auto");
+	ok(load(BASE "tls_threads 9\n", &c, err, sizeof(err)) < 0 && strstr(err, "bad value"), "tls_threads 9 refused: %s", err);
+	ok(load(BASE "tls_threads some\n", &c, err, sizeof(err)) < 0, "tls_threads some refused");
+
 	char path[300];
 	snprintf(path, sizeof(path), "%s/relayd.conf", dir);
 	unlink(path);
