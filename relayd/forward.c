@@ -459,8 +459,7 @@ static void forward_io_finish(struct forward_io *j)
 	struct queue_envelope env;
 	if (j->all_delivered) {
 		j->delivered = j->nrcpt;
-		if (queue_remove(dir, j->id, false) < 0)
-			j->rc = -1, j->err = errno, j->what = "remove";
+		queue_remove_async(j->id);
 		return;
 	}
 	if (queue_load(dir, j->id, &env) < 0) {
@@ -641,7 +640,10 @@ static void forward_msg_io(struct forward_msg *m)
 	j->job.run = forward_io_run;
 	j->job.done = forward_io_done;
 	m->io_busy = true;
-	workq_submit(&j->job);
+	if (j->all_delivered) /* nothing to write: the removal is handed to the commit thread */
+		workq_run_inline(&j->job);
+	else
+		workq_submit(&j->job);
 }
 
 /* every recipient is done: bounce and remove (after the pending records) */
@@ -681,7 +683,8 @@ static void forward_load_done(struct workq_job *job)
 	free(j);
 }
 
-static void forward_load(const char *id)
+/* inline: on the loop (a small message just committed), else on a worker */
+static void forward_load(const char *id, bool inline_ok)
 {
 	if (forward_stopping || forward_msg_find(id))
 		return;
@@ -691,7 +694,10 @@ static void forward_load(const char *id)
 	snprintf(j->id, sizeof(j->id), "%s", id);
 	j->job.run = forward_load_run;
 	j->job.done = forward_load_done;
-	workq_submit(&j->job);
+	if (inline_ok)
+		workq_run_inline(&j->job);
+	else
+		workq_submit(&j->job);
 }
 
 struct forward_reload {
@@ -704,7 +710,7 @@ static void forward_reload_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	struct forward_reload *r = w->data;
 	(void)revents;
 	ev_timer_stop(loop, w);
-	forward_load(r->id);
+	forward_load(r->id, false);
 	free(r);
 }
 
@@ -1191,11 +1197,11 @@ int forward_reload(const struct config *cfg, char *err, size_t errlen)
 }
 
 /* forward_notify - a fresh message */
-void forward_notify(const char *id)
+void forward_notify(const char *id, size_t size)
 {
 	if (!forward_started || forward_stopping)
 		return;
-	forward_load(id);
+	forward_load(id, size > 0 && size <= FORWARD_INLINE_MAX);
 }
 
 /* forward_forget - a deleted message leaves memory too */

@@ -29,8 +29,10 @@ int forward_init(struct ev_loop *loop, const struct config *cfg, char *err, size
 /* forward_reload - SIGHUP: new ca=, verify=, auth= secrets, rate= and connections= for
  * upstreams whose list is unchanged; -1 with err (nothing changed) if one cannot be loaded */
 int forward_reload(const struct config *cfg, char *err, size_t errlen);
-/* forward_notify - message id was just committed: load it (off the loop) and send it now */
-void forward_notify(const char *id);
+/* forward_notify - message id (size bytes, 0 if not known) was just committed: load it and
+ * send it now. Up to FORWARD_INLINE_MAX (forward_int.h) it is read on the loop (it is in the page cache:
+ * cheaper than a worker's two hand-overs), a larger one on a worker. */
+void forward_notify(const char *id, size_t size);
 /* forward_shutdown - no new attempts; QUIT idle upstream connections, close the others */
 void forward_shutdown(void);
 /* forward_forget - message id was deleted from the queue (relayctl queue delete): drop it from

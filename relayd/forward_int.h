@@ -23,6 +23,10 @@
 #include "smtp_reply.h"
 #include "tls.h"
 
+/* a message up to this size is read from the queue on the loop (just written, so in the page
+ * cache: cheaper than a worker's two hand-overs); a larger one on a worker */
+#define FORWARD_INLINE_MAX (64 * 1024)
+
 enum forward_state {
 	FS_RESOLVE,    /* getaddrinfo on a worker */
 	FS_CONNECT,    /* non-blocking connect */

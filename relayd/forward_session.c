@@ -701,7 +701,8 @@ static void forward_session_body_done(struct workq_job *job)
 	}
 }
 
-/* forward_session_take - an idle session takes a message: its body is read on a worker first */
+/* forward_session_take - an idle session takes a message: its body is read first, on the
+ * loop when small (FORWARD_INLINE_MAX: cheaper than a worker's hand-overs), else on a worker */
 void forward_session_take(struct forward_session *s, struct forward_msg *m)
 {
 	size_t n = 0;
@@ -731,7 +732,10 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 	j->offset = m->env.body_offset;
 	j->job.run = forward_session_body_run;
 	j->job.done = forward_session_body_done;
-	workq_submit(&j->job);
+	if (j->size <= FORWARD_INLINE_MAX)
+		workq_run_inline(&j->job);
+	else
+		workq_submit(&j->job);
 }
 
 /* the session can take the next message (or idles) */

@@ -6,7 +6,8 @@
  * the loop. A crash mid-batch leaves files without a valid trailer: those never got a 250
  * and queue_load() refuses them (recovery deletes them).
  * Invariant: the callback reporting success runs only after syncfs returned 0.
- * The forwarder's removals of finished messages are not synced one by one: the next batch's
+ * The forwarder's removals of finished messages are unlinked by the commit thread too
+ * (queue_remove_async: an unlink may wait for the disk), and not synced one by one: the next batch's
  * syncfs covers them, or, when no message comes, the commit thread's own syncfs at most
  * QUEUE_REMOVAL_SYNC seconds later (a crash before that can only forward a message again).
  */
@@ -49,6 +50,11 @@ static struct ev_loop *queue_loop;
 static char queue_dir[PATH_MAX];
 static int queue_msgdir_fd = -1;
 static bool queue_removals_unsynced; /* under queue_lock */
+struct queue_removal {
+	struct queue_removal *next;
+	char id[QUEUE_ID_LEN + 1];
+};
+static struct queue_removal *queue_removals; /* under queue_lock: for the commit thread to unlink */
 
 #define QUEUE_REMOVAL_SYNC 1 /* seconds */
 
@@ -167,11 +173,33 @@ static void queue_commit_batch(struct queue_job *batch)
 	}
 }
 
+/* unlink the removals handed over (called and returns with queue_lock held) */
+static void queue_unlink_removals(void)
+{
+	while (queue_removals) {
+		struct queue_removal *r = queue_removals;
+		queue_removals = NULL;
+		pthread_mutex_unlock(&queue_lock);
+		while (r) {
+			struct queue_removal *next = r->next;
+			if (unlinkat(queue_msgdir_fd, r->id, 0) < 0 && errno != ENOENT)
+				log_err("%s queue event=remove-failed error=\"%s\"", r->id, strerror(errno));
+			free(r);
+			r = next;
+		}
+		pthread_mutex_lock(&queue_lock);
+		queue_removals_unsynced = true;
+	}
+}
+
 /* wait for work; removals not yet synced get a syncfs after QUEUE_REMOVAL_SYNC seconds without
  * a batch (whose syncfs would cover them). Called and returns with queue_lock held. */
 static void queue_thread_wait(void)
 {
 	while (!queue_pending && !queue_stopping) {
+		queue_unlink_removals();
+		if (queue_pending || queue_stopping)
+			break;
 		if (!queue_removals_unsynced) {
 			pthread_cond_wait(&queue_cond, &queue_lock);
 			continue;
@@ -179,7 +207,8 @@ static void queue_thread_wait(void)
 		struct timespec ts;
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_sec += QUEUE_REMOVAL_SYNC;
-		if (pthread_cond_timedwait(&queue_cond, &queue_lock, &ts) == ETIMEDOUT && !queue_pending) {
+		if (pthread_cond_timedwait(&queue_cond, &queue_lock, &ts) == ETIMEDOUT && !queue_pending &&
+		    !queue_removals) {
 			queue_removals_unsynced = false;
 			pthread_mutex_unlock(&queue_lock);
 			syncfs(queue_msgdir_fd);
@@ -194,6 +223,7 @@ static void *queue_thread_main(void *arg)
 	pthread_mutex_lock(&queue_lock);
 	for (;;) {
 		queue_thread_wait();
+		queue_unlink_removals(); /* before the batch, whose syncfs then covers them */
 		if (!queue_pending)
 			break;
 		queue_removals_unsynced = false; /* this batch's syncfs covers them */
@@ -275,14 +305,14 @@ void queue_shutdown(void)
 		return;
 	pthread_mutex_lock(&queue_lock);
 	queue_stopping = true;
+	pthread_cond_signal(&queue_cond);
+	pthread_mutex_unlock(&queue_lock);
+	pthread_join(queue_thread, NULL); /* it unlinks the removals handed over before it ends */
+	queue_thread_running = false;
 	if (queue_removals_unsynced && queue_msgdir_fd >= 0) {
 		queue_removals_unsynced = false;
 		syncfs(queue_msgdir_fd);
 	}
-	pthread_cond_signal(&queue_cond);
-	pthread_mutex_unlock(&queue_lock);
-	pthread_join(queue_thread, NULL);
-	queue_thread_running = false;
 	queue_async_cb(queue_loop, &queue_async, 0);
 }
 
@@ -589,6 +619,24 @@ int queue_remove(const char *dir, const char *id, bool durable)
 		pthread_mutex_unlock(&queue_lock);
 	}
 	return 0;
+}
+
+/* queue_remove_async - hand the unlink to the commit thread */
+void queue_remove_async(const char *id)
+{
+	struct queue_removal *r = malloc(sizeof(*r));
+	if (!r || !queue_thread_running) { /* out of memory, or no thread: here and now */
+		free(r);
+		if (unlinkat(queue_msgdir_fd, id, 0) < 0 && errno != ENOENT)
+			log_err("%s queue event=remove-failed error=\"%s\"", id, strerror(errno));
+		return;
+	}
+	snprintf(r->id, sizeof(r->id), "%s", id);
+	pthread_mutex_lock(&queue_lock);
+	r->next = queue_removals;
+	queue_removals = r;
+	pthread_cond_signal(&queue_cond);
+	pthread_mutex_unlock(&queue_lock);
 }
 
 /* queue_scan - every message id (16 hex digits) in the queue */

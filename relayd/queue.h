@@ -114,6 +114,10 @@ int queue_append_status(const char *dir, const char *id, const char *record);
  * thread's own a second later, makes it durable; a crash (power loss) before that can only
  * forward it once more, never lose it */
 int queue_remove(const char *dir, const char *id, bool durable);
+/* queue_remove_async - the commit thread unlinks message id (of the queue of queue_init) soon,
+ * off the loop (an unlink can wait for the disk: a discard on some file systems), and its
+ * syncfs makes that durable like queue_remove's; a message already gone is no error */
+void queue_remove_async(const char *id);
 /* queue_scan - call fn for each message id in the queue; returns the count or -1 */
 int queue_scan(const char *dir, void (*fn)(const char *id, void *arg), void *arg);
 /* queue_write_sync - write and fsync one message synchronously (for bounces made off the

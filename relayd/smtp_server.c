@@ -817,7 +817,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 	if (!s) {
 		if (!qerrno) {
 			log_info("%s smtp event=accepted-after-disconnect", id);
-			forward_notify(id);
+			forward_notify(id, 0);
 		}
 		return;
 	}
@@ -833,7 +833,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		log_info("%s smtp event=accepted user=%s from=<%s> rcpts=%zu size=%zu session=%s", id, s->user, s->env.from,
 			 s->env.nrcpt, s->env.size, s->idstr);
 		session_reply(s, "250 2.0.0 Ok: queued as %s", id);
-		forward_notify(id);
+		forward_notify(id, s->env.size);
 	} else if (qerrno == ENOSPC || qerrno == EDQUOT) {
 		session_reply(s, "452 4.3.1 Insufficient system storage");
 	} else {

@@ -97,6 +97,16 @@ void workq_submit(struct workq_job *j)
 	pthread_mutex_unlock(&workq_lock);
 }
 
+/* workq_run_inline - run on the loop; done() through the same list as a worker's jobs */
+void workq_run_inline(struct workq_job *j)
+{
+	j->run(j);
+	pthread_mutex_lock(&workq_lock);
+	workq_push(&workq_done_head, &workq_done_tail, j);
+	pthread_mutex_unlock(&workq_lock);
+	ev_async_send(workq_loop, &workq_async);
+}
+
 /* workq_shutdown - drain and join */
 void workq_shutdown(void)
 {

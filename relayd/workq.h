@@ -18,6 +18,10 @@ struct workq_job {
 int workq_init(struct ev_loop *loop, int nthreads);
 /* workq_submit - queue a job (loop thread only) */
 void workq_submit(struct workq_job *j);
+/* workq_run_inline - run j now, on the loop thread, for work known to be cheap (a small file
+ * just written, so in the page cache); its done() follows from the loop as after a worker,
+ * so a caller sees the same order either way. Saves the two thread hand-overs. */
+void workq_run_inline(struct workq_job *j);
 /* workq_shutdown - finish queued jobs and join the workers */
 void workq_shutdown(void);
 

@@ -632,4 +632,24 @@ def _():
     done(relay, sink)
 
 
+@t.test("the commit thread unlinks delivered messages: none left after a stop right after delivery, none sent twice")
+def _():
+    sink = t.Sink([])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    n = 20
+    codes = [submit(relay, [f"r{i}@example.net"], subject=marker(f"unlink {i}"), conn=c)[0] for i in range(n)]
+    c.quit()
+    t.is_(codes, [250] * n, "all accepted")
+    t.is_(len(wait_msgs(sink, n)), n, f"{n} delivered")
+    t.ok(wait_log(relay, r"(?s)(forward event=removed.*){%d}" % n, 10), "each logged removed")
+    t.is_(relay.stop(), 0, "stopped at once after the deliveries")
+    t.is_(relay.queue_ids(), set(), "no delivered message left in the queue after the stop")
+    relay.start()
+    time.sleep(1.0 * t.SLOW)
+    t.is_(len(sink.messages()), n, "after a restart nothing was sent again")
+    done(relay, sink)
+
+
 t.done()
