@@ -4,7 +4,11 @@
  * slow hashes in SQLite (userdb); Cyrus's own verifiers are switched off by naming a
  * pwcheck_method that does not exist, so a system sasldb or saslauthd is never consulted.
  * Threads: SASL steps run on workq threads, each with its own userdb connection. A request
- * is touched by one thread at a time (the loop, or the worker running it).
+ * is touched by one thread at a time (the loop, or the worker running it). An AUTH PLAIN
+ * with an initial response is tried on the loop first (auth_try_inline) with the loop's own
+ * connection: only a credential-cache hit may succeed there; anything else (a miss, a wrong
+ * password, no such user, SQLITE_BUSY) is redone from the start on a worker, so a failure,
+ * the slow hash and the timing of both are the worker path's.
  * Secrets: decoded client data is wiped after each step; no password is ever logged.
  */
 #include "auth.h"
@@ -22,7 +26,8 @@
 #include "userdb.h"
 
 static char auth_dbpath[PATH_MAX];
-static __thread struct userdb *auth_db;
+static __thread struct userdb *auth_db;   /* a worker's connection */
+static struct userdb *auth_loop_db;       /* the loop's (busy timeout 0), or NULL */
 static pthread_key_t auth_db_key;   /* closes a worker's connection when the thread exits */
 
 static void auth_db_close(void *db)
@@ -103,22 +108,32 @@ int auth_init(const struct config *cfg, char *err, size_t errlen)
 	return 0;
 }
 
-/* the password check, called by SASL inside a step on a worker thread */
-static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const char *pass, unsigned passlen,
-			  struct propctx *propctx)
+/* the connection of the thread running r's step: the loop's, or this worker's (opened once) */
+static struct userdb *auth_thread_db(const struct auth_req *r)
 {
-	struct auth_req *r = ctx;
-	(void)conn; (void)propctx;
+	if (r->inline_try)
+		return auth_loop_db;
 	if (!auth_db) {
 		char err[256];
 		auth_db = userdb_open(auth_dbpath, err, sizeof(err));
 		if (auth_db)
 			pthread_setspecific(auth_db_key, auth_db);
-		if (!auth_db) {
+		else
 			log_err("auth event=db-open-failed error=\"%s\"", err);
-			r->check = USERDB_ERROR;
-			return SASL_FAIL;
-		}
+	}
+	return auth_db;
+}
+
+/* the password check, called by SASL inside a step (on a worker, or tried on the loop) */
+static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const char *pass, unsigned passlen,
+			  struct propctx *propctx)
+{
+	struct auth_req *r = ctx;
+	(void)conn; (void)propctx;
+	struct userdb *db = auth_thread_db(r);
+	if (!db) {
+		r->check = USERDB_ERROR;
+		return SASL_FAIL;
 	}
 	snprintf(r->attempted, sizeof(r->attempted), "%s", user);
 	char *pw = strndup(pass, passlen);
@@ -128,12 +143,16 @@ static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const 
 	}
 	/* the verified-credential cache first: one indexed lookup instead of a slow hash */
 	struct userdb_user u;
-	bool have_user = userdb_user_get(auth_db, user, &u) == 0;
+	bool have_user = userdb_user_get(db, user, &u) == 0;
 	time_t now = time(NULL);
 	if (have_user && credcache_check(user, pw, u.hash, now)) {
 		r->check = USERDB_OK;
+		r->cached = true;
+	} else if (r->inline_try) {
+		r->inline_miss = true; /* the slow hash, and every failure, happen on a worker */
+		r->check = USERDB_ERROR;
 	} else {
-		r->check = (int)userdb_check_password(auth_db, user, pw);
+		r->check = (int)userdb_check_password(db, user, pw);
 		if (r->check == USERDB_OK && have_user)
 			credcache_put(user, pw, u.hash, now);
 	}
@@ -168,18 +187,26 @@ static void auth_load_user(struct auth_req *r)
 		return;
 	}
 	snprintf(r->user, sizeof(r->user), "%s", (const char *)name);
+	struct userdb *db = auth_thread_db(r);
 	struct userdb_user u;
 	if (r->have_found && !strcmp(r->found.name, r->user)) {
 		u = r->found;
 		r->have_found = false;
-	} else if (!auth_db || userdb_user_get(auth_db, r->user, &u) != 0) {
+	} else if (!db || userdb_user_get(db, r->user, &u) != 0) {
+		r->inline_miss = r->inline_try;
 		r->result = AUTH_TEMPFAIL;
 		return;
 	}
 	/* per-user overrides of the relayd.conf limits, read at every AUTH: a change made
 	 * with relayctl applies to the user's next session without a restart */
 	struct userdb_limits ul;
-	if (userdb_limits_get(auth_db, r->user, &ul) == 0) {
+	int lrc = userdb_limits_get(db, r->user, &ul);
+	if (lrc < 0 && r->inline_try) { /* SQLITE_BUSY on the loop: the worker reads them */
+		r->inline_miss = true;
+		userdb_user_free(&u);
+		return;
+	}
+	if (lrc == 0) {
 		for (int i = 0; i < POLICY_NMETRICS; i++) {
 			if (ul.set[i]) {
 				r->limits.limit[i] = ul.limit[i];
@@ -201,6 +228,7 @@ static void auth_run(struct workq_job *j)
 	unsigned outlen = 0;
 	int rc;
 	r->check = -1;
+	r->cached = false;
 	if (r->start)
 		rc = sasl_server_start(r->sasl, r->mech, r->have_input ? r->input : NULL, r->inlen, &out, &outlen);
 	else
@@ -240,6 +268,81 @@ static void auth_done(struct workq_job *j)
 	r->cb(r);
 }
 
+/* a SASL server connection for r (under the lock: sasl_server_new is not thread-safe) */
+static int auth_sasl_new(struct auth_req *r)
+{
+	pthread_mutex_lock(&auth_conn_lock);
+	int rc = sasl_server_new("smtp", r->hostname, NULL, NULL, NULL, r->callbacks, 0, &r->sasl);
+	pthread_mutex_unlock(&auth_conn_lock);
+	return rc == SASL_OK ? 0 : -1;
+}
+
+static void auth_sasl_dispose(struct auth_req *r)
+{
+	if (r->sasl) {
+		pthread_mutex_lock(&auth_conn_lock);
+		sasl_dispose(&r->sasl);
+		pthread_mutex_unlock(&auth_conn_lock);
+	}
+}
+
+/* auth_use_loop_db - AUTH PLAIN from the credential cache on the loop, with this connection */
+void auth_use_loop_db(struct userdb *db)
+{
+	auth_loop_db = db;
+	if (db)
+		userdb_set_busy_ms(db, 0);
+}
+
+/* the loop's try could not answer: back to how cmd_auth made r (a fresh SASL connection, the
+ * client's input again), for a worker; 0, or -1 (then r->result says why) */
+static int auth_inline_undo(struct auth_req *r, char *input, unsigned inlen)
+{
+	auth_senders_free(r->senders, r->nsenders);
+	r->senders = NULL;
+	r->nsenders = 0;
+	if (r->have_found)
+		userdb_user_free(&r->found);
+	r->have_found = false;
+	r->user[0] = r->attempted[0] = '\0';
+	r->check = -1;
+	r->inline_miss = false;
+	r->input = input;
+	r->inlen = inlen;
+	auth_sasl_dispose(r);
+	if (auth_sasl_new(r) < 0) {
+		r->result = AUTH_TEMPFAIL;
+		return -1;
+	}
+	return 0;
+}
+
+/* AUTH PLAIN with its initial response, on the loop: true when answered (done() follows from
+ * the loop), false when a worker is to run it as if this had not happened */
+static bool auth_try_inline(struct auth_req *r)
+{
+	char *copy = malloc(r->inlen + 1);
+	if (!copy)
+		return false;
+	memcpy(copy, r->input, r->inlen);
+	unsigned inlen = r->inlen;
+	r->inline_try = true;
+	r->inline_miss = false;
+	auth_run(&r->job); /* wipes and frees r->input */
+	r->inline_try = false;
+	if (!r->inline_miss) {
+		explicit_bzero(copy, inlen);
+		free(copy);
+		workq_done_later(&r->job);
+		return true;
+	}
+	if (auth_inline_undo(r, copy, inlen) < 0) {
+		workq_done_later(&r->job); /* the input is wiped with r */
+		return true;
+	}
+	return false;
+}
+
 /* auth_req_new - a SASL server connection for one session */
 struct auth_req *auth_req_new(uint64_t session_id, const char *hostname)
 {
@@ -247,25 +350,25 @@ struct auth_req *auth_req_new(uint64_t session_id, const char *hostname)
 	if (!r)
 		return NULL;
 	r->session_id = session_id;
+	snprintf(r->hostname, sizeof(r->hostname), "%s", hostname);
 	r->job.run = auth_run;
 	r->job.done = auth_done;
 	r->callbacks[0].id = SASL_CB_SERVER_USERDB_CHECKPASS;
 	r->callbacks[0].proc = (int (*)(void))(void (*)(void))auth_checkpass;
 	r->callbacks[0].context = r;
 	r->callbacks[1].id = SASL_CB_LIST_END;
-	pthread_mutex_lock(&auth_conn_lock);
-	int rc = sasl_server_new("smtp", hostname, NULL, NULL, NULL, r->callbacks, 0, &r->sasl);
-	pthread_mutex_unlock(&auth_conn_lock);
-	if (rc != SASL_OK) {
+	if (auth_sasl_new(r) < 0) {
 		free(r);
 		return NULL;
 	}
 	return r;
 }
 
-/* auth_submit - queue the next step */
+/* auth_submit - the next step: PLAIN with an initial response tried on the loop, else a worker */
 void auth_submit(struct auth_req *r)
 {
+	if (auth_loop_db && r->start && r->have_input && !strcasecmp(r->mech, "PLAIN") && auth_try_inline(r))
+		return;
 	workq_submit(&r->job);
 }
 
@@ -282,11 +385,7 @@ void auth_req_free(struct auth_req *r)
 {
 	if (!r)
 		return;
-	if (r->sasl) {
-		pthread_mutex_lock(&auth_conn_lock);
-		sasl_dispose(&r->sasl);
-		pthread_mutex_unlock(&auth_conn_lock);
-	}
+	auth_sasl_dispose(r);
 	if (r->input) {
 		explicit_bzero(r->input, r->inlen);
 		free(r->input);

@@ -1,7 +1,10 @@
 /*
  * auth - SMTP AUTH (RFC 4954) through Cyrus SASL's server side, mechanisms PLAIN and LOGIN.
- * Every SASL step runs on a worker thread (the password check is a slow hash against
- * SQLite); the result comes back on the loop to the session found again by its id.
+ * A SASL step runs on a worker thread (the password check is a slow hash against SQLite);
+ * the result comes back on the loop to the session found again by its id. One exception:
+ * an AUTH PLAIN with its initial response is first tried on the loop, where only the
+ * verified-credential cache may answer it (a cache miss, a wrong password, an unknown user
+ * or a busy database hands it, unchanged, to a worker): the slow hash never runs there.
  */
 #ifndef RELAYD_AUTH_H
 #define RELAYD_AUTH_H
@@ -49,10 +52,18 @@ struct auth_req {
 	char **senders;                    /* allowed sender patterns of user */
 	size_t nsenders;
 	int check;                         /* enum userdb_check of the last password check, -1 none */
+	char hostname[256];                /* for a fresh SASL connection after a loop try */
+	bool inline_try;                   /* this step runs on the loop: the cache only */
+	bool inline_miss;                  /* ... and it could not answer: a worker will */
+	bool cached;                       /* the password check was a credential-cache hit */
 };
 
 /* auth_init - sasl_server_init with our options; remembers the database path */
 int auth_init(const struct config *cfg, char *err, size_t errlen);
+/* auth_use_loop_db - the loop thread's database connection, for AUTH PLAIN answered from the
+ * credential cache on the loop; its busy timeout is set to 0 (never wait on the loop). NULL:
+ * every step on a worker */
+void auth_use_loop_db(struct userdb *db);
 /* auth_req_new - a request for a session (creates the SASL connection) */
 struct auth_req *auth_req_new(uint64_t session_id, const char *hostname);
 /* auth_submit - run the next step off the loop; r->cb is called with the result */

@@ -392,6 +392,7 @@ int main(int argc, char **argv)
 	}
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
+	auth_use_loop_db(db); /* and AUTH PLAIN answered from the credential cache uses it, on the loop */
 	for (int i = 0; i < main_cfg.nupstream; i++)
 		if (main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE || !main_cfg.upstream[i].verify)
 			log_warn("main event=insecure-upstream upstream=%s:%s tls=%s verify=%s", main_cfg.upstream[i].host,

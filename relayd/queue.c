@@ -55,8 +55,10 @@ struct queue_removal {
 	char id[QUEUE_ID_LEN + 1];
 };
 static struct queue_removal *queue_removals; /* under queue_lock: for the commit thread to unlink */
+static bool queue_thread_idle; /* under queue_lock: waiting with nothing due (a removal must wake it) */
 
-#define QUEUE_REMOVAL_SYNC 1 /* seconds */
+#define QUEUE_REMOVAL_SYNC 1      /* seconds */
+#define QUEUE_REMOVAL_DELAY_MS 20 /* a removal handed over waits at most this for the thread */
 
 static uint32_t queue_crc_table[256];
 
@@ -192,28 +194,42 @@ static void queue_unlink_removals(void)
 	}
 }
 
-/* wait for work; removals not yet synced get a syncfs after QUEUE_REMOVAL_SYNC seconds without
- * a batch (whose syncfs would cover them). Called and returns with queue_lock held. */
+/* wait for work. Removals handed over while it waits are unlinked within QUEUE_REMOVAL_DELAY_MS
+ * (it is only woken for them when idle, so a busy queue pays no extra wake-up per message);
+ * removals not yet synced get a syncfs QUEUE_REMOVAL_SYNC seconds later unless a batch's
+ * syncfs covers them first. Called and returns with queue_lock held. */
 static void queue_thread_wait(void)
 {
+	struct timespec sync_due = { 0 }, ts;
 	while (!queue_pending && !queue_stopping) {
 		queue_unlink_removals();
 		if (queue_pending || queue_stopping)
 			break;
 		if (!queue_removals_unsynced) {
+			queue_thread_idle = true;
 			pthread_cond_wait(&queue_cond, &queue_lock);
+			queue_thread_idle = false;
+			sync_due.tv_sec = 0;
 			continue;
 		}
-		struct timespec ts;
 		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += QUEUE_REMOVAL_SYNC;
-		if (pthread_cond_timedwait(&queue_cond, &queue_lock, &ts) == ETIMEDOUT && !queue_pending &&
-		    !queue_removals) {
+		if (!sync_due.tv_sec) {
+			sync_due = ts;
+			sync_due.tv_sec += QUEUE_REMOVAL_SYNC;
+		}
+		if (ts.tv_sec > sync_due.tv_sec || (ts.tv_sec == sync_due.tv_sec && ts.tv_nsec >= sync_due.tv_nsec)) {
 			queue_removals_unsynced = false;
 			pthread_mutex_unlock(&queue_lock);
 			syncfs(queue_msgdir_fd);
 			pthread_mutex_lock(&queue_lock);
+			continue;
 		}
+		ts.tv_nsec += QUEUE_REMOVAL_DELAY_MS * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&queue_cond, &queue_lock, &ts);
 	}
 }
 
@@ -223,7 +239,6 @@ static void *queue_thread_main(void *arg)
 	pthread_mutex_lock(&queue_lock);
 	for (;;) {
 		queue_thread_wait();
-		queue_unlink_removals(); /* before the batch, whose syncfs then covers them */
 		if (!queue_pending)
 			break;
 		queue_removals_unsynced = false; /* this batch's syncfs covers them */
@@ -245,7 +260,11 @@ static void *queue_thread_main(void *arg)
 			batch = next;
 		}
 		ev_async_send(queue_loop, &queue_async);
+		/* after the replies (an unlink can wait for a discard), before the next batch, whose
+		 * syncfs covers them */
+		queue_unlink_removals();
 	}
+	queue_unlink_removals(); /* stopping: queue_shutdown syncs them */
 	pthread_mutex_unlock(&queue_lock);
 	return NULL;
 }
@@ -635,7 +654,8 @@ void queue_remove_async(const char *id)
 	pthread_mutex_lock(&queue_lock);
 	r->next = queue_removals;
 	queue_removals = r;
-	pthread_cond_signal(&queue_cond);
+	if (queue_thread_idle) /* else it is busy or in a timed wait, and takes it after that */
+		pthread_cond_signal(&queue_cond);
 	pthread_mutex_unlock(&queue_lock);
 }
 

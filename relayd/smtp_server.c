@@ -429,6 +429,8 @@ static void session_auth_done(struct auth_req *r)
 		}
 		policy_auth_ok(s->peer, r->user);
 		stats_inc(ST_AUTH_OK, 1);
+		if (r->cached)
+			stats_inc(ST_AUTH_CACHED, 1);
 		s->limits = r->limits;
 		s->authed = true;
 		snprintf(s->user, sizeof(s->user), "%s", r->user);

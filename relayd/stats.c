@@ -25,6 +25,7 @@ static const struct {
 	[ST_TLS_FAIL] = { "tls_failures", "Server-side TLS handshakes failed" },
 	[ST_AUTH_OK] = { "auth_success", "Successful AUTH" },
 	[ST_AUTH_FAIL] = { "auth_failures", "Failed AUTH" },
+	[ST_AUTH_CACHED] = { "auth_cached", "Successful AUTH answered by the verified-credential cache (no password hash)" },
 	[ST_ACCEPTED] = { "messages_accepted", "Messages committed to the queue (250 sent)" },
 	[ST_ACCEPTED_BYTES] = { "bytes_accepted", "Bytes of messages committed to the queue" },
 	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits)" },

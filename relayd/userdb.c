@@ -173,6 +173,12 @@ int userdb_schema_version(void)
 	return schema_migrations[schema_migrations_count - 1].version;
 }
 
+/* userdb_set_busy_ms - sqlite3_busy_timeout of the connection */
+void userdb_set_busy_ms(struct userdb *db, int ms)
+{
+	sqlite3_busy_timeout(db->db, ms);
+}
+
 /* userdb_open - open (creating if needed) and migrate; NULL with err set on failure */
 struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 {

@@ -32,6 +32,9 @@ struct userdb_user {
 
 /* userdb_open - open (creating if needed) and migrate; NULL with err set on failure */
 struct userdb *userdb_open(const char *path, char *err, size_t errlen);
+/* userdb_set_busy_ms - how long a statement waits for another connection's lock (0: not at
+ * all, SQLITE_BUSY at once, as the loop thread's connection must) */
+void userdb_set_busy_ms(struct userdb *db, int ms);
 /* userdb_close - close the connection */
 void userdb_close(struct userdb *db);
 /* userdb_schema_version - the version this build applies (highest migration number) */

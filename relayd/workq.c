@@ -101,6 +101,12 @@ void workq_submit(struct workq_job *j)
 void workq_run_inline(struct workq_job *j)
 {
 	j->run(j);
+	workq_done_later(j);
+}
+
+/* workq_done_later - done() through the list the workers report on */
+void workq_done_later(struct workq_job *j)
+{
 	pthread_mutex_lock(&workq_lock);
 	workq_push(&workq_done_head, &workq_done_tail, j);
 	pthread_mutex_unlock(&workq_lock);

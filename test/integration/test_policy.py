@@ -191,15 +191,31 @@ def _():
     d.close()
 
 
+def stat(relay, name):
+    m = re.search(rf"^{name}=(\d+)$", relay.relayctl("stats")[1], re.M)
+    return int(m.group(1)) if m else None
+
+
 @t.test("credential cache: a changed password stops the cached one at once")
 def _():
     c = relay3.session(USER)
     c.close()
+    before = stat(relay3, "auth_cached")
     t0 = time.monotonic()
     c = relay3.session(USER)
     cached = time.monotonic() - t0
     c.close()
     t.ok(cached < 1.0, f"second AUTH completes ({cached:.3f}s)")
+    t.is_(stat(relay3, "auth_cached"), before + 1 if before is not None else None,
+          "answered by the credential cache (relayctl stats auth_cached)")
+    for pw, want in (("wrong", 535), (PW, 235)):  # a wrong password after a cached success
+        c = relay3.raw()
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        code, text = c.auth_plain(USER, pw)
+        t.is_(code, want, f"then AUTH PLAIN with {'a wrong' if pw == 'wrong' else 'the right'} password: {want}")
+        c.close()
+    t.is_(stat(relay3, "auth_cached"), before + 2 if before is not None else None,
+          "the wrong password was not a cache hit, the right one was")
     relay3.relayctl("user", "passwd", USER, input=b"new password\n")
     c = relay3.raw()
     c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
