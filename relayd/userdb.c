@@ -41,9 +41,48 @@
 static const char userdb_dummy_hash[] =
 	"$y$j9T$n2UhNQyXqU/2Ho9uBmVHg0$JgsmTGcfGDo89BbE0Tn6CpWAnajTEt3/3U.wmIoL8o9";
 
+/* the statements of the AUTH path, prepared once per connection (parsing the SQL again
+ * for every AUTH was most of its cost) */
+enum userdb_cached { UQ_BEGIN, UQ_COMMIT, UQ_USER, UQ_SENDERS, UQ_LIMITS, UQ_N };
+static const char *const userdb_cached_sql[UQ_N] = {
+	[UQ_BEGIN] = "BEGIN",
+	[UQ_COMMIT] = "COMMIT",
+	[UQ_USER] = "SELECT name, hash, created, pw_changed FROM users WHERE name = ?",
+	[UQ_SENDERS] = "SELECT pattern FROM senders WHERE user = ? ORDER BY pattern",
+	[UQ_LIMITS] = "SELECT msgs, msgs_window, rcpts, rcpts_window, bytes, bytes_window FROM limits WHERE user = ?",
+};
+
 struct userdb {
 	sqlite3 *db;
+	sqlite3_stmt *cached[UQ_N];
 };
+
+/* a cached statement, prepared on first use; give it back with userdb_stmt_put */
+static sqlite3_stmt *userdb_stmt_get(struct userdb *db, enum userdb_cached q)
+{
+	if (!db->cached[q] && sqlite3_prepare_v3(db->db, userdb_cached_sql[q], -1, SQLITE_PREPARE_PERSISTENT,
+						 &db->cached[q], NULL) != SQLITE_OK)
+		return NULL;
+	return db->cached[q];
+}
+
+/* reset and unbound: a statement kept between uses holds no read transaction */
+static void userdb_stmt_put(sqlite3_stmt *st)
+{
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+}
+
+/* BEGIN or COMMIT from the cache */
+static int userdb_cached_exec(struct userdb *db, enum userdb_cached q)
+{
+	sqlite3_stmt *st = userdb_stmt_get(db, q);
+	if (!st)
+		return -1;
+	int rc = sqlite3_step(st);
+	userdb_stmt_put(st);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
 
 static void userdb_seterr(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -251,6 +290,8 @@ void userdb_close(struct userdb *db)
 {
 	if (!db)
 		return;
+	for (int i = 0; i < UQ_N; i++)
+		sqlite3_finalize(db->cached[i]);
 	sqlite3_close(db->db);
 	free(db);
 }
@@ -443,9 +484,7 @@ static int userdb_senders_load(struct userdb *db, struct userdb_user *u)
 	size_t cap = 0;
 	int rc;
 
-	if (sqlite3_prepare_v2(db->db,
-	    "SELECT pattern FROM senders WHERE user = ? ORDER BY pattern", -1, &st,
-	    NULL) != SQLITE_OK)
+	if (!(st = userdb_stmt_get(db, UQ_SENDERS)))
 		return -1;
 	sqlite3_bind_text(st, 1, u->name, -1, SQLITE_STATIC);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
@@ -467,7 +506,7 @@ static int userdb_senders_load(struct userdb *db, struct userdb_user *u)
 			break;
 		u->senders[u->nsenders++] = dup;
 	}
-	sqlite3_finalize(st);
+	userdb_stmt_put(st);
 	return rc == SQLITE_DONE ? 0 : -1;
 }
 
@@ -482,11 +521,9 @@ int userdb_user_get(struct userdb *db, const char *name, struct userdb_user *u)
 	if (!name)
 		return 1;
 	/* one read transaction: the user and their senders as of one moment */
-	if (userdb_exec1(db->db, "BEGIN") < 0)
+	if (userdb_cached_exec(db, UQ_BEGIN) < 0)
 		return -1;
-	if (sqlite3_prepare_v2(db->db,
-	    "SELECT name, hash, created, pw_changed FROM users WHERE name = ?", -1, &st,
-	    NULL) != SQLITE_OK)
+	if (!(st = userdb_stmt_get(db, UQ_USER)))
 		goto out;
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	rc = sqlite3_step(st);
@@ -503,13 +540,13 @@ int userdb_user_get(struct userdb *db, const char *name, struct userdb_user *u)
 			ret = 0;
 		}
 	}
-	sqlite3_finalize(st);
+	userdb_stmt_put(st);
 	if (ret == 0 && userdb_senders_load(db, u) < 0) {
 		userdb_user_free(u);
 		ret = -1;
 	}
 out:
-	userdb_exec1(db->db, "COMMIT");
+	userdb_cached_exec(db, UQ_COMMIT);
 	if (ret != 0)
 		memset(u, 0, sizeof(*u));
 	return ret;
@@ -637,9 +674,7 @@ int userdb_limits_get(struct userdb *db, const char *name, struct userdb_limits 
 	memset(l, 0, sizeof(*l));
 	if (!name || !*name)
 		return 0;
-	if (sqlite3_prepare_v2(db->db,
-	    "SELECT msgs, msgs_window, rcpts, rcpts_window, bytes, bytes_window"
-	    " FROM limits WHERE user = ?", -1, &st, NULL) != SQLITE_OK)
+	if (!(st = userdb_stmt_get(db, UQ_LIMITS)))
 		return -1;
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	rc = sqlite3_step(st);
@@ -660,7 +695,7 @@ int userdb_limits_get(struct userdb *db, const char *name, struct userdb_limits 
 			l->set[i] = true;
 		}
 	}
-	sqlite3_finalize(st);
+	userdb_stmt_put(st);
 	if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
 		memset(l, 0, sizeof(*l));
 		return -1;
