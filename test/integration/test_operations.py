@@ -215,6 +215,22 @@ def _():
     r.stop()
 
 
+@t.test("key exchange: X25519 for a client that offers it, P-256 for one that offers only that (gnutls-cli)")
+def _():
+    import subprocess
+    r = t.Relay()
+    r.start()
+    for prio, want in (("NORMAL", "ECDHE-X25519"), ("NORMAL:-GROUP-ALL:+GROUP-SECP256R1", "ECDHE-SECP256R1")):
+        p = subprocess.run(["gnutls-cli", "--x509cafile", r.ca_file, "--starttls-proto=smtp", "--port",
+                            str(r.port_starttls), "--priority", prio, "localhost"],
+                           input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        out = p.stdout.decode("utf-8", "replace")
+        desc = re.search(r"- Description: (.*)", out)
+        t.like(desc.group(1) if desc else out, rf"\(TLS1\.3-X\.509\)-\({want}\)",
+               f"client priority {prio}: {want}")
+    r.stop()
+
+
 def ec_only(r):
     """replace r's RSA server key and certificate with ECDSA P-256 ones (same CA and names)"""
     j = lambda n: os.path.join(r.dir, n)  # noqa: E731
