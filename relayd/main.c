@@ -43,10 +43,7 @@ static ev_signal main_sigterm, main_sigint, main_sighup;
 static ev_timer main_drain_timer;
 static ev_tstamp main_drain_deadline;
 static bool main_draining;
-static gnutls_certificate_credentials_t main_cred;
-/* credentials replaced by a reload: sessions may still use them, freed at exit */
-static gnutls_certificate_credentials_t main_old_creds[64];
-static int main_nold_creds;
+static gnutls_certificate_credentials_t main_cred; /* handed to smtp_server, which frees it */
 
 static void main_usage(void)
 {
@@ -229,12 +226,9 @@ static int main_reload(void)
 	main_cfg = *n;
 	free(n);
 	if (cred) {
-		if (main_cred && main_nold_creds < (int)(sizeof(main_old_creds) / sizeof(main_old_creds[0])))
-			main_old_creds[main_nold_creds++] = main_cred;
-		/* XXX past 64 reloads the oldest credentials are kept alive rather than freed */
-		main_cred = cred;
-		smtp_server_set_creds(cred);
 		main_tls_threads(EV_DEFAULT, cred, false);
+		smtp_server_set_creds(cred); /* it frees the old set when its last session ends */
+		main_cred = cred;
 	}
 	log_info("main event=reloaded config=%s", main_cfg.path);
 	return 0;
@@ -438,10 +432,7 @@ int main(int argc, char **argv)
 	policy_shutdown();
 	metrics_shutdown();
 	control_shutdown();
-	if (main_cred)
-		gnutls_certificate_free_credentials(main_cred);
-	for (int i = 0; i < main_nold_creds; i++)
-		gnutls_certificate_free_credentials(main_old_creds[i]);
+	smtp_server_free_creds();
 	sasl_server_done();
 	userdb_close(db);
 	tls_global_deinit();

@@ -64,6 +64,7 @@ struct session {
 	char idstr[QUEUE_ID_LEN + 1];
 	struct session *hnext;          /* registry bucket chain */
 	struct conn conn;
+	struct smtp_creds *creds;       /* the certificates its TLS began with (a reference) */
 	enum listen_mode mode;
 	enum session_state state;
 	char peer[INET6_ADDRSTRLEN];
@@ -99,7 +100,15 @@ struct session {
 
 static struct ev_loop *smtp_loop;
 static const struct config *smtp_cfg;
-static gnutls_certificate_credentials_t smtp_cred;
+/* server certificates: the current set, and sets replaced by a reload that sessions begun
+ * under them still use; such a set is freed when its last session ends */
+struct smtp_creds {
+	gnutls_certificate_credentials_t cred;
+	unsigned refs;                  /* sessions whose TLS began with it */
+	struct smtp_creds *next;        /* in smtp_creds_retired */
+};
+static struct smtp_creds *smtp_creds_cur;
+static struct smtp_creds *smtp_creds_retired;
 static struct session *smtp_registry[SMTP_BUCKETS];
 static unsigned smtp_sessions;
 static uint64_t smtp_next_id;
@@ -114,6 +123,50 @@ static void session_process(struct session *s);
 static void smtp_server_stats(struct buf *out, bool prometheus);
 static void session_free(struct session *s, const char *reason);
 static void session_auth_abandon(struct session *s);
+
+/* --- certificates: one reference per session that began TLS ------------------------- */
+
+static struct smtp_creds *smtp_creds_new(gnutls_certificate_credentials_t cred)
+{
+	struct smtp_creds *c = cred ? calloc(1, sizeof(*c)) : NULL;
+	if (c)
+		c->cred = cred;
+	else if (cred)
+		gnutls_certificate_free_credentials(cred);
+	return c;
+}
+
+static void smtp_creds_free(struct smtp_creds *c)
+{
+	gnutls_certificate_free_credentials(c->cred);
+	free(c);
+}
+
+/* a session is done with c: a retired set goes with its last session */
+static void smtp_creds_put(struct smtp_creds *c)
+{
+	if (!c || --c->refs > 0 || c == smtp_creds_cur)
+		return;
+	for (struct smtp_creds **p = &smtp_creds_retired; *p; p = &(*p)->next) {
+		if (*p == c) {
+			*p = c->next;
+			smtp_creds_free(c);
+			return;
+		}
+	}
+}
+
+/* TLS for s with the current certificates (holding a reference until s is freed) */
+static int session_start_tls(struct session *s)
+{
+	if (!smtp_creds_cur)
+		return -1;
+	if (!s->creds) {
+		s->creds = smtp_creds_cur;
+		s->creds->refs++;
+	}
+	return conn_start_tls_server(&s->conn, s->creds->cred);
+}
 
 /* --- registry: async results find their session by id ---------------------- */
 
@@ -269,7 +322,7 @@ static void cmd_starttls(struct session *s, struct smtp_cmd *c)
 	s->helo[0] = '\0';
 	s->esmtp = false;
 	session_enter_state(s, SS_TLS_HANDSHAKE);
-	if (conn_start_tls_server(&s->conn, smtp_cred) < 0) {
+	if (session_start_tls(s) < 0) {
 		session_reply(s, "454 4.7.0 TLS not available due to temporary reason");
 		session_enter_state(s, SS_QUIT);
 	}
@@ -1085,6 +1138,7 @@ static void session_free(struct session *s, const char *reason)
 	ev_timer_stop(smtp_loop, &s->delay);
 	ev_idle_stop(smtp_loop, &s->more);
 	conn_close(&s->conn);
+	smtp_creds_put(s->creds);
 	if (s->auth && !s->busy)
 		auth_req_free(s->auth); /* a busy request is freed when its step comes back */
 	session_forget_auth(s);
@@ -1152,7 +1206,7 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	}
 	if (mode == LISTEN_TLS) {
 		s->state = SS_TLS_HANDSHAKE;
-		if (conn_start_tls_server(&s->conn, smtp_cred) < 0)
+		if (session_start_tls(s) < 0)
 			session_free(s, "tls-init-failed");
 		return;
 	}
@@ -1164,15 +1218,36 @@ void smtp_server_init(struct ev_loop *loop, const struct config *cfg, gnutls_cer
 {
 	smtp_loop = loop;
 	smtp_cfg = cfg;
-	smtp_cred = cred;
+	smtp_creds_cur = smtp_creds_new(cred);
 	ev_timer_init(&smtp_trim_timer, smtp_trim_cb, 0., SMTP_TRIM_QUIET);
 	stats_add_section(smtp_server_stats);
 }
 
-/* smtp_server_set_creds - new sessions use this certificate */
+/* smtp_server_set_creds - new sessions use this certificate; the old set is freed with its
+ * last session (at once when none uses it) */
 void smtp_server_set_creds(gnutls_certificate_credentials_t cred)
 {
-	smtp_cred = cred;
+	struct smtp_creds *old = smtp_creds_cur;
+	smtp_creds_cur = smtp_creds_new(cred);
+	if (old && old->refs == 0) {
+		smtp_creds_free(old);
+	} else if (old) {
+		old->next = smtp_creds_retired;
+		smtp_creds_retired = old;
+	}
+}
+
+/* smtp_server_free_creds - at exit: every set, used or not */
+void smtp_server_free_creds(void)
+{
+	while (smtp_creds_retired) {
+		struct smtp_creds *c = smtp_creds_retired;
+		smtp_creds_retired = c->next;
+		smtp_creds_free(c);
+	}
+	if (smtp_creds_cur)
+		smtp_creds_free(smtp_creds_cur);
+	smtp_creds_cur = NULL;
 }
 
 /* smtp_server_drain - stop taking new transactions; sessions end as their transaction does */

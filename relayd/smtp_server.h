@@ -14,8 +14,12 @@
 
 /* smtp_server_init - remember the loop, the config and the TLS credentials */
 void smtp_server_init(struct ev_loop *loop, const struct config *cfg, gnutls_certificate_credentials_t cred);
-/* smtp_server_set_creds - new certificate for new sessions (reload) */
+/* smtp_server_set_creds - new certificate for new sessions (reload); smtp_server owns the
+ * credentials given here and to smtp_server_init, and frees a replaced set once no session
+ * uses it */
 void smtp_server_set_creds(gnutls_certificate_credentials_t cred);
+/* smtp_server_free_creds - at exit, after the sessions: free every certificate set */
+void smtp_server_free_creds(void);
 /* smtp_server_accept - start a session on an accepted non-blocking socket */
 void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum listen_mode mode);
 /* smtp_server_count - sessions alive now */

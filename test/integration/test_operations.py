@@ -231,6 +231,27 @@ def _():
     r.stop()
 
 
+@t.test("70 reloads while a TLS session from before them stays open: it still works; old certificates are freed")
+def _():
+    r = t.Relay()
+    r.add_user(USER, PW)
+    r.start()
+    held = r.session(USER)  # its TLS began with the first certificate set
+    n = 70
+    for i in range(n):
+        r.proc.send_signal(signal.SIGHUP)
+        t.wait_for(lambda: len(re.findall(r"main event=reloaded", r.log())) > i, 10 * t.SLOW)
+    t.is_(len(re.findall(r"main event=reloaded", r.log())), n, f"{n} reloads done")
+    codes = [held.cmd(f"MAIL FROM:<{USER}>")[0], held.cmd("RCPT TO:<x@example.net>")[0], held.cmd("DATA")[0]]
+    held.send(t.dot_stuff(t.make_message(USER, "x@example.net", subject="held over reloads")))
+    codes.append(held.reply()[0])
+    t.is_(codes, [250, 250, 354, 250], "the session begun before the reloads sends a message")
+    held.cmd("QUIT")
+    held.close()
+    t.is_(one_message(r, "after reloads")[:3], "250", "a new session works")
+    t.is_(r.stop(), 0, "clean exit (under valgrind: no certificate set leaked)")
+
+
 def ec_only(r):
     """replace r's RSA server key and certificate with ECDSA P-256 ones (same CA and names)"""
     j = lambda n: os.path.join(r.dir, n)  # noqa: E731
