@@ -640,10 +640,7 @@ static void forward_msg_io(struct forward_msg *m)
 	j->job.run = forward_io_run;
 	j->job.done = forward_io_done;
 	m->io_busy = true;
-	if (j->all_delivered) /* nothing to write: the removal is handed to the commit thread */
-		workq_run_inline(&j->job);
-	else
-		workq_submit(&j->job);
+	workq_run(&j->job, j->all_delivered); /* all delivered: nothing to write, the commit thread unlinks */
 }
 
 /* every recipient is done: bounce and remove (after the pending records) */
@@ -694,10 +691,7 @@ static void forward_load(const char *id, bool inline_ok)
 	snprintf(j->id, sizeof(j->id), "%s", id);
 	j->job.run = forward_load_run;
 	j->job.done = forward_load_done;
-	if (inline_ok)
-		workq_run_inline(&j->job);
-	else
-		workq_submit(&j->job);
+	workq_run(&j->job, inline_ok);
 }
 
 struct forward_reload {

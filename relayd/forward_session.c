@@ -732,10 +732,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 	j->offset = m->env.body_offset;
 	j->job.run = forward_session_body_run;
 	j->job.done = forward_session_body_done;
-	if (j->size <= FORWARD_INLINE_MAX)
-		workq_run_inline(&j->job);
-	else
-		workq_submit(&j->job);
+	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
 }
 
 /* the session can take the next message (or idles) */

@@ -43,7 +43,6 @@ static ev_signal main_sigterm, main_sigint, main_sighup;
 static ev_timer main_drain_timer;
 static ev_tstamp main_drain_deadline;
 static bool main_draining;
-static gnutls_certificate_credentials_t main_cred; /* handed to smtp_server, which frees it */
 
 static void main_usage(void)
 {
@@ -228,7 +227,6 @@ static int main_reload(void)
 	if (cred) {
 		main_tls_threads(EV_DEFAULT, cred, false);
 		smtp_server_set_creds(cred); /* it frees the old set when its last session ends */
-		main_cred = cred;
 	}
 	log_info("main event=reloaded config=%s", main_cfg.path);
 	return 0;
@@ -378,10 +376,11 @@ int main(int argc, char **argv)
 		fatal("%s", err);
 	if (tls_global_init() < 0)
 		fatal("cannot initialise GnuTLS");
+	gnutls_certificate_credentials_t cred = NULL; /* handed to smtp_server, which frees it */
 	if (main_cfg.ncert) {
-		main_cred = tls_server_creds((const char (*)[PATH_MAX])main_cfg.tls_cert,
+		cred = tls_server_creds((const char (*)[PATH_MAX])main_cfg.tls_cert,
 					     (const char (*)[PATH_MAX])main_cfg.tls_key, main_cfg.ncert, err, sizeof(err));
-		if (!main_cred)
+		if (!cred)
 			fatal("%s", err);
 	}
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
@@ -410,8 +409,8 @@ int main(int argc, char **argv)
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
 		fatal("cannot start worker threads");
-	main_tls_threads(loop, main_cred, true);
-	smtp_server_init(loop, &main_cfg, main_cred);
+	main_tls_threads(loop, cred, true);
+	smtp_server_init(loop, &main_cfg, cred);
 	main_control_init(loop); /* after the drop: the socket belongs to relayd's user */
 	if (main_cfg.metrics_host[0] && metrics_init(loop, main_cfg.metrics_host, main_cfg.metrics_port, err, sizeof(err)) < 0)
 		fatal("%s", err);

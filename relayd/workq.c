@@ -104,6 +104,15 @@ void workq_run_inline(struct workq_job *j)
 	workq_done_later(j);
 }
 
+/* workq_run - inline or on a worker, as the caller judged the work's cost */
+void workq_run(struct workq_job *j, bool on_loop)
+{
+	if (on_loop)
+		workq_run_inline(j);
+	else
+		workq_submit(j);
+}
+
 /* workq_done_later - done() through the list the workers report on */
 void workq_done_later(struct workq_job *j)
 {

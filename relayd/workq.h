@@ -6,6 +6,8 @@
 #ifndef RELAYD_WORKQ_H
 #define RELAYD_WORKQ_H
 
+#include <stdbool.h>
+
 struct ev_loop;
 
 struct workq_job {
@@ -22,6 +24,8 @@ void workq_submit(struct workq_job *j);
  * just written, so in the page cache); its done() follows from the loop as after a worker,
  * so a caller sees the same order either way. Saves the two thread hand-overs. */
 void workq_run_inline(struct workq_job *j);
+/* workq_run - j on the loop when on_loop (workq_run_inline), else on a worker (workq_submit) */
+void workq_run(struct workq_job *j, bool on_loop);
 /* workq_done_later - j's work was done on the loop: only its done() is to follow, from the loop */
 void workq_done_later(struct workq_job *j);
 /* workq_shutdown - finish queued jobs and join the workers */
