@@ -182,13 +182,18 @@ def _():
 
 
 
+def ec_cert(r, key, cert):
+    """an ECDSA P-256 key and a certificate for it from r's CA (server.tmpl names), in r's folder"""
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile", j(key)])
+    t._run(["certtool", "--generate-certificate", "--load-privkey", j(key), "--load-ca-certificate", j("ca.pem"),
+            "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile", j(cert)])
+
+
 @t.test("two certificates (RSA and ECDSA): each client gets one it can use")
 def _():
     r = t.Relay()
-    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
-    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile", j("ec-key.pem")])
-    t._run(["certtool", "--generate-certificate", "--load-privkey", j("ec-key.pem"), "--load-ca-certificate", j("ca.pem"),
-            "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile", j("ec-cert.pem")])
+    ec_cert(r, "ec-key.pem", "ec-cert.pem")
     with open(r.conf, "a") as f:
         f.write("tls_cert ec-cert.pem\ntls_key ec-key.pem\n")
     r.add_user(USER, PW)
@@ -254,12 +259,7 @@ def _():
 
 def ec_only(r):
     """replace r's RSA server key and certificate with ECDSA P-256 ones (same CA and names)"""
-    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
-    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile",
-            j("server-key.pem")])
-    t._run(["certtool", "--generate-certificate", "--load-privkey", j("server-key.pem"), "--load-ca-certificate",
-            j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile",
-            j("server-cert.pem")])
+    ec_cert(r, "server-key.pem", "server-cert.pem")
 
 
 def implicit_tls_greeting(r):
