@@ -12,6 +12,25 @@
 #define STATS_MAX_SECTIONS 8
 
 static uint64_t stats_counters[ST_NCOUNTERS];
+
+const double stats_hist_le[STATS_HIST_NBUCKETS - 1] = {
+	0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+	0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+};
+
+static struct {
+	uint64_t counts[STATS_HIST_NBUCKETS];
+	uint64_t n;
+	double sum;
+} stats_hists[SH_NHIST];
+
+static const struct {
+	const char *name;
+	const char *help;
+} stats_hist_names[SH_NHIST] = {
+	[SH_ACCEPT_TO_250] = { "accept_to_250", "From a connection's accept to the 250 of its first message" },
+	[SH_COMMIT] = { "commit", "From the end of a message's data to its 250 (written and synced to the queue)" },
+};
 static void (*stats_sections[STATS_MAX_SECTIONS])(struct buf *, bool);
 static int stats_nsections;
 
@@ -43,6 +62,61 @@ uint64_t stats_get(enum stats_counter c)
 	return stats_counters[c];
 }
 
+/* stats_observe - one duration into its bucket */
+void stats_observe(enum stats_hist h, double seconds)
+{
+	if (seconds < 0)
+		seconds = 0;
+	int b = 0;
+	while (b < STATS_HIST_NBUCKETS - 1 && seconds > stats_hist_le[b])
+		b++;
+	stats_hists[h].counts[b]++;
+	stats_hists[h].n++;
+	stats_hists[h].sum += seconds;
+}
+
+/* stats_hist_quantile - estimate from bucket counts */
+double stats_hist_quantile(const uint64_t counts[STATS_HIST_NBUCKETS], double q)
+{
+	uint64_t n = 0;
+	for (int b = 0; b < STATS_HIST_NBUCKETS; b++)
+		n += counts[b];
+	if (n == 0)
+		return 0;
+	double rank = q * (double)n, below = 0;
+	for (int b = 0; b < STATS_HIST_NBUCKETS - 1; b++) {
+		if (counts[b] && below + (double)counts[b] >= rank) {
+			double lo = b ? stats_hist_le[b - 1] : 0, hi = stats_hist_le[b];
+			return lo + (hi - lo) * (rank - below) / (double)counts[b];
+		}
+		below += (double)counts[b];
+	}
+	return stats_hist_le[STATS_HIST_NBUCKETS - 2];
+}
+
+static void stats_render_hist(struct buf *out, bool prometheus, enum stats_hist h)
+{
+	const char *name = stats_hist_names[h].name;
+	if (!prometheus) {
+		buf_printf(out, "%s_count=%llu\n%s_p50_ms=%.2f\n%s_p99_ms=%.2f\n", name,
+			   (unsigned long long)stats_hists[h].n, name,
+			   stats_hist_quantile(stats_hists[h].counts, 0.50) * 1000, name,
+			   stats_hist_quantile(stats_hists[h].counts, 0.99) * 1000);
+		return;
+	}
+	buf_printf(out, "# HELP relayd_%s_seconds %s\n# TYPE relayd_%s_seconds histogram\n", name,
+		   stats_hist_names[h].help, name);
+	uint64_t cum = 0;
+	for (int b = 0; b < STATS_HIST_NBUCKETS - 1; b++) {
+		cum += stats_hists[h].counts[b];
+		buf_printf(out, "relayd_%s_seconds_bucket{le=\"%g\"} %llu\n", name, stats_hist_le[b],
+			   (unsigned long long)cum);
+	}
+	buf_printf(out, "relayd_%s_seconds_bucket{le=\"+Inf\"} %llu\nrelayd_%s_seconds_sum %.6f\n"
+		   "relayd_%s_seconds_count %llu\n", name, (unsigned long long)stats_hists[h].n, name,
+		   stats_hists[h].sum, name, (unsigned long long)stats_hists[h].n);
+}
+
 /* stats_add_section - register a renderer */
 void stats_add_section(void (*fn)(struct buf *out, bool prometheus))
 {
@@ -61,6 +135,8 @@ void stats_render(struct buf *out, bool prometheus)
 		else
 			buf_printf(out, "%s=%llu\n", stats_names[i].name, (unsigned long long)stats_counters[i]);
 	}
+	for (int h = 0; h < SH_NHIST; h++)
+		stats_render_hist(out, prometheus, (enum stats_hist)h);
 	for (int i = 0; i < stats_nsections; i++)
 		stats_sections[i](out, prometheus);
 }

@@ -4,7 +4,7 @@
 # TAP output; run by `make check` (top_builddir/top_srcdir exported) or by hand.
 top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
-echo "1..6"
+echo "1..7"
 out=$(mktemp "${TMPDIR:-/tmp}/bench-smoke.XXXXXX") || { echo "Bail out! mktemp failed"; exit 1; }
 trap 'rm -f "$out"' EXIT
 
@@ -37,6 +37,12 @@ if printf '%s\n' "$half" | grep -Eq 'offered=[1-9][0-9]* msgs=[1-9][0-9]* .*dot_
 	echo "ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
 else
 	echo "not ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
+	half=bad
+fi
+if printf '%s\n' "$half" | grep -Eq ' srv_p50=[0-9.]*[1-9][0-9.]* srv_p99=[0-9.]*[1-9][0-9.]* '; then
+	echo "ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
+else
+	echo "not ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
 	half=bad
 fi
 if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ "$half" = bad ] || [ -n "$bad_rate$bad_err" ]; then

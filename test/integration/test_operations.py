@@ -114,6 +114,20 @@ def _():
          str(samples.get("relayd_messages_accepted_total")))
     t.ok(samples.get("relayd_auth_success_total", 0) >= 61, "auth successes counted")
     t.ok("relayd_sessions" in samples, "sessions gauge present")
+    accepted = samples.get("relayd_messages_accepted_total")
+    t.is_(samples.get("relayd_commit_seconds_count"), accepted, "one commit latency per accepted message")
+    for h in ("commit", "accept_to_250"):
+        buckets = [(k, v) for k, v in samples.items() if k.startswith(f"relayd_{h}_seconds_bucket{{")]
+        counts = [v for _, v in buckets]
+        t.ok(len(buckets) > 10 and counts == sorted(counts), f"{h}: buckets are cumulative", str(buckets[:3]))
+        t.is_(samples.get(f'relayd_{h}_seconds_bucket{{le="+Inf"}}'), samples.get(f"relayd_{h}_seconds_count"),
+              f"{h}: +Inf bucket == count")
+    n = samples.get("relayd_accept_to_250_seconds_count", 0)
+    t.ok(0 < n <= accepted, "accept-to-250: one per session that got a message accepted", f"{n} of {accepted}")
+    t.ok(0 < samples.get("relayd_commit_seconds_sum", 0) < 60 * accepted, "commit seconds summed")
+    rc, out = relay.relayctl("stats")
+    m = re.search(r"(?m)^accept_to_250_p99_ms=([0-9.]+)$", out)
+    t.ok(m and float(m.group(1)) > 0, "relayctl stats has the accept-to-250 p99", m.group(0) if m else out[-300:])
 
 
 @t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")
