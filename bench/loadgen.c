@@ -119,6 +119,7 @@ static struct {
 	bool quickack;
 	double rate;            /* open loop: connections started per second (0: closed loop) */
 	bool phases;            /* report where the time of a session goes, per state */
+	const char *samples;    /* write one line per message here */
 } opt = {
 	.host = "127.0.0.1", .port = "587", .priority = "NORMAL", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
 	.size = 4096, .per_conn = 1, .timeout = 30, .source_addrs = 1, .max_errors = 1000,
@@ -144,6 +145,7 @@ struct lg_lat {
 static struct lg_lat lg_lat;  /* start of the transaction (see --rate) to the 250 after the dot */
 static struct lg_lat lg_dlat; /* final dot sent to its 250: the server's accept-and-commit time */
 static struct lg_lat lg_phase[LS_IDLE + 1]; /* --phases: time spent waiting in each state */
+static FILE *lg_samples;      /* --samples */
 static double lg_next_start;  /* --rate: when the next connection is due */
 static char *lg_fill;        /* body filler: CRLF-terminated lines */
 static char lg_auth_b64[1024];
@@ -658,6 +660,9 @@ static int lg_reply(struct lg_client *c, int code, const char *line)
 			break;
 		lg_record(&lg_lat, (lg_now() - c->t_msg) * 1000.0);
 		lg_record(&lg_dlat, (lg_now() - c->t_dot) * 1000.0);
+		if (lg_samples)
+			fprintf(lg_samples, "%.6f %.3f %.3f\n", c->t_msg - lg_t0, (lg_now() - c->t_msg) * 1000.0,
+				(lg_now() - c->t_dot) * 1000.0);
 		lg_ok++;
 		c->msg_claimed = false;
 		c->msgs_on_conn++;
@@ -1002,7 +1007,9 @@ static void lg_usage(int rc)
 		"  --no-quickack          leave delayed ACKs on (default: TCP_QUICKACK after every read, so a\n"
 		"                         server's Nagle + our delayed ACK cannot add 40 ms stalls)\n"
 		"  --phases               also print where a session's time goes: p50/p99 ms of each wait\n"
-		"                         (start: due to connect() under --rate; ehlo counts both EHLOs)\n");
+		"                         (start: due to connect() under --rate; ehlo counts both EHLOs)\n"
+		"  --samples FILE         one line per message: its start (s since the run began), latency\n"
+		"                         and final-dot-to-250 time (ms), to see when the slow ones happened\n");
 	exit(rc);
 }
 
@@ -1010,7 +1017,7 @@ static void lg_parse_args(int argc, char **argv)
 {
 	enum { O_HOST = 256, O_PORT, O_CLIENTS, O_MESSAGES, O_SIZE, O_PERCONN, O_TLSCONN, O_NOTLS, O_USER,
 	       O_PASSWORD, O_FROM, O_RCPT, O_DURATION, O_IDLE, O_HOLD, O_SNI, O_TIMEOUT, O_SRC, O_MAXERR,
-	       O_PRIO, O_NOQA, O_RATE, O_PHASES, O_HELP };
+	       O_PRIO, O_NOQA, O_RATE, O_PHASES, O_SAMPLES, O_HELP };
 	static const struct option lo[] = {
 		{ "host", 1, NULL, O_HOST },         { "port", 1, NULL, O_PORT },
 		{ "clients", 1, NULL, O_CLIENTS },   { "messages", 1, NULL, O_MESSAGES },
@@ -1023,7 +1030,8 @@ static void lg_parse_args(int argc, char **argv)
 		{ "timeout", 1, NULL, O_TIMEOUT },   { "source-addrs", 1, NULL, O_SRC },
 		{ "max-errors", 1, NULL, O_MAXERR }, { "priority", 1, NULL, O_PRIO },
 		{ "no-quickack", 0, NULL, O_NOQA },  { "rate", 1, NULL, O_RATE },
-		{ "phases", 0, NULL, O_PHASES },     { "help", 0, NULL, O_HELP },
+		{ "phases", 0, NULL, O_PHASES },     { "samples", 1, NULL, O_SAMPLES },
+		{ "help", 0, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	int ch;
@@ -1055,6 +1063,7 @@ static void lg_parse_args(int argc, char **argv)
 		case O_NOQA: opt.quickack = false; break;
 		case O_RATE: opt.rate = strtod(optarg, &end); break;
 		case O_PHASES: opt.phases = true; break;
+		case O_SAMPLES: opt.samples = optarg; break;
 		case O_HELP: case 'h': lg_usage(0); break;
 		default: lg_usage(1);
 		}
@@ -1148,6 +1157,8 @@ int main(int argc, char **argv)
 		ev_init(&c->timer, lg_timer_cb);
 		c->timer.data = c;
 	}
+	if (opt.samples && !(lg_samples = fopen(opt.samples, "w")))
+		lg_die("%s: %s", opt.samples, strerror(errno));
 	lg_t0 = lg_now();
 	lg_deadline = lg_t0 + opt.duration;
 	if (opt.idle > 0)
@@ -1190,6 +1201,8 @@ int main(int argc, char **argv)
 	       elapsed, lg_pct(d, 50), lg_pct(d, 99), opt.rate);
 	if (opt.phases)
 		lg_print_phases();
+	if (lg_samples && fclose(lg_samples) != 0)
+		lg_die("%s: %s", opt.samples, strerror(errno));
 	gnutls_priority_deinit(lg_prio);
 	gnutls_certificate_free_credentials(lg_cred);
 	gnutls_global_deinit();
