@@ -88,6 +88,7 @@ struct lg_client {
 	gnutls_session_t tls;
 	bool tls_on;            /* TLS established: reads and writes go through GnuTLS */
 	size_t tls_pending;     /* size of a gnutls_record_send that returned EAGAIN */
+	gnutls_datum_t resume;  /* --resume: this slot's last session (its ticket), for the next */
 	bool ext_pipelining, ext_starttls, ext_auth;
 	bool auth_sent_cred;
 	bool msg_claimed;       /* a message is owned by this slot and not finished */
@@ -120,6 +121,7 @@ static struct {
 	double rate;            /* open loop: connections started per second (0: closed loop) */
 	bool phases;            /* report where the time of a session goes, per state */
 	const char *samples;    /* write one line per message here */
+	bool resume;            /* offer each slot's last session again (TLS session resumption) */
 } opt = {
 	.host = "127.0.0.1", .port = "587", .priority = "NORMAL", .rcpt = "sink@example.net", .clients = 1, .messages = -1,
 	.size = 4096, .per_conn = 1, .timeout = 30, .source_addrs = 1, .max_errors = 1000,
@@ -134,6 +136,7 @@ static socklen_t lg_addrlen;
 static struct lg_client *lg_clients;
 static int lg_nslots;        /* slots in use (clients, or idle sessions) */
 static int lg_slots_done;
+static long lg_resumed;      /* handshakes the server resumed */
 static long lg_claimed, lg_ok, lg_failed, lg_errors, lg_errors_shown, lg_connects;
 static long lg_established, lg_dropped, lg_connecting, lg_next_idle;
 static bool lg_stopping;     /* no new work: duration over, signal, or too many errors */
@@ -318,6 +321,12 @@ static void lg_client_close(struct lg_client *c)
 	ev_io_stop(loop, &c->io);
 	ev_timer_stop(loop, &c->timer);
 	if (c->tls) {
+		if (opt.resume && c->tls_on) { /* the ticket it got is good for one more session */
+			gnutls_free(c->resume.data);
+			c->resume.data = NULL;
+			if (gnutls_session_get_data2(c->tls, &c->resume) < 0)
+				c->resume.data = NULL;
+		}
 		gnutls_deinit(c->tls);
 		c->tls = NULL;
 	}
@@ -472,6 +481,8 @@ static void lg_tls_start(struct lg_client *c)
 	gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, lg_cred);
 	if (opt.sni)
 		gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, opt.sni, strlen(opt.sni));
+	if (opt.resume && c->resume.data)
+		gnutls_session_set_data(c->tls, c->resume.data, c->resume.size);
 	gnutls_transport_set_int(c->tls, c->fd);
 	c->state = LS_HANDSHAKE;
 }
@@ -799,6 +810,8 @@ static void lg_do_handshake(struct lg_client *c)
 		return;
 	}
 	c->tls_on = true;
+	if (gnutls_session_is_resumed(c->tls))
+		lg_resumed++;
 	lg_phase_mark(c, LS_HANDSHAKE);
 	lg_touch(c);
 	if (opt.implicit_tls) {
@@ -1008,6 +1021,8 @@ static void lg_usage(int rc)
 		"                         server's Nagle + our delayed ACK cannot add 40 ms stalls)\n"
 		"  --phases               also print where a session's time goes: p50/p99 ms of each wait\n"
 		"                         (start: due to connect() under --rate; ehlo counts both EHLOs)\n"
+		"  --resume               offer each session's ticket again on that client's next connection\n"
+		"                         (TLS session resumption: no certificate, no signature)\n"
 		"  --samples FILE         one line per message: its start (s since the run began), latency\n"
 		"                         and final-dot-to-250 time (ms), to see when the slow ones happened\n");
 	exit(rc);
@@ -1017,7 +1032,7 @@ static void lg_parse_args(int argc, char **argv)
 {
 	enum { O_HOST = 256, O_PORT, O_CLIENTS, O_MESSAGES, O_SIZE, O_PERCONN, O_TLSCONN, O_NOTLS, O_USER,
 	       O_PASSWORD, O_FROM, O_RCPT, O_DURATION, O_IDLE, O_HOLD, O_SNI, O_TIMEOUT, O_SRC, O_MAXERR,
-	       O_PRIO, O_NOQA, O_RATE, O_PHASES, O_SAMPLES, O_HELP };
+	       O_PRIO, O_NOQA, O_RATE, O_PHASES, O_SAMPLES, O_RESUME, O_HELP };
 	static const struct option lo[] = {
 		{ "host", 1, NULL, O_HOST },         { "port", 1, NULL, O_PORT },
 		{ "clients", 1, NULL, O_CLIENTS },   { "messages", 1, NULL, O_MESSAGES },
@@ -1031,7 +1046,7 @@ static void lg_parse_args(int argc, char **argv)
 		{ "max-errors", 1, NULL, O_MAXERR }, { "priority", 1, NULL, O_PRIO },
 		{ "no-quickack", 0, NULL, O_NOQA },  { "rate", 1, NULL, O_RATE },
 		{ "phases", 0, NULL, O_PHASES },     { "samples", 1, NULL, O_SAMPLES },
-		{ "help", 0, NULL, O_HELP },
+		{ "resume", 0, NULL, O_RESUME },     { "help", 0, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	int ch;
@@ -1064,6 +1079,7 @@ static void lg_parse_args(int argc, char **argv)
 		case O_RATE: opt.rate = strtod(optarg, &end); break;
 		case O_PHASES: opt.phases = true; break;
 		case O_SAMPLES: opt.samples = optarg; break;
+		case O_RESUME: opt.resume = true; break;
 		case O_HELP: case 'h': lg_usage(0); break;
 		default: lg_usage(1);
 		}
@@ -1196,13 +1212,15 @@ int main(int argc, char **argv)
 	printf("loadgen: final dot to 250 ms p50 %.2f p90 %.2f p99 %.2f max %.2f\n", lg_pct(d, 50), lg_pct(d, 90),
 	       lg_pct(d, 99), lg_pct(d, 100));
 	printf("RESULT clients=%d msgs=%ld rate=%.1f p50=%.2f p90=%.2f p99=%.2f max=%.2f errors=%ld elapsed=%.2f "
-	       "dot_p50=%.2f dot_p99=%.2f offered=%.1f\n",
+	       "dot_p50=%.2f dot_p99=%.2f offered=%.1f resumed=%ld\n",
 	       opt.clients, lg_ok, rate, lg_pct(l, 50), lg_pct(l, 90), lg_pct(l, 99), lg_pct(l, 100), lg_errors,
-	       elapsed, lg_pct(d, 50), lg_pct(d, 99), opt.rate);
+	       elapsed, lg_pct(d, 50), lg_pct(d, 99), opt.rate, lg_resumed);
 	if (opt.phases)
 		lg_print_phases();
 	if (lg_samples && fclose(lg_samples) != 0)
 		lg_die("%s: %s", opt.samples, strerror(errno));
+	for (int i = 0; i < lg_nslots; i++)
+		gnutls_free(lg_clients[i].resume.data);
 	gnutls_priority_deinit(lg_prio);
 	gnutls_certificate_free_credentials(lg_cred);
 	gnutls_global_deinit();

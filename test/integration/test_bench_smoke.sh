@@ -4,7 +4,7 @@
 # TAP output; run by `make check` (top_builddir/top_srcdir exported) or by hand.
 top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
-echo "1..7"
+echo "1..8"
 out=$(mktemp "${TMPDIR:-/tmp}/bench-smoke.XXXXXX") || { echo "Bail out! mktemp failed"; exit 1; }
 trap 'rm -f "$out"' EXIT
 
@@ -43,6 +43,12 @@ if printf '%s\n' "$half" | grep -Eq ' srv_p50=[0-9.]*[1-9][0-9.]* srv_p99=[0-9.]
 	echo "ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
 else
 	echo "not ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
+	half=bad
+fi
+if grep -Eq '^RESULT server=relayd clients=[0-9]+ mode=resume msgs=[1-9][0-9]* .* errors=0 resumed=[1-9]' "$out"; then
+	echo "ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
+else
+	echo "not ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
 	half=bad
 fi
 if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ "$half" = bad ] || [ -n "$bad_rate$bad_err" ]; then

@@ -250,6 +250,52 @@ def _():
     r.stop()
 
 
+@t.test("TLS session resumption: gnutls-cli -r resumes on STARTTLS and implicit TLS; OpenSSL (Python) too, "
+        "and a resumed session must still AUTH")
+def _():
+    import socket
+    import ssl
+    import subprocess
+    r = t.Relay()
+    r.add_user(USER, PW)
+    r.start()
+    for port, extra in ((r.port_starttls, ["--starttls-proto=smtp"]), (r.port_tls, [])):
+        p = subprocess.run(["gnutls-cli", "--x509cafile", r.ca_file, "-r", "--port", str(port)] + extra + ["localhost"],
+                           input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        out = p.stdout.decode("utf-8", "replace")
+        t.ok("*** This is a resumed session" in out, f"gnutls-cli resumed ({'STARTTLS' if extra else 'implicit TLS'})",
+             out[-400:])
+    ctx = r.ssl_context()
+
+    def starttls_session(session):
+        s = socket.create_connection(("127.0.0.1", r.port_starttls), timeout=10)
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO c.example\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        s.sendall(b"STARTTLS\r\n")
+        f.readline()
+        tls = ctx.wrap_socket(s, server_hostname="localhost", session=session)
+        tf = tls.makefile("rb")
+        tls.sendall(b"EHLO c.example\r\n")
+        while tf.readline()[3:4] == b"-":  # the ticket arrives with the first records
+            pass
+        return tls, tf
+
+    first, _ = starttls_session(None)
+    saved = first.session
+    first.sendall(b"QUIT\r\n")
+    first.close()
+    again, tf = starttls_session(saved)
+    t.ok(again.session_reused, "OpenSSL client resumed its STARTTLS session")
+    again.sendall(f"MAIL FROM:<{USER}>\r\n".encode())
+    t.like(tf.readline().decode(), r"^530 5\.7\.0 ", "MAIL without AUTH in a resumed session: 530 5.7.0")
+    again.close()
+    t.is_(len(re.findall(r"event=accepted", r.log())), 0, "nothing accepted")
+    r.stop()
+
+
 @t.test("70 reloads while a TLS session from before them stays open: it still works; old certificates are freed")
 def _():
     r = t.Relay()
