@@ -122,32 +122,49 @@ static int queue_serialize(const struct queue_envelope *env, struct buf *b)
 	return rc;
 }
 
-static int queue_write_all(int fd, const char *p, size_t n)
+/* write every byte of iov[0..n) (advancing over short writes); -1 with errno on failure */
+static int queue_writev_all(int fd, struct iovec *iov, int n)
 {
 	while (n > 0) {
-		ssize_t w = write(fd, p, n);
+		ssize_t w = writev(fd, iov, n);
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0)
 			return -1;
-		p += w;
-		n -= (size_t)w;
+		while (n > 0 && (size_t)w >= iov->iov_len) {
+			w -= (ssize_t)iov->iov_len;
+			iov++;
+			n--;
+		}
+		if (n > 0) {
+			iov->iov_base = (char *)iov->iov_base + w;
+			iov->iov_len -= (size_t)w;
+		}
 	}
 	return 0;
 }
 
-/* write one message file; 0 or errno. The trailer is the last thing written. */
+/* the file's contents after the header: size line, message, trailer with the CRC, in one
+ * system call (the trailer is still the last thing in the file); -1 with errno on failure */
+static int queue_write_message(int fd, const struct buf *head, const char *msg, size_t len)
+{
+	char sizeline[48], trailer[64];
+	snprintf(sizeline, sizeof(sizeline), "size %zu\n\n", len);
+	snprintf(trailer, sizeof(trailer), "\nEND %08" PRIx32 "\n", queue_crc32(msg, len));
+	struct iovec iov[4] = {
+		{ head->data, head->len }, { sizeline, strlen(sizeline) }, { (char *)msg, len }, { trailer, strlen(trailer) },
+	};
+	return queue_writev_all(fd, iov, 4);
+}
+
+/* write one message file; 0 or errno */
 static int queue_write_file(const char *id, const struct buf *head, const char *msg, size_t len)
 {
-	char trailer[64], sizeline[48];
 	int fd = openat(queue_msgdir_fd, id, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 	if (fd < 0)
 		return errno;
-	snprintf(sizeline, sizeof(sizeline), "size %zu\n\n", len);
-	snprintf(trailer, sizeof(trailer), "\nEND %08" PRIx32 "\n", queue_crc32(msg, len));
 	int rc = 0;
-	if (queue_write_all(fd, head->data, head->len) < 0 || queue_write_all(fd, sizeline, strlen(sizeline)) < 0 ||
-	    queue_write_all(fd, msg, len) < 0 || queue_write_all(fd, trailer, strlen(trailer)) < 0)
+	if (queue_write_message(fd, head, msg, len) < 0)
 		rc = errno ? errno : EIO;
 	if (close(fd) < 0 && rc == 0)
 		rc = errno;
@@ -395,11 +412,7 @@ int queue_write_sync(const char *dir, struct queue_envelope *env, const char *ms
 		buf_free(&head);
 		return -1;
 	}
-	char sizeline[48], trailer[64];
-	snprintf(sizeline, sizeof(sizeline), "size %zu\n\n", len);
-	snprintf(trailer, sizeof(trailer), "\nEND %08" PRIx32 "\n", queue_crc32(msg, len));
-	int rc = queue_write_all(fd, head.data, head.len) | queue_write_all(fd, sizeline, strlen(sizeline)) |
-		 queue_write_all(fd, msg, len) | queue_write_all(fd, trailer, strlen(trailer));
+	int rc = queue_write_message(fd, &head, msg, len);
 	int e = errno;
 	buf_free(&head);
 	if (rc == 0 && fsync(fd) < 0)
