@@ -362,6 +362,86 @@ def _():
     c.close()
 
 
+def tls_bio_handshake(sock, records_after_finished):
+    """a TLS 1.3 client over ssl.MemoryBIO: the handshake, then the client's Finished and
+    records_after_finished (each its own TLS record) leave in ONE send(), so they arrive
+    together; returns (sslobj, recv_plain) where recv_plain() yields decrypted bytes"""
+    import ssl
+    ctx = relay.ssl_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="localhost")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if out.pending:
+                sock.sendall(out.read())
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError("server closed during the handshake")
+            inc.write(data)
+    for rec in records_after_finished:
+        obj.write(rec)
+    sock.sendall(out.read())  # Finished + every record in one write
+
+    def recv_plain():
+        while True:
+            try:
+                return obj.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    return b""
+                inc.write(data)
+                if out.pending:
+                    sock.sendall(out.read())
+    return obj, recv_plain
+
+
+def read_replies(recv_plain, n):
+    """n complete SMTP replies (multi-line ones count once) as a list of codes"""
+    buf, codes = b"", []
+    deadline = time.monotonic() + 10
+    while len(codes) < n and time.monotonic() < deadline:
+        while b"\r\n" in buf and len(codes) < n:
+            line, buf = buf.split(b"\r\n", 1)
+            if line[3:4] != b"-":
+                codes.append(int(line[:3]))
+        if len(codes) < n:
+            more = recv_plain()
+            if not more:
+                break
+            buf += more
+    return codes
+
+
+@t.test("the client's TLS Finished and its first commands in one TCP segment (STARTTLS and implicit TLS)")
+def _():
+    import socket
+    # STARTTLS: Finished + EHLO + NOOP + QUIT, each its own record, in one write
+    s = socket.create_connection(("127.0.0.1", relay.port_starttls), timeout=10)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b"EHLO c.test\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    s.sendall(b"STARTTLS\r\n")
+    t.like(f.readline().decode(), r"^220 ", "STARTTLS: 220")
+    _, recv_plain = tls_bio_handshake(s, [b"EHLO c.test\r\n", b"NOOP\r\n", b"QUIT\r\n"])
+    t.is_(read_replies(recv_plain, 3), [250, 250, 221], "EHLO, NOOP, QUIT that came with the Finished: answered")
+    s.close()
+    # implicit TLS: Finished + EHLO + a whole AUTHed transaction in one write
+    s = socket.create_connection(("127.0.0.1", relay.port_tls), timeout=10)
+    msg = t.dot_stuff(t.make_message(ALICE, "seg@example.com", subject=marker("oneseg")))
+    cmds = [b"EHLO c.test\r\n", ("AUTH PLAIN " + t.b64(f"\0{ALICE}\0{ALICE_PW}") + "\r\n").encode(),
+            f"MAIL FROM:<{ALICE}>\r\nRCPT TO:<seg@example.com>\r\nDATA\r\n".encode(), msg, b"QUIT\r\n"]
+    _, recv_plain = tls_bio_handshake(s, cmds)
+    t.is_(read_replies(recv_plain, 8), [220, 250, 235, 250, 250, 354, 250, 221],
+          "greeting, EHLO, AUTH, MAIL, RCPT, DATA, message, QUIT: all answered")
+    s.close()
+
+
 @t.test("STARTTLS injection: pipelined bytes after STARTTLS are discarded")
 def _():
     c = relay.raw()
