@@ -24,20 +24,20 @@ static struct {
 	double sum;
 } stats_hists[SH_NHIST];
 
-static const struct {
+/* a metric's name (relayd_<name>...) and its # HELP text */
+struct stats_name {
 	const char *name;
 	const char *help;
-} stats_hist_names[SH_NHIST] = {
+};
+
+static const struct stats_name stats_hist_names[SH_NHIST] = {
 	[SH_ACCEPT_TO_250] = { "accept_to_250", "From a connection's accept to the 250 of its first message" },
 	[SH_COMMIT] = { "commit", "From the end of a message's data to its 250 (written and synced to the queue)" },
 };
 static void (*stats_sections[STATS_MAX_SECTIONS])(struct buf *, bool);
 static int stats_nsections;
 
-static const struct {
-	const char *name;
-	const char *help;
-} stats_names[ST_NCOUNTERS] = {
+static const struct stats_name stats_names[ST_NCOUNTERS] = {
 	[ST_CONNECTIONS] = { "connections", "Client connections accepted" },
 	[ST_CONN_REFUSED] = { "connections_refused", "Client connections refused by per-IP or session limits" },
 	[ST_TLS_OK] = { "tls_handshakes", "Server-side TLS handshakes completed" },

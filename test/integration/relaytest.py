@@ -652,6 +652,19 @@ def smtp_ssl(port, ca_file, host="127.0.0.1", ehlo="client.test"):
     return s
 
 
+def clear_to_starttls(port, host="127.0.0.1", ehlo="client.test"):
+    """a plain socket to host:port that read the greeting, sent EHLO and STARTTLS and read the
+    reply to STARTTLS: ready for the client's TLS handshake. Returns (socket, that reply line)"""
+    s = socket.create_connection((host, port), timeout=SOCK_TIMEOUT)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(f"EHLO {ehlo}\r\n".encode())
+    while f.readline()[3:4] == b"-":
+        pass
+    s.sendall(b"STARTTLS\r\n")
+    return s, f.readline().decode("utf-8", "replace")
+
+
 def b64(s):
     if isinstance(s, str):
         s = s.encode()

@@ -253,8 +253,6 @@ def _():
 @t.test("TLS session resumption: gnutls-cli -r resumes on STARTTLS and implicit TLS; OpenSSL (Python) too, "
         "and a resumed session must still AUTH")
 def _():
-    import socket
-    import ssl
     import subprocess
     r = t.Relay()
     r.add_user(USER, PW)
@@ -268,14 +266,7 @@ def _():
     ctx = r.ssl_context()
 
     def starttls_session(session):
-        s = socket.create_connection(("127.0.0.1", r.port_starttls), timeout=10)
-        f = s.makefile("rb")
-        f.readline()
-        s.sendall(b"EHLO c.example\r\n")
-        while f.readline()[3:4] == b"-":
-            pass
-        s.sendall(b"STARTTLS\r\n")
-        f.readline()
+        s, _ = t.clear_to_starttls(r.port_starttls)
         tls = ctx.wrap_socket(s, server_hostname="localhost", session=session)
         tf = tls.makefile("rb")
         tls.sendall(b"EHLO c.example\r\n")

@@ -420,14 +420,8 @@ def read_replies(recv_plain, n):
 def _():
     import socket
     # STARTTLS: Finished + EHLO + NOOP + QUIT, each its own record, in one write
-    s = socket.create_connection(("127.0.0.1", relay.port_starttls), timeout=10)
-    f = s.makefile("rb")
-    f.readline()
-    s.sendall(b"EHLO c.test\r\n")
-    while f.readline()[3:4] == b"-":
-        pass
-    s.sendall(b"STARTTLS\r\n")
-    t.like(f.readline().decode(), r"^220 ", "STARTTLS: 220")
+    s, reply = t.clear_to_starttls(relay.port_starttls)
+    t.like(reply, r"^220 ", "STARTTLS: 220")
     _, recv_plain = tls_bio_handshake(s, [b"EHLO c.test\r\n", b"NOOP\r\n", b"QUIT\r\n"])
     t.is_(read_replies(recv_plain, 3), [250, 250, 221], "EHLO, NOOP, QUIT that came with the Finished: answered")
     s.close()
