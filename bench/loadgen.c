@@ -148,7 +148,8 @@ struct lg_lat {
 static struct lg_lat lg_lat;  /* start of the transaction (see --rate) to the 250 after the dot */
 static struct lg_lat lg_dlat; /* final dot sent to its 250: the server's accept-and-commit time */
 static struct lg_lat lg_phase[LS_IDLE + 1]; /* --phases: time spent waiting in each state */
-static FILE *lg_samples;      /* --samples */
+static FILE *lg_samples;      /* --samples: written after the run (no file I/O during it) */
+static struct lg_lat lg_starts; /* --samples: each message's start, in lg_lat's order */
 static double lg_next_start;  /* --rate: when the next connection is due */
 static char *lg_fill;        /* body filler: CRLF-terminated lines */
 static char lg_auth_b64[1024];
@@ -672,8 +673,7 @@ static int lg_reply(struct lg_client *c, int code, const char *line)
 		lg_record(&lg_lat, (lg_now() - c->t_msg) * 1000.0);
 		lg_record(&lg_dlat, (lg_now() - c->t_dot) * 1000.0);
 		if (lg_samples)
-			fprintf(lg_samples, "%.6f %.3f %.3f\n", c->t_msg - lg_t0, (lg_now() - c->t_msg) * 1000.0,
-				(lg_now() - c->t_dot) * 1000.0);
+			lg_record(&lg_starts, c->t_msg - lg_t0);
 		lg_ok++;
 		c->msg_claimed = false;
 		c->msgs_on_conn++;
@@ -1199,6 +1199,8 @@ int main(int argc, char **argv)
 	if (lg_t_end == 0)
 		lg_t_end = lg_now();
 	double elapsed = lg_t_end - lg_t0;
+	for (size_t i = 0; lg_samples && i < lg_starts.n; i++) /* recorded together, so in step */
+		fprintf(lg_samples, "%.6f %.3f %.3f\n", lg_starts.v[i], lg_lat.v[i], lg_dlat.v[i]);
 	qsort(lg_lat.v, lg_lat.n, sizeof(*lg_lat.v), lg_cmp_double);
 	qsort(lg_dlat.v, lg_dlat.n, sizeof(*lg_dlat.v), lg_cmp_double);
 	double rate = elapsed > 0 ? (double)lg_ok / elapsed : 0;
