@@ -123,6 +123,9 @@ static ev_timer smtp_trim_timer;    /* no session for SMTP_TRIM_QUIET seconds: m
 #define SMTP_TRIM_QUIET 0.5
 
 static void session_process(struct session *s);
+static void smtp_server_stats(struct buf *out, bool prometheus);
+static void session_free(struct session *s, const char *reason);
+static void session_auth_abandon(struct session *s);
 
 /* seconds on CLOCK_MONOTONIC (vDSO, no system call) */
 static double session_clock(void)
@@ -131,9 +134,6 @@ static double session_clock(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
-static void smtp_server_stats(struct buf *out, bool prometheus);
-static void session_free(struct session *s, const char *reason);
-static void session_auth_abandon(struct session *s);
 
 /* --- certificates: one reference per session that began TLS ------------------------- */
 

@@ -12,6 +12,8 @@
 #define STATS_MAX_SECTIONS 8
 
 static uint64_t stats_counters[ST_NCOUNTERS];
+static void (*stats_sections[STATS_MAX_SECTIONS])(struct buf *, bool);
+static int stats_nsections;
 
 const double stats_hist_le[STATS_HIST_NBUCKETS - 1] = {
 	0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
@@ -34,8 +36,6 @@ static const struct stats_name stats_hist_names[SH_NHIST] = {
 	[SH_ACCEPT_TO_250] = { "accept_to_250", "From a connection's accept to the 250 of its first message" },
 	[SH_COMMIT] = { "commit", "From the end of a message's data to its 250 (written and synced to the queue)" },
 };
-static void (*stats_sections[STATS_MAX_SECTIONS])(struct buf *, bool);
-static int stats_nsections;
 
 static const struct stats_name stats_names[ST_NCOUNTERS] = {
 	[ST_CONNECTIONS] = { "connections", "Client connections accepted" },
