@@ -192,6 +192,13 @@ static void queue_commit_batch(struct queue_job *batch)
 	}
 }
 
+/* unlink one message file of the queue; one already gone is no error */
+static void queue_unlink_id(const char *id)
+{
+	if (unlinkat(queue_msgdir_fd, id, 0) < 0 && errno != ENOENT)
+		log_err("%s queue event=remove-failed error=\"%s\"", id, strerror(errno));
+}
+
 /* unlink the removals handed over (called and returns with queue_lock held) */
 static void queue_unlink_removals(void)
 {
@@ -201,8 +208,7 @@ static void queue_unlink_removals(void)
 		pthread_mutex_unlock(&queue_lock);
 		while (r) {
 			struct queue_removal *next = r->next;
-			if (unlinkat(queue_msgdir_fd, r->id, 0) < 0 && errno != ENOENT)
-				log_err("%s queue event=remove-failed error=\"%s\"", r->id, strerror(errno));
+			queue_unlink_id(r->id);
 			free(r);
 			r = next;
 		}
@@ -659,8 +665,7 @@ void queue_remove_async(const char *id)
 	struct queue_removal *r = malloc(sizeof(*r));
 	if (!r || !queue_thread_running) { /* out of memory, or no thread: here and now */
 		free(r);
-		if (unlinkat(queue_msgdir_fd, id, 0) < 0 && errno != ENOENT)
-			log_err("%s queue event=remove-failed error=\"%s\"", id, strerror(errno));
+		queue_unlink_id(id);
 		return;
 	}
 	snprintf(r->id, sizeof(r->id), "%s", id);

@@ -97,20 +97,16 @@ void workq_submit(struct workq_job *j)
 	pthread_mutex_unlock(&workq_lock);
 }
 
-/* workq_run_inline - run on the loop; done() through the same list as a worker's jobs */
-void workq_run_inline(struct workq_job *j)
-{
-	j->run(j);
-	workq_done_later(j);
-}
-
-/* workq_run - inline or on a worker, as the caller judged the work's cost */
+/* workq_run - on the loop (done() still through the list the workers report on) or on a
+ * worker, as the caller judged the work's cost */
 void workq_run(struct workq_job *j, bool on_loop)
 {
-	if (on_loop)
-		workq_run_inline(j);
-	else
+	if (!on_loop) {
 		workq_submit(j);
+		return;
+	}
+	j->run(j);
+	workq_done_later(j);
 }
 
 /* workq_done_later - done() through the list the workers report on */

@@ -20,11 +20,10 @@ struct workq_job {
 int workq_init(struct ev_loop *loop, int nthreads);
 /* workq_submit - queue a job (loop thread only) */
 void workq_submit(struct workq_job *j);
-/* workq_run_inline - run j now, on the loop thread, for work known to be cheap (a small file
- * just written, so in the page cache); its done() follows from the loop as after a worker,
- * so a caller sees the same order either way. Saves the two thread hand-overs. */
-void workq_run_inline(struct workq_job *j);
-/* workq_run - j on the loop when on_loop (workq_run_inline), else on a worker (workq_submit) */
+/* workq_run - j on a worker (workq_submit), or when on_loop, now on the loop thread, for work
+ * known to be cheap (a small file just written, so in the page cache: saves the two thread
+ * hand-overs); its done() then follows from the loop as after a worker, so a caller sees the
+ * same order either way */
 void workq_run(struct workq_job *j, bool on_loop);
 /* workq_done_later - j's work was done on the loop: only its done() is to follow, from the loop */
 void workq_done_later(struct workq_job *j);

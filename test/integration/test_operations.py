@@ -234,16 +234,20 @@ def _():
     r.stop()
 
 
+def gnutls_cli(r, port, *args):
+    """gnutls-cli against r's port (verified against r's CA, name localhost), no input; its output"""
+    import subprocess
+    p = subprocess.run(["gnutls-cli", "--x509cafile", r.ca_file, "--port", str(port), *args, "localhost"],
+                       input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    return p.stdout.decode("utf-8", "replace")
+
+
 @t.test("key exchange: X25519 for a client that offers it, P-256 for one that offers only that (gnutls-cli)")
 def _():
-    import subprocess
     r = t.Relay()
     r.start()
     for prio, want in (("NORMAL", "ECDHE-X25519"), ("NORMAL:-GROUP-ALL:+GROUP-SECP256R1", "ECDHE-SECP256R1")):
-        p = subprocess.run(["gnutls-cli", "--x509cafile", r.ca_file, "--starttls-proto=smtp", "--port",
-                            str(r.port_starttls), "--priority", prio, "localhost"],
-                           input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
-        out = p.stdout.decode("utf-8", "replace")
+        out = gnutls_cli(r, r.port_starttls, "--starttls-proto=smtp", "--priority", prio)
         desc = re.search(r"- Description: (.*)", out)
         t.like(desc.group(1) if desc else out, rf"\(TLS1\.3-X\.509\)-\({want}\)",
                f"client priority {prio}: {want}")
@@ -253,14 +257,11 @@ def _():
 @t.test("TLS session resumption: gnutls-cli -r resumes on STARTTLS and implicit TLS; OpenSSL (Python) too, "
         "and a resumed session must still AUTH")
 def _():
-    import subprocess
     r = t.Relay()
     r.add_user(USER, PW)
     r.start()
     for port, extra in ((r.port_starttls, ["--starttls-proto=smtp"]), (r.port_tls, [])):
-        p = subprocess.run(["gnutls-cli", "--x509cafile", r.ca_file, "-r", "--port", str(port)] + extra + ["localhost"],
-                           input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
-        out = p.stdout.decode("utf-8", "replace")
+        out = gnutls_cli(r, port, "-r", *extra)
         t.ok("*** This is a resumed session" in out, f"gnutls-cli resumed ({'STARTTLS' if extra else 'implicit TLS'})",
              out[-400:])
     ctx = r.ssl_context()
@@ -314,10 +315,8 @@ def ec_only(r):
 
 
 def implicit_tls_greeting(r):
-    import ssl
-    ctx = ssl.create_default_context(cafile=r.ca_file)
     with socket.create_connection(("127.0.0.1", r.port_tls), timeout=10) as sock:
-        with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        with r.ssl_context().wrap_socket(sock, server_hostname="localhost") as tls:
             return tls.recv(200).decode()
 
 
