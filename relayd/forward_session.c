@@ -912,6 +912,8 @@ static void forward_session_response(struct forward_session *s, int code)
 		forward_tx_done(s, why);
 		if (s->must_close)
 			forward_session_close(s);
+		else if (cls == 2) /* RFC 5321 §4.1.1.4: the transaction is over; no RSET needed */
+			forward_session_ready(s);
 		else
 			forward_session_enter_state(s, FS_RSET);
 		break;

@@ -381,8 +381,8 @@ int queue_commit(struct queue_envelope *env, struct buf *msg, queue_commit_cb cb
 	pthread_mutex_lock(&queue_lock);
 	j->next = queue_pending;
 	queue_pending = j;
-	pthread_cond_signal(&queue_cond);
 	pthread_mutex_unlock(&queue_lock);
+	pthread_cond_signal(&queue_cond); /* after the unlock: the woken thread does not block on it */
 	return 0;
 }
 
@@ -672,9 +672,10 @@ void queue_remove_async(const char *id)
 	pthread_mutex_lock(&queue_lock);
 	r->next = queue_removals;
 	queue_removals = r;
-	if (queue_thread_idle) /* else it is busy or in a timed wait, and takes it after that */
-		pthread_cond_signal(&queue_cond);
+	bool wake = queue_thread_idle; /* else it is busy or in a timed wait, and takes it after that */
 	pthread_mutex_unlock(&queue_lock);
+	if (wake)
+		pthread_cond_signal(&queue_cond);
 }
 
 /* queue_scan - every message id (16 hex digits) in the queue */

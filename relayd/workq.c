@@ -93,8 +93,8 @@ void workq_submit(struct workq_job *j)
 {
 	pthread_mutex_lock(&workq_lock);
 	workq_push(&workq_head, &workq_tail, j);
-	pthread_cond_signal(&workq_cond);
 	pthread_mutex_unlock(&workq_lock);
+	pthread_cond_signal(&workq_cond); /* after the unlock: the woken worker does not block on it */
 }
 
 /* workq_run - on the loop (done() still through the list the workers report on) or on a

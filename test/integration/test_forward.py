@@ -335,6 +335,21 @@ def _():
     done(relay, sink)
 
 
+@t.test("messages in turn over one upstream connection: no RSET after a delivered transaction")
+def _():
+    sink = t.Sink()
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
+    for n in range(3):
+        code, _, _ = submit(relay, [f"turn{n}@example.net"], subject=marker(f"turn{n}"))
+        t.is_(code, 250, f"message {n + 1} accepted")
+        wait_msgs(sink, n + 1, 15)
+    metas = [m[0] for m in sink.messages()]
+    t.is_([m["rcpt_tos"] for m in metas], [[f"turn{n}@example.net"] for n in range(3)], "delivered in turn")
+    t.is_([m["connection"] for m in metas], [metas[0]["connection"]] * 3, "over one upstream connection")
+    t.is_([m["rsets"] for m in metas], [0, 0, 0], "no RSET between them (RFC 5321 4.1.1.4)")
+    done(relay, sink)
+
+
 @t.test("5xx for one of three recipients: that one bounces, the others are delivered")
 def _():
     sink = t.Sink(["--reply-rcpt", "bad@example.net=550"])
