@@ -48,6 +48,7 @@
 #include <strings.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -97,6 +98,7 @@ struct lg_client {
 	int msgs_on_conn;
 	double t_conn, t_msg;
 	double t_sched;         /* --rate: when this slot's connection was due to start */
+	struct lg_client *pace_next; /* --rate: the next slot waiting for its due time */
 	double t_dot;           /* when the final dot of the current message was queued */
 	double t_phase;         /* --phases: when the current state began */
 	char in[LG_INBUF];
@@ -151,6 +153,12 @@ static struct lg_lat lg_phase[LS_IDLE + 1]; /* --phases: time spent waiting in e
 static FILE *lg_samples;      /* --samples: written after the run (no file I/O during it) */
 static struct lg_lat lg_starts; /* --samples: each message's start, in lg_lat's order */
 static double lg_next_start;  /* --rate: when the next connection is due */
+/* --rate: the slots waiting for their due time, in due order, and a timerfd armed for the
+ * first (nanoseconds: libev's timers wake the epoll backend on whole milliseconds, which
+ * would add up to 1 ms of the load generator's own lateness to every latency) */
+static struct lg_client *lg_pace_head, *lg_pace_tail;
+static int lg_pace_fd = -1;
+static ev_io lg_pace_io;
 static char *lg_fill;        /* body filler: CRLF-terminated lines */
 static char lg_auth_b64[1024];
 static char lg_date[64];
@@ -389,11 +397,26 @@ static void lg_slot_done(struct lg_client *c)
 	lg_check_finished();
 }
 
+/* arm the pacing timerfd for the first waiting slot (absolute CLOCK_MONOTONIC), or disarm it */
+static void lg_pace_arm(void)
+{
+	struct itimerspec its = { 0 };
+	if (lg_pace_head) {
+		double t = lg_pace_head->t_sched;
+		its.it_value.tv_sec = (time_t)t;
+		its.it_value.tv_nsec = (long)((t - (double)its.it_value.tv_sec) * 1e9);
+		if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+			its.it_value.tv_nsec = 1; /* all zero would disarm */
+	}
+	if (timerfd_settime(lg_pace_fd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+		lg_die("timerfd_settime: %s", strerror(errno));
+}
+
 /*
  * --rate: the free slot takes the next start time of the schedule and, if that is still ahead,
- * waits for it on its timer (returns true; the timer calls lg_slot_next again). A slot that is
- * late keeps its due time as the start of the message, so a server that falls behind shows in
- * the latencies instead of slowing the schedule (no coordinated omission).
+ * waits for it in the pacing list (returns true; lg_pace_cb calls lg_slot_next again). A slot
+ * that is late keeps its due time as the start of the message, so a server that falls behind
+ * shows in the latencies instead of slowing the schedule (no coordinated omission).
  */
 static bool lg_pace(struct lg_client *c)
 {
@@ -403,14 +426,37 @@ static bool lg_pace(struct lg_client *c)
 			lg_next_start = now;
 		c->t_sched = lg_next_start;
 		lg_next_start += 1.0 / opt.rate;
-		if (c->t_sched > now) {
-			ev_timer_stop(loop, &c->timer);
-			ev_timer_set(&c->timer, c->t_sched - now, 0.);
-			ev_timer_start(loop, &c->timer);
+		if (c->t_sched > now) { /* due times only grow: it goes last */
+			c->pace_next = NULL;
+			if (lg_pace_tail)
+				lg_pace_tail->pace_next = c;
+			else
+				lg_pace_head = c;
+			lg_pace_tail = c;
+			if (lg_pace_head == c)
+				lg_pace_arm();
 			return true;
 		}
 	}
 	return false;
+}
+
+/* the pacing timerfd fired: start every slot that is due */
+static void lg_pace_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+	(void)l; (void)w; (void)revents;
+	uint64_t expirations;
+	if (read(lg_pace_fd, &expirations, sizeof(expirations)) < 0 && errno != EAGAIN)
+		lg_die("timerfd read: %s", strerror(errno));
+	double now = lg_now();
+	while (lg_pace_head && lg_pace_head->t_sched <= now) {
+		struct lg_client *c = lg_pace_head;
+		lg_pace_head = c->pace_next;
+		if (!lg_pace_head)
+			lg_pace_tail = NULL;
+		lg_slot_next(c);
+	}
+	lg_pace_arm();
 }
 
 /* the slot is free: start its next connection, or finish */
@@ -1159,6 +1205,13 @@ int main(int argc, char **argv)
 	ev_signal_start(loop, &lg_sigint);
 	ev_signal_start(loop, &lg_sigterm);
 	ev_timer_init(&lg_stop_timer, lg_stop_cb, 0., 0.);
+	if (opt.rate > 0) {
+		lg_pace_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+		if (lg_pace_fd < 0)
+			lg_die("timerfd_create: %s", strerror(errno));
+		ev_io_init(&lg_pace_io, lg_pace_cb, lg_pace_fd, EV_READ);
+		ev_io_start(loop, &lg_pace_io);
+	}
 
 	lg_nslots = opt.idle > 0 ? (int)opt.idle : opt.clients;
 	lg_clients = calloc((size_t)lg_nslots, sizeof(*lg_clients));
