@@ -397,14 +397,11 @@ static bool forward_notice_is_ours(const char *id, const struct queue_envelope *
 }
 
 /* a notice of this action about env to its sender, written as a new queue message from the
- * null sender (body read into *body on first use); its id into id, and, written now, loaded
- * into *loaded for sending (*have set: it goes out whatever happens next). A notice written
- * before a crash is found and kept (same derived id) but not loaded: the queue scan at start
- * loads it, and loading it here as well could send it twice (once sent and removed, it is not
- * in memory to be recognized). Returns how many recipients it reports (0: none, nothing
- * written), or -1 with j->rc, err and what set. */
+ * null sender (body read into *body on first use); its id into id. A notice written before a
+ * crash is found and kept (same derived id). Returns how many recipients it reports (0: none,
+ * nothing written), or -1 with j->rc, err and what set. */
 static int forward_io_notice(struct forward_io *j, const struct queue_envelope *env, enum dsn_action action,
-			     char **body, char id[QUEUE_ID_LEN + 1], struct queue_envelope *loaded, bool *have)
+			     char **body, char id[QUEUE_ID_LEN + 1])
 {
 	int n = 0;
 	for (size_t i = 0; i < env->nrcpt; i++)
@@ -438,12 +435,10 @@ static int forward_io_notice(struct forward_io *j, const struct queue_envelope *
 	b.size = dsn.len;
 	forward_notice_id(env->id, action, b.id);
 	int rc = queue_write_sync(forward_queue, &b, dsn.data, dsn.len);
-	bool found = false;
 	if (rc < 0 && errno == EEXIST) {
 		if (forward_notice_is_ours(b.id, env)) {
 			log_info("%s forward event=notice-found notice=%s reason=\"written before a restart\"", env->id, b.id);
 			rc = 0;
-			found = true;
 		} else { /* a message of its own has that id: a fresh one */
 			b.id[0] = '\0';
 			rc = queue_write_sync(forward_queue, &b, dsn.data, dsn.len);
@@ -456,8 +451,6 @@ static int forward_io_notice(struct forward_io *j, const struct queue_envelope *
 		return -1;
 	}
 	memcpy(id, b.id, QUEUE_ID_LEN + 1);
-	if (!found && queue_load(forward_queue, id, loaded) == 0)
-		*have = true;
 	return n;
 }
 
@@ -488,7 +481,7 @@ static void forward_io_finish(struct forward_io *j)
 	if (j->failed && !env.from[0]) {
 		j->dropped = true; /* never bounce a bounce (RFC 5321 §6.1) */
 	} else if (j->failed && !env.bounce_id[0]) {
-		int n = forward_io_notice(j, &env, DSN_ACTION_FAILED, &body, j->bounce_id, &j->bounce, &j->have_bounce);
+		int n = forward_io_notice(j, &env, DSN_ACTION_FAILED, &body, j->bounce_id);
 		if (n == 0) {
 			j->nobounce = true; /* NOTIFY=NEVER or without FAILURE */
 		} else if (n > 0) {
@@ -496,6 +489,8 @@ static void forward_io_finish(struct forward_io *j)
 			snprintf(rec, sizeof(rec), "B %s", j->bounce_id);
 			if (queue_append_status(dir, j->id, rec) < 0)
 				j->rc = -1, j->err = errno, j->what = "append-B";
+			else if (queue_load(dir, j->bounce_id, &j->bounce) == 0)
+				j->have_bounce = true;
 		}
 	} else if (j->failed) {
 		memcpy(j->bounce_id, env.bounce_id, sizeof(j->bounce_id)); /* committed before a crash */
@@ -503,9 +498,11 @@ static void forward_io_finish(struct forward_io *j)
 	/* RFC 3461 §5.2.2.2: NOTIFY=SUCCESS that could not travel on. After a crash between this
 	 * and the removal, the notice is found again by its derived id, not written twice (while
 	 * it is still queued; one already sent and removed before the crash goes out again) */
-	if (j->rc == 0 && env.from[0] &&
-	    forward_io_notice(j, &env, DSN_ACTION_RELAYED, &body, j->notice_id, &j->notice, &j->have_notice) > 0)
+	if (j->rc == 0 && env.from[0] && forward_io_notice(j, &env, DSN_ACTION_RELAYED, &body, j->notice_id) > 0 &&
+	    queue_load(dir, j->notice_id, &j->notice) == 0) {
+		j->have_notice = true;
 		j->notice_action = "relayed";
+	}
 	free(body);
 	queue_envelope_free(&env);
 	if (j->rc == 0 && queue_remove(dir, j->id, false) < 0)
@@ -524,13 +521,15 @@ static void forward_io_warn(struct forward_io *j)
 		j->what = "load";
 		return;
 	}
-	if (!env.delay_warned && env.from[0] &&
-	    forward_io_notice(j, &env, DSN_ACTION_DELAYED, &body, j->notice_id, &j->notice, &j->have_notice) > 0) {
+	if (!env.delay_warned && env.from[0] && forward_io_notice(j, &env, DSN_ACTION_DELAYED, &body, j->notice_id) > 0) {
 		char rec[8 + QUEUE_ID_LEN];
 		snprintf(rec, sizeof(rec), "W %s", j->notice_id);
-		j->notice_action = "delayed";
-		if (queue_append_status(forward_queue, j->id, rec) < 0)
+		if (queue_append_status(forward_queue, j->id, rec) < 0) {
 			j->rc = -1, j->err = errno, j->what = "append-W";
+		} else if (queue_load(forward_queue, j->notice_id, &j->notice) == 0) {
+			j->have_notice = true;
+			j->notice_action = "delayed";
+		}
 	}
 	free(body);
 	queue_envelope_free(&env);
@@ -553,6 +552,41 @@ static void forward_io_run(struct workq_job *job)
 
 static void forward_msg_add_loaded(struct queue_envelope *env, bool now);
 
+/* the ids of the last FORWARD_REMOVED messages this process finished and removed, a ring. A
+ * finish that finds a notice written before a restart loads it, and the queue scan at start
+ * loaded it too: if the scan's copy was sent and removed meanwhile (the commit thread unlinks
+ * a little later, so the file could still be read), the finish's copy is not taken in */
+#define FORWARD_REMOVED 1024
+static char forward_removed[FORWARD_REMOVED][QUEUE_ID_LEN + 1];
+static unsigned forward_removed_n;
+
+static void forward_removed_note(const char *id)
+{
+	memcpy(forward_removed[forward_removed_n++ % FORWARD_REMOVED], id, QUEUE_ID_LEN + 1);
+}
+
+static bool forward_removed_recently(const char *id)
+{
+	unsigned n = forward_removed_n < FORWARD_REMOVED ? forward_removed_n : FORWARD_REMOVED;
+	for (unsigned i = 0; i < n; i++)
+		if (!strcmp(forward_removed[i], id))
+			return true;
+	return false;
+}
+
+/* a notice (bounce, relayed, delayed) a disk job loaded: queued for sending unless a copy of
+ * it was sent and removed already (then this file, the same or one written again, goes too) */
+static void forward_notice_add(struct queue_envelope *env)
+{
+	if (forward_removed_recently(env->id)) {
+		log_info("%s forward event=notice-stale reason=\"sent and removed already\"", env->id);
+		queue_remove_async(env->id);
+		queue_envelope_free(env);
+		return;
+	}
+	forward_msg_add_loaded(env, true);
+}
+
 static void forward_io_done(struct workq_job *job)
 {
 	struct forward_io *j = (struct forward_io *)job;
@@ -561,10 +595,8 @@ static void forward_io_done(struct workq_job *job)
 		goto out;
 	if (j->have_notice) { /* on disk: it goes out whatever happened next */
 		log_info("%s forward event=notice action=%s notice=%s", j->id, j->notice_action, j->notice_id);
-		forward_msg_add_loaded(&j->notice, true);
+		forward_notice_add(&j->notice);
 	}
-	if (j->have_bounce) /* the same */
-		forward_msg_add_loaded(&j->bounce, true);
 	if (j->rc < 0 && j->err == ENOENT) { /* deleted from the queue meanwhile (relayctl queue delete) */
 		log_info("%s forward event=vanished op=%s", j->id, j->what);
 		if (m)
@@ -593,8 +625,11 @@ static void forward_io_done(struct workq_job *job)
 			forward_stat_forwarded++;
 		}
 		log_info("%s forward event=removed delivered=%d failed=%d", j->id, j->delivered, j->failed);
+		forward_removed_note(j->id);
 		if (m)
 			forward_msg_free(m);
+		if (j->have_bounce)
+			forward_notice_add(&j->bounce);
 		goto out;
 	}
 	if (m) {

@@ -647,6 +647,40 @@ def _():
     done(relay, sink)
 
 
+@t.test("a bounce on disk from before a restart, sent before its message's finish: not sent again")
+def _():
+    sink = t.Sink(["--reply-rcpt", "later@example.net=450"])
+    relay = make_relay([])  # no upstream yet: the message waits untouched
+    code, qid, _ = submit(relay, ["gone@example.net", "later@example.net"], subject=marker("stale-bounce"))
+    t.is_(code, 250, "accepted")
+    relay.stop()
+    msgdir = os.path.join(relay.queue_dir, "msg")
+    with open(os.path.join(msgdir, qid), "ab") as f:  # the first recipient failed for good ...
+        f.write(b"D 0 550 [upstream.test] 550 5.1.1 no such user\n")
+    bid = "%016x" % (int(qid, 16) ^ 0x8000000000000001)  # ... and its bounce is queued already
+    body = (b"From: MAILER-DAEMON@relay.test\r\nTo: <" + ALICE.encode() + b">\r\n"
+            b"Subject: Undelivered Mail (from before the restart)\r\n\r\nno such user\r\n")
+    head = (f"RELAYD-QUEUE 1\nid {bid}\ncreated {int(time.time())}\nuser MAILER-DAEMON\nfrom \nret -\n"
+            f"envid -\nbody 7BIT\nsmtputf8 0\nrcpt 1 - {ALICE}\nsize {len(body)}\n\n").encode()
+    with open(os.path.join(msgdir, bid), "wb") as f:
+        f.write(head + body + b"\nEND %08x\n" % zlib.crc32(body))
+    reconfigure(relay, [f"127.0.0.1:{sink.port} tls=none"])
+    relay.start()
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1 "), "the message waits for its second recipient")
+    t.ok(t.wait_for(lambda: bid not in relay.queue_ids(), 10 * t.SLOW), "the bounce was sent and removed")
+    t.is_([m[0]["rcpt_tos"] for m in sink.messages()], [[ALICE]], "the bounce reached the sender")
+    sink2 = t.Sink([])  # now the second recipient is accepted: the finish comes
+    reconfigure(relay, [f"127.0.0.1:{sink2.port} tls=none"])
+    t.is_(relay.relayctl("reload")[0], 0, "relayctl reload")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 15 * t.SLOW), "queue empty", relay.queue_ids())
+    t.ok(wait_log(relay, rf"{bid} forward event=notice-stale "), "the bounce written again was recognized")
+    time.sleep(1)
+    t.is_([(m[0]["mail_from"], m[0]["rcpt_tos"]) for m in sink2.messages()], [(ALICE, ["later@example.net"])],
+          "only the message went to the new upstream, no second bounce")
+    t.is_(len(sink.messages()), 1, "one bounce in all")
+    done(relay, sink, sink2)
+
+
 @t.test("the commit thread unlinks delivered messages: none left after a stop right after delivery, none sent twice")
 def _():
     sink = t.Sink([])
