@@ -552,10 +552,11 @@ static void forward_io_run(struct workq_job *job)
 
 static void forward_msg_add_loaded(struct queue_envelope *env, bool now);
 
-/* the ids of the last FORWARD_REMOVED messages this process finished and removed, a ring. A
- * finish that finds a notice written before a restart loads it, and the queue scan at start
- * loaded it too: if the scan's copy was sent and removed meanwhile (the commit thread unlinks
- * a little later, so the file could still be read), the finish's copy is not taken in */
+/* the ids of the last FORWARD_REMOVED notices (null sender) this process finished and
+ * removed, a ring. A finish that finds a notice written before a restart loads it, and the
+ * queue scan at start loaded it too: if the scan's copy was sent and removed meanwhile (the
+ * commit thread unlinks a little later, so the file could still be read), or the finish wrote
+ * it again because the sent copy was gone already, the finish's copy is not taken in */
 #define FORWARD_REMOVED 1024
 static char forward_removed[FORWARD_REMOVED][QUEUE_ID_LEN + 1];
 static unsigned forward_removed_n;
@@ -625,7 +626,8 @@ static void forward_io_done(struct workq_job *job)
 			forward_stat_forwarded++;
 		}
 		log_info("%s forward event=removed delivered=%d failed=%d", j->id, j->delivered, j->failed);
-		forward_removed_note(j->id);
+		if (m && !m->env.from[0])
+			forward_removed_note(j->id);
 		if (m)
 			forward_msg_free(m);
 		if (j->have_bounce)
