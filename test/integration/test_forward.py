@@ -614,6 +614,23 @@ def _():
     done(relay, slow, fast)
 
 
+def bounce_on_disk(relay, qid, note):
+    """a stopped relay's queue as a crash can leave it: message qid's first recipient failed for
+    good (D record) and its bounce is queued under the id derived from qid's (no B record);
+    the bounce's Subject ends with (note); returns the bounce's id"""
+    msgdir = os.path.join(relay.queue_dir, "msg")
+    with open(os.path.join(msgdir, qid), "ab") as f:
+        f.write(b"D 0 550 [upstream.test] 550 5.1.1 no such user\n")
+    bid = "%016x" % (int(qid, 16) ^ 0x8000000000000001)
+    body = (b"From: MAILER-DAEMON@relay.test\r\nTo: <" + ALICE.encode() + b">\r\n"
+            b"Subject: Undelivered Mail (" + note + b")\r\n\r\nno such user\r\n")
+    head = (f"RELAYD-QUEUE 1\nid {bid}\ncreated {int(time.time())}\nuser MAILER-DAEMON\nfrom \nret -\n"
+            f"envid -\nbody 7BIT\nsmtputf8 0\nrcpt 1 - {ALICE}\nsize {len(body)}\n\n").encode()
+    with open(os.path.join(msgdir, bid), "wb") as f:
+        f.write(head + body + b"\nEND %08x\n" % zlib.crc32(body))
+    return bid
+
+
 @t.test("a crash after a bounce was written, before it was recorded: one bounce, not two")
 def _():
     sink = t.Sink([])
@@ -621,18 +638,8 @@ def _():
     code, qid, _ = submit(relay, ["gone@example.net"], subject=marker("crash-bounce"))
     t.is_(code, 250, "accepted")
     relay.stop()
-    msgdir = os.path.join(relay.queue_dir, "msg")
-    # the state such a crash leaves: the recipient failed for good (D record) ...
-    with open(os.path.join(msgdir, qid), "ab") as f:
-        f.write(b"D 0 550 [upstream.test] 550 5.1.1 no such user\n")
-    # ... and the bounce is in the queue under the id derived from the message's, no B record yet
-    bid = "%016x" % (int(qid, 16) ^ 0x8000000000000001)
-    body = (b"From: MAILER-DAEMON@relay.test\r\nTo: <" + ALICE.encode() + b">\r\n"
-            b"Subject: Undelivered Mail (written before the crash)\r\n\r\nno such user\r\n")
-    head = (f"RELAYD-QUEUE 1\nid {bid}\ncreated {int(time.time())}\nuser MAILER-DAEMON\nfrom \nret -\n"
-            f"envid -\nbody 7BIT\nsmtputf8 0\nrcpt 1 - {ALICE}\nsize {len(body)}\n\n").encode()
-    with open(os.path.join(msgdir, bid), "wb") as f:
-        f.write(head + body + b"\nEND %08x\n" % zlib.crc32(body))
+    # the state such a crash leaves: the recipient failed for good, its bounce queued, no B record
+    bid = bounce_on_disk(relay, qid, b"written before the crash")
     reconfigure(relay, [f"127.0.0.1:{sink.port} tls=none"])
     relay.start()
     t.ok(wait_log(relay, rf"{qid} forward event=notice-found notice={bid}"),
@@ -654,16 +661,7 @@ def _():
     code, qid, _ = submit(relay, ["gone@example.net", "later@example.net"], subject=marker("stale-bounce"))
     t.is_(code, 250, "accepted")
     relay.stop()
-    msgdir = os.path.join(relay.queue_dir, "msg")
-    with open(os.path.join(msgdir, qid), "ab") as f:  # the first recipient failed for good ...
-        f.write(b"D 0 550 [upstream.test] 550 5.1.1 no such user\n")
-    bid = "%016x" % (int(qid, 16) ^ 0x8000000000000001)  # ... and its bounce is queued already
-    body = (b"From: MAILER-DAEMON@relay.test\r\nTo: <" + ALICE.encode() + b">\r\n"
-            b"Subject: Undelivered Mail (from before the restart)\r\n\r\nno such user\r\n")
-    head = (f"RELAYD-QUEUE 1\nid {bid}\ncreated {int(time.time())}\nuser MAILER-DAEMON\nfrom \nret -\n"
-            f"envid -\nbody 7BIT\nsmtputf8 0\nrcpt 1 - {ALICE}\nsize {len(body)}\n\n").encode()
-    with open(os.path.join(msgdir, bid), "wb") as f:
-        f.write(head + body + b"\nEND %08x\n" % zlib.crc32(body))
+    bid = bounce_on_disk(relay, qid, b"from before the restart")  # the first recipient failed for good
     reconfigure(relay, [f"127.0.0.1:{sink.port} tls=none"])
     relay.start()
     t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1 "), "the message waits for its second recipient")
