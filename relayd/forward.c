@@ -626,10 +626,11 @@ static void forward_io_done(struct workq_job *job)
 			forward_stat_forwarded++;
 		}
 		log_info("%s forward event=removed delivered=%d failed=%d", j->id, j->delivered, j->failed);
-		if (m && !m->env.from[0])
-			forward_removed_note(j->id);
-		if (m)
+		if (m) {
+			if (!m->env.from[0]) /* a notice: remembered, not taken in again */
+				forward_removed_note(j->id);
 			forward_msg_free(m);
+		}
 		if (j->have_bounce)
 			forward_notice_add(&j->bounce);
 		goto out;
