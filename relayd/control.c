@@ -14,7 +14,6 @@
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,20 +54,6 @@ static struct control_command control_commands[CONTROL_MAX_COMMANDS] = {
 	{ "ping", control_ping },
 };
 static int control_ncommands = 1;
-
-static void control_seterr(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void control_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || errlen == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
 
 static int control_ping(const char *args, struct buf *out)
 {
@@ -341,16 +326,16 @@ static int control_in_use(const struct sockaddr_un *sun, char *err, size_t errle
 	if (lstat(sun->sun_path, &st) < 0) {
 		if (errno == ENOENT)
 			return 0;
-		control_seterr(err, errlen, "%s: %s", sun->sun_path, strerror(errno));
+		err_set(err, errlen, "%s: %s", sun->sun_path, strerror(errno));
 		return -1;
 	}
 	if (!S_ISSOCK(st.st_mode)) {
-		control_seterr(err, errlen, "%s: exists and is not a socket", sun->sun_path);
+		err_set(err, errlen, "%s: exists and is not a socket", sun->sun_path);
 		return -1;
 	}
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
-		control_seterr(err, errlen, "socket: %s", strerror(errno));
+		err_set(err, errlen, "socket: %s", strerror(errno));
 		return -1;
 	}
 	rc = connect(fd, (const struct sockaddr *)sun, sizeof(*sun));
@@ -362,7 +347,7 @@ static int control_in_use(const struct sockaddr_un *sun, char *err, size_t errle
 	close(fd);
 	if (rc == ECONNREFUSED)
 		return 0;
-	control_seterr(err, errlen, "%s: %s", sun->sun_path, strerror(rc));
+	err_set(err, errlen, "%s: %s", sun->sun_path, strerror(rc));
 	return -1;
 }
 
@@ -373,13 +358,13 @@ int control_init(struct ev_loop *loop, const char *path, char *err, size_t errle
 	int fd, used;
 
 	if (control_fd >= 0) {
-		control_seterr(err, errlen, "control socket already open");
+		err_set(err, errlen, "control socket already open");
 		return -1;
 	}
 	memset(&sun, 0, sizeof(sun));
 	sun.sun_family = AF_UNIX;
 	if (!path || !*path || strlen(path) >= sizeof(sun.sun_path)) {
-		control_seterr(err, errlen, "control socket path %s (at most %zu bytes)",
+		err_set(err, errlen, "control socket path %s (at most %zu bytes)",
 		    path && *path ? "too long" : "empty", sizeof(sun.sun_path) - 1);
 		return -1;
 	}
@@ -387,28 +372,28 @@ int control_init(struct ev_loop *loop, const char *path, char *err, size_t errle
 	if ((used = control_in_use(&sun, err, errlen)) < 0)
 		return -1;
 	if (used) {
-		control_seterr(err, errlen, "%s: another process answers on this control socket "
+		err_set(err, errlen, "%s: another process answers on this control socket "
 		    "(is relayd already running?)", path);
 		return -1;
 	}
 	if (unlink(path) < 0 && errno != ENOENT) {
-		control_seterr(err, errlen, "%s: cannot remove the stale socket: %s", path,
+		err_set(err, errlen, "%s: cannot remove the stale socket: %s", path,
 		    strerror(errno));
 		return -1;
 	}
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
-		control_seterr(err, errlen, "socket: %s", strerror(errno));
+		err_set(err, errlen, "socket: %s", strerror(errno));
 		return -1;
 	}
 	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-		control_seterr(err, errlen, "%s: cannot bind: %s", path, strerror(errno));
+		err_set(err, errlen, "%s: cannot bind: %s", path, strerror(errno));
 		close(fd);
 		return -1;
 	}
 	/* XXX a connect between bind and chmod passes the mode; SO_PEERCRED still checks */
 	if (chmod(path, 0600) < 0 || listen(fd, CONTROL_MAX_CLIENTS) < 0) {
-		control_seterr(err, errlen, "%s: %s", path, strerror(errno));
+		err_set(err, errlen, "%s: %s", path, strerror(errno));
 		close(fd);
 		unlink(path);
 		return -1;

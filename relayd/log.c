@@ -74,3 +74,15 @@ void fatal(const char *fmt, ...)
 	va_end(ap);
 	exit(1);
 }
+
+/* err_set - the caller's err buffer, when it gave one */
+void err_set(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || errlen == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}

@@ -18,7 +18,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sqlite3.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "passwd.h"
 #include "schema_sql.h"
 
@@ -84,20 +84,6 @@ static int userdb_cached_exec(struct userdb *db, enum userdb_cached q)
 	return rc == SQLITE_DONE ? 0 : -1;
 }
 
-static void userdb_seterr(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void userdb_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || errlen == 0)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 /* run one statement without parameters that returns no rows we need */
 static int userdb_exec1(sqlite3 *db, const char *sql)
 {
@@ -153,7 +139,7 @@ static int userdb_newer_check(int have, char *err, size_t errlen)
 
 	if (have <= known)
 		return 0;
-	userdb_seterr(err, errlen,
+	err_set(err, errlen,
 	    "database schema version %d is newer than this relayd (knows %d); upgrade relayd",
 	    have, known);
 	return -1;
@@ -170,12 +156,12 @@ static int userdb_migrate(sqlite3 *db, const char *path, char *err, size_t errle
 
 		/* IMMEDIATE: relayd and relayctl starting together must not both apply it */
 		if (userdb_exec1(db, "BEGIN IMMEDIATE") < 0) {
-			userdb_seterr(err, errlen, "%s: cannot start migration: %s", path,
+			err_set(err, errlen, "%s: cannot start migration: %s", path,
 			    sqlite3_errmsg(db));
 			return -1;
 		}
 		if (userdb_user_version(db, &have) < 0) {
-			userdb_seterr(err, errlen, "%s: cannot read schema version: %s", path,
+			err_set(err, errlen, "%s: cannot read schema version: %s", path,
 			    sqlite3_errmsg(db));
 			goto fail;
 		}
@@ -188,12 +174,12 @@ static int userdb_migrate(sqlite3 *db, const char *path, char *err, size_t errle
 		/* PRAGMA takes no bound parameters; the number is our own constant */
 		snprintf(pragma, sizeof(pragma), "PRAGMA user_version = %d", m->version);
 		if (userdb_exec_script(db, m->sql) < 0 || userdb_exec1(db, pragma) < 0) {
-			userdb_seterr(err, errlen, "%s: migration %s failed: %s", path, m->name,
+			err_set(err, errlen, "%s: migration %s failed: %s", path, m->name,
 			    sqlite3_errmsg(db));
 			goto fail;
 		}
 		if (userdb_exec1(db, "COMMIT") < 0) {
-			userdb_seterr(err, errlen, "%s: migration %s: commit failed: %s", path,
+			err_set(err, errlen, "%s: migration %s: commit failed: %s", path,
 			    m->name, sqlite3_errmsg(db));
 			goto fail;
 		}
@@ -226,7 +212,7 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 	int fd, have;
 
 	if (!path || !*path) {
-		userdb_seterr(err, errlen, "no database path configured");
+		err_set(err, errlen, "no database path configured");
 		return NULL;
 	}
 	/*
@@ -244,13 +230,13 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 	if (fd >= 0) {
 		close(fd);
 	} else if (errno != EEXIST) {
-		userdb_seterr(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+		err_set(err, errlen, "%s: cannot open: %s", path, strerror(errno));
 		return NULL;
 	}
 
 	if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
 	    NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "%s: cannot open database: %s", path,
+		err_set(err, errlen, "%s: cannot open database: %s", path,
 		    db ? sqlite3_errmsg(db) : "out of memory");
 		goto fail;
 	}
@@ -259,7 +245,7 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 
 	/* refuse a newer schema before touching anything, WAL mode included */
 	if (userdb_user_version(db, &have) < 0) {
-		userdb_seterr(err, errlen, "%s: not a usable SQLite database: %s", path,
+		err_set(err, errlen, "%s: not a usable SQLite database: %s", path,
 		    sqlite3_errmsg(db));
 		goto fail;
 	}
@@ -267,7 +253,7 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 		goto fail;
 	if (userdb_exec1(db, "PRAGMA journal_mode = WAL") < 0 ||
 	    userdb_exec1(db, "PRAGMA foreign_keys = ON") < 0) {
-		userdb_seterr(err, errlen, "%s: cannot set up database: %s", path,
+		err_set(err, errlen, "%s: cannot set up database: %s", path,
 		    sqlite3_errmsg(db));
 		goto fail;
 	}
@@ -275,7 +261,7 @@ struct userdb *userdb_open(const char *path, char *err, size_t errlen)
 		goto fail;
 
 	if (!(u = calloc(1, sizeof(*u)))) {
-		userdb_seterr(err, errlen, "out of memory");
+		err_set(err, errlen, "out of memory");
 		goto fail;
 	}
 	u->db = db;
@@ -357,12 +343,12 @@ static int userdb_name_check(const char *name, char *err, size_t errlen)
 	if (userdb_name_valid(name))
 		return 0;
 	if (!name || !*name)
-		userdb_seterr(err, errlen, "user name is empty");
+		err_set(err, errlen, "user name is empty");
 	else if (strlen(name) > USERDB_NAME_MAX)
-		userdb_seterr(err, errlen, "user name is longer than %d characters",
+		err_set(err, errlen, "user name is longer than %d characters",
 		    USERDB_NAME_MAX);
 	else
-		userdb_seterr(err, errlen,
+		err_set(err, errlen,
 		    "user name may not contain spaces, colons or control characters");
 	return -1;
 }
@@ -373,7 +359,7 @@ static int userdb_write(struct userdb *db, sqlite3_stmt *st, char *err, size_t e
 	int rc = sqlite3_step(st);
 	sqlite3_finalize(st);
 	if (rc != SQLITE_DONE) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	return sqlite3_changes(db->db);
@@ -383,11 +369,11 @@ static int userdb_write(struct userdb *db, sqlite3_stmt *st, char *err, size_t e
 static int userdb_hash_new(const char *password, char *hash, size_t hashlen, char *err, size_t errlen)
 {
 	if (!password || !*password) {
-		userdb_seterr(err, errlen, "empty password");
+		err_set(err, errlen, "empty password");
 		return -1;
 	}
 	if (passwd_hash(password, hash, hashlen) < 0) {
-		userdb_seterr(err, errlen, "cannot hash the password");
+		err_set(err, errlen, "cannot hash the password");
 		return -1;
 	}
 	return 0;
@@ -409,7 +395,7 @@ int userdb_user_add(struct userdb *db, const char *name, const char *password, c
 	if (sqlite3_prepare_v2(db->db,
 	    "INSERT INTO users (name, hash, created, pw_changed) VALUES (?, ?, ?, ?)",
 	    -1, &st, NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
@@ -421,9 +407,9 @@ int userdb_user_add(struct userdb *db, const char *name, const char *password, c
 	if (rc == SQLITE_DONE)
 		return 0;
 	if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE)
-		userdb_seterr(err, errlen, "user %s already exists", name);
+		err_set(err, errlen, "user %s already exists", name);
 	else
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 	return -1;
 }
 
@@ -436,7 +422,7 @@ int userdb_user_passwd(struct userdb *db, const char *name, const char *password
 	int rc;
 
 	if (!name || !*name) {
-		userdb_seterr(err, errlen, "user name is empty");
+		err_set(err, errlen, "user name is empty");
 		return -1;
 	}
 	if (userdb_hash_new(password, hash, sizeof(hash), err, errlen) < 0)
@@ -444,7 +430,7 @@ int userdb_user_passwd(struct userdb *db, const char *name, const char *password
 	if (sqlite3_prepare_v2(db->db,
 	    "UPDATE users SET hash = ?, pw_changed = ? WHERE name = ?",
 	    -1, &st, NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, hash, -1, SQLITE_STATIC);
@@ -452,7 +438,7 @@ int userdb_user_passwd(struct userdb *db, const char *name, const char *password
 	sqlite3_bind_text(st, 3, name, -1, SQLITE_STATIC);
 	rc = userdb_write(db, st, err, errlen);
 	if (rc == 0)
-		userdb_seterr(err, errlen, "no such user: %s", name);
+		err_set(err, errlen, "no such user: %s", name);
 	return rc > 0 ? 0 : -1;
 }
 
@@ -463,18 +449,18 @@ int userdb_user_del(struct userdb *db, const char *name, char *err, size_t errle
 	int rc;
 
 	if (!name || !*name) {
-		userdb_seterr(err, errlen, "user name is empty");
+		err_set(err, errlen, "user name is empty");
 		return -1;
 	}
 	if (sqlite3_prepare_v2(db->db, "DELETE FROM users WHERE name = ?", -1, &st,
 	    NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	rc = userdb_write(db, st, err, errlen);
 	if (rc == 0)
-		userdb_seterr(err, errlen, "no such user: %s", name);
+		err_set(err, errlen, "no such user: %s", name);
 	return rc > 0 ? 0 : -1;
 }
 
@@ -594,11 +580,11 @@ int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, 
 	int rc;
 
 	if (!name || !*name) {
-		userdb_seterr(err, errlen, "user name is empty");
+		err_set(err, errlen, "user name is empty");
 		return -1;
 	}
 	if (!userdb_pattern_valid(pattern)) {
-		userdb_seterr(err, errlen,
+		err_set(err, errlen,
 		    "bad sender pattern \"%s\": expected user@domain, @domain or *",
 		    pattern ? pattern : "");
 		return -1;
@@ -606,7 +592,7 @@ int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, 
 	userdb_lower(pat, pattern, sizeof(pat));
 	if (sqlite3_prepare_v2(db->db, "INSERT INTO senders (user, pattern) VALUES (?, ?)",
 	    -1, &st, NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
@@ -616,11 +602,11 @@ int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, 
 	if (rc == SQLITE_DONE)
 		return 0;
 	if (rc == SQLITE_CONSTRAINT_FOREIGNKEY)
-		userdb_seterr(err, errlen, "no such user: %s", name);
+		err_set(err, errlen, "no such user: %s", name);
 	else if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE)
-		userdb_seterr(err, errlen, "%s may already send as %s", name, pat);
+		err_set(err, errlen, "%s may already send as %s", name, pat);
 	else
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 	return -1;
 }
 
@@ -633,20 +619,20 @@ int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, 
 	int rc;
 
 	if (!name || !*name || !pattern || !*pattern || strlen(pattern) > USERDB_PAT_MAX) {
-		userdb_seterr(err, errlen, "bad user name or sender pattern");
+		err_set(err, errlen, "bad user name or sender pattern");
 		return -1;
 	}
 	userdb_lower(pat, pattern, sizeof(pat));
 	if (sqlite3_prepare_v2(db->db, "DELETE FROM senders WHERE user = ? AND pattern = ?",
 	    -1, &st, NULL) != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 2, pat, -1, SQLITE_STATIC);
 	rc = userdb_write(db, st, err, errlen);
 	if (rc == 0)
-		userdb_seterr(err, errlen, "%s has no sender pattern %s", name, pat);
+		err_set(err, errlen, "%s has no sender pattern %s", name, pat);
 	return rc > 0 ? 0 : -1;
 }
 
@@ -713,19 +699,19 @@ int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_l
 	int rc, i;
 
 	if (!name || !*name) {
-		userdb_seterr(err, errlen, "user name is empty");
+		err_set(err, errlen, "user name is empty");
 		return -1;
 	}
 	for (i = 0; i < USERDB_NLIMITS; i++) {
 		if (!l->set[i])
 			continue;
 		if (l->window[i] == 0) {
-			userdb_seterr(err, errlen, "%s: the window must be at least one second",
+			err_set(err, errlen, "%s: the window must be at least one second",
 			    what[i]);
 			return -1;
 		}
 		if (l->limit[i] > (uint64_t)INT64_MAX) {
-			userdb_seterr(err, errlen, "%s: limit too large", what[i]);
+			err_set(err, errlen, "%s: limit too large", what[i]);
 			return -1;
 		}
 		any = true;
@@ -743,7 +729,7 @@ int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_l
 		    "DELETE FROM limits WHERE user = (SELECT name FROM users WHERE name = ?)",
 		    -1, &st, NULL);
 	if (rc != SQLITE_OK) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	if (any) {
@@ -763,13 +749,13 @@ int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_l
 	rc = sqlite3_step(st);
 	sqlite3_finalize(st);
 	if (rc != SQLITE_DONE) {
-		userdb_seterr(err, errlen, "database: %s", sqlite3_errmsg(db->db));
+		err_set(err, errlen, "database: %s", sqlite3_errmsg(db->db));
 		return -1;
 	}
 	/* the INSERT ... SELECT wrote nothing when the user does not exist; the DELETE may
 	 * write nothing for an existing user without overrides, so ask */
 	if (sqlite3_changes(db->db) == 0 && (any || !userdb_user_exists(db, name))) {
-		userdb_seterr(err, errlen, "no such user: %s", name);
+		err_set(err, errlen, "no such user: %s", name);
 		return -1;
 	}
 	return 0;
