@@ -11,6 +11,7 @@
 #include <grp.h>
 #include <pwd.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -179,14 +180,26 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
 }
 
-/* TLS handshake threads: the configured count, or with "auto" one thread when a key signs
- * slowly (RSA: the signature would hold the loop about a millisecond per handshake) and none
- * for EC keys (a handshake on the loop costs less than handing it to a thread and back).
- * Called at start and after each reload: an RSA key loaded later starts the thread then. */
+/* the CPUs relayd may run on (its affinity mask: taskset, systemd CPUAffinity=), at least 1 */
+static int main_cpus(void)
+{
+	cpu_set_t set;
+	if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+		return CPU_COUNT(&set);
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n > 0 ? (int)n : 1;
+}
+
+/* TLS handshake threads: the configured count, or with "auto" one thread per CPU (at most
+ * TLSOFF_MAX_THREADS) when a key signs slowly (RSA: the signature would hold the loop about a
+ * millisecond per handshake, and one thread saturates before the CPUs do) and none for EC
+ * keys (a handshake on the loop costs less than handing it to a thread and back).
+ * Called at start and after each reload: an RSA key loaded later starts the threads then. */
 static void main_tls_threads(struct ev_loop *loop, gnutls_certificate_credentials_t cred, bool starting)
 {
 	bool automatic = main_cfg.tls_threads == CONFIG_TLS_THREADS_AUTO;
-	int n = automatic ? (cred && tls_creds_slow_sign(cred) ? 1 : 0) : (int)main_cfg.tls_threads;
+	int cpus = main_cpus() < TLSOFF_MAX_THREADS ? main_cpus() : TLSOFF_MAX_THREADS;
+	int n = automatic ? (cred && tls_creds_slow_sign(cred) ? cpus : 0) : (int)main_cfg.tls_threads;
 	if (tlsoff_enabled() || (n == 0 && !starting))
 		return; /* threads, once started, stay for the life of the process */
 	if (tlsoff_init(loop, n) < 0)
@@ -406,8 +419,7 @@ int main(int argc, char **argv)
 	if (policy_init(loop, &main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_drop_privileges(&main_cfg);
-	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	if (workq_init(loop, ncpu > 1 ? (int)ncpu : 2) < 0)
+	if (workq_init(loop, main_cpus() > 1 ? main_cpus() : 2) < 0)
 		fatal("cannot start worker threads");
 	main_tls_threads(loop, cred, true);
 	smtp_server_init(loop, &main_cfg, cred);

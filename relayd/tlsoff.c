@@ -14,8 +14,6 @@
 
 #include "conn.h"
 
-#define TLSOFF_MAX_THREADS 8
-
 enum { OFF_QUEUED = 1, OFF_ACTIVE, OFF_DONE };
 
 struct tlsoff_thread {

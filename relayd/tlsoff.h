@@ -16,6 +16,8 @@
 struct conn;
 struct ev_loop;
 
+#define TLSOFF_MAX_THREADS 8
+
 /* tlsoff_init - start nthreads handshake threads (0: handshakes stay on the loop) */
 int tlsoff_init(struct ev_loop *main_loop, int nthreads);
 /* tlsoff_enabled - are handshakes offloaded? */

@@ -320,10 +320,14 @@ def implicit_tls_greeting(r):
             return tls.recv(200).decode()
 
 
-@t.test("tls_threads auto: handshakes on the loop with an EC key, on a thread with an RSA key")
+# tls_threads auto with an RSA key: one handshake thread per CPU relayd may run on, at most 8
+RSA_THREADS = min(len(os.sched_getaffinity(0)), 8)
+
+
+@t.test("tls_threads auto: handshakes on the loop with an EC key, on a thread per CPU with an RSA key")
 def _():
     for kind, extra, want in (("ECDSA", "", r"on=loop threads=0 setting=auto-ec-key"),
-                              ("RSA", "", r"on=threads threads=1 setting=auto-slow-key"),
+                              ("RSA", "", rf"on=threads threads={RSA_THREADS} setting=auto-slow-key"),
                               ("RSA, tls_threads 0", "tls_threads 0\n", r"on=loop threads=0 setting=tls_threads")):
         r = t.Relay(extra_config=extra)
         if kind == "ECDSA":
@@ -334,6 +338,17 @@ def _():
         t.is_(one_message(r, f"tls-threads {kind}")[:3], "250", f"{kind}: STARTTLS + AUTH + a message")
         t.like(implicit_tls_greeting(r), r"^220 ", f"{kind}: implicit TLS greeting")
         r.stop()
+    cpus = os.sched_getaffinity(0)
+    r = t.Relay()
+    r.add_user(USER, PW)
+    os.sched_setaffinity(0, {min(cpus)})  # relayd inherits it: auto counts the CPUs it may use
+    try:
+        r.start()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    t.like(r.log(), r"on=threads threads=1 setting=auto-slow-key", "RSA, relayd on one CPU (taskset): one thread")
+    t.is_(one_message(r, "tls-threads one CPU")[:3], "250", "RSA on one CPU: a message")
+    r.stop()
     r = t.Relay()
     ec_only(r)
     r.add_user(USER, PW)
@@ -341,8 +356,8 @@ def _():
     t.unlike(r.log(), r"on=threads", "EC key: no handshake thread")
     t.make_certs(r.dir)  # RSA again, then SIGHUP
     r.proc.send_signal(signal.SIGHUP)
-    t.ok(t.wait_for(lambda: re.search(r"on=threads threads=1 setting=auto-slow-key", r.log()), 10 * t.SLOW),
-         "an RSA key loaded by a reload starts the handshake thread")
+    t.ok(t.wait_for(lambda: re.search(rf"on=threads threads={RSA_THREADS} setting=auto-slow-key", r.log()), 10 * t.SLOW),
+         "an RSA key loaded by a reload starts the handshake threads")
     t.is_(one_message(r, "tls-threads reload")[:3], "250", "and sessions still work")
     r.stop()
 
