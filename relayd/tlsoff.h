@@ -1,7 +1,7 @@
 /*
- * tlsoff - server-side TLS handshakes on a helper thread, so the signature of one client's
+ * tlsoff - server-side TLS handshakes on helper threads, so the signature of one client's
  * handshake (the costliest step of a submission) never holds up every other session on the
- * loop, and a second core does the public-key work.
+ * loop, and the other cores do the public-key work.
  *
  * conn.c hands a connection over at the start of its server handshake and gets it back,
  * through ev_async on the main loop, when the handshake ends. While a connection is away
