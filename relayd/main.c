@@ -198,7 +198,9 @@ static int main_cpus(void)
 static void main_tls_threads(struct ev_loop *loop, gnutls_certificate_credentials_t cred, bool starting)
 {
 	bool automatic = main_cfg.tls_threads == CONFIG_TLS_THREADS_AUTO;
-	int cpus = main_cpus() < TLSOFF_MAX_THREADS ? main_cpus() : TLSOFF_MAX_THREADS;
+	int cpus = main_cpus();
+	if (cpus > TLSOFF_MAX_THREADS)
+		cpus = TLSOFF_MAX_THREADS;
 	int n = automatic ? (cred && tls_creds_slow_sign(cred) ? cpus : 0) : (int)main_cfg.tls_threads;
 	if (tlsoff_enabled() || (n == 0 && !starting))
 		return; /* threads, once started, stay for the life of the process */
@@ -419,7 +421,8 @@ int main(int argc, char **argv)
 	if (policy_init(loop, &main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	main_drop_privileges(&main_cfg);
-	if (workq_init(loop, main_cpus() > 1 ? main_cpus() : 2) < 0)
+	int cpus = main_cpus();
+	if (workq_init(loop, cpus > 1 ? cpus : 2) < 0)
 		fatal("cannot start worker threads");
 	main_tls_threads(loop, cred, true);
 	smtp_server_init(loop, &main_cfg, cred);
