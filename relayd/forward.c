@@ -20,7 +20,8 @@
  *  - the disk work of one message is serialised (one job at a time, records batched);
  *  - a recipient is finished (D record) only on a 2xx or 5xx reply to it, or when its
  *    message expires; anything else leaves it pending;
- *  - the upstream's password is never logged, and wiped at shutdown.
+ *  - the upstream's password is never logged, and wiped when its credential set is freed
+ *    (replaced by a reload and no session left using it, or at shutdown).
  */
 #include "forward.h"
 
@@ -101,6 +102,7 @@ static ev_timer forward_switch_timer;
 /* stats */
 static unsigned long long forward_stat_forwarded, forward_stat_bounced, forward_stat_dropped, forward_stat_rcpt_ok,
 	forward_stat_rcpt_failed, forward_stat_deferrals;
+static unsigned forward_creds_live; /* credential sets not yet freed (upstreams' and sessions') */
 
 static void forward_msg_route(struct forward_msg *m);
 static unsigned forward_live_sessions(void);
@@ -985,15 +987,16 @@ static int forward_read_secret(struct forward_upstream *u, char *err, size_t err
 	}
 	*colon = '\0';
 	size_t plen = strlen(colon + 1);
-	u->user = strdup(line);
-	u->secret = malloc(sizeof(sasl_secret_t) + plen + 1);
-	if (!u->user || !u->secret) {
+	struct forward_creds *c = u->creds;
+	c->user = strdup(line);
+	c->secret = malloc(sizeof(sasl_secret_t) + plen + 1);
+	if (!c->user || !c->secret) {
 		explicit_bzero(line, sizeof(line));
 		snprintf(err, errlen, "out of memory");
 		return -1;
 	}
-	u->secret->len = plen;
-	memcpy(u->secret->data, colon + 1, plen + 1);
+	c->secret->len = plen;
+	memcpy(c->secret->data, colon + 1, plen + 1);
 	explicit_bzero(line, sizeof(line));
 	return 0;
 }
@@ -1014,35 +1017,33 @@ static void forward_recover_one(const char *id, void *arg)
 	forward_msg_add_loaded(&env, false);
 }
 
-/* what a reload replaced: live sessions may still point at it, so it is freed at shutdown */
-struct forward_retired {
-	gnutls_certificate_credentials_t cred;
-	char *user;
-	sasl_secret_t *secret;
-};
-static struct forward_retired forward_retired[64];
-static int forward_nretired;
-
-static void forward_retire(struct forward_upstream *u)
+struct forward_creds *forward_creds_get(struct forward_creds *c)
 {
-	if (forward_nretired == (int)(sizeof(forward_retired) / sizeof(forward_retired[0])))
-		return; /* XXX past 64 reloads the old credentials are simply kept */
-	forward_retired[forward_nretired++] = (struct forward_retired){ u->cred, u->user, u->secret };
+	if (c && c->refs++ == 0)
+		forward_creds_live++;
+	return c;
 }
 
-static void forward_retired_free(void)
+void forward_creds_put(struct forward_creds *c)
 {
-	for (int i = 0; i < forward_nretired; i++) {
-		struct forward_retired *r = &forward_retired[i];
-		if (r->cred)
-			gnutls_certificate_free_credentials(r->cred);
-		if (r->secret) {
-			explicit_bzero(r->secret->data, r->secret->len);
-			free(r->secret);
-		}
-		free(r->user);
+	if (!c || --c->refs > 0)
+		return;
+	if (c->cred)
+		gnutls_certificate_free_credentials(c->cred);
+	if (c->secret) {
+		explicit_bzero(c->secret->data, c->secret->len);
+		free(c->secret);
 	}
-	forward_nretired = 0;
+	free(c->user);
+	free(c);
+	forward_creds_live--;
+}
+
+/* the upstream lets go of its credentials (sessions begun with them keep them until they end) */
+static void forward_retire(struct forward_upstream *u)
+{
+	forward_creds_put(u->creds);
+	u->creds = NULL;
 }
 
 /* load one upstream's trust anchors and secret into t; -1 with err */
@@ -1052,17 +1053,22 @@ static int forward_load_upstream(struct forward_upstream *t, const struct upstre
 	t->conf = *uc;
 	t->cfg = &t->conf;
 	snprintf(t->name, sizeof(t->name), "%s:%s", uc->host, uc->port);
+	t->creds = forward_creds_get(calloc(1, sizeof(*t->creds)));
+	if (!t->creds) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
 	if (uc->tls != UPSTREAM_TLS_NONE) {
 		char terr[512];
-		t->cred = tls_client_creds(uc->ca, terr, sizeof(terr));
-		if (!t->cred) {
+		t->creds->cred = tls_client_creds(uc->ca, terr, sizeof(terr));
+		if (!t->creds->cred) {
 			snprintf(err, errlen, "%s:%d: upstream %s: %s", forward_cfg->path, uc->line, t->name, terr);
+			forward_retire(t);
 			return -1;
 		}
 	}
 	if (uc->auth_file[0] && forward_read_secret(t, err, errlen) < 0) {
-		if (t->cred)
-			gnutls_certificate_free_credentials(t->cred);
+		forward_retire(t);
 		return -1;
 	}
 	if (uc->auth_file[0] && uc->tls == UPSTREAM_TLS_NONE)
@@ -1077,7 +1083,7 @@ static int forward_load_list(struct forward_upstream *list, const struct config 
 	for (int i = 0; i < cfg->nupstream; i++) {
 		if (forward_load_upstream(&list[i], &cfg->upstream[i], err, errlen) < 0) {
 			for (int k = 0; k < i; k++)
-				forward_retire(&list[k]); /* freed at shutdown like any replaced credential */
+				forward_retire(&list[k]);
 			return -1;
 		}
 	}
@@ -1087,7 +1093,7 @@ static int forward_load_list(struct forward_upstream *list, const struct config 
 /* the SASL client library, once, when an upstream has a secret */
 static void forward_sasl_need(const struct forward_upstream *u)
 {
-	if (!u->secret || forward_sasl)
+	if (!u->creds->secret || forward_sasl)
 		return;
 	int rc = sasl_client_init(NULL);
 	if (rc == SASL_OK)
@@ -1221,9 +1227,7 @@ int forward_reload(const struct config *cfg, char *err, size_t errlen)
 	for (int i = 0; i < forward_nup; i++) {
 		struct forward_upstream *u = &forward_up[i];
 		forward_retire(u);
-		u->cred = fresh[i].cred;
-		u->user = fresh[i].user;
-		u->secret = fresh[i].secret;
+		u->creds = fresh[i].creds;
 		u->conf = fresh[i].conf;
 		ratelimit_set(&u->rate, u->conf.rate_count, u->conf.rate_window);
 		forward_sasl_need(u);
@@ -1284,9 +1288,9 @@ void forward_stats(struct buf *out)
 				waiting++;
 		}
 	buf_printf(out, "queued=%llu\ndeferred=%llu\nactive=%llu\nwaiting=%llu\nforwarded=%llu\nbounced=%llu\n"
-		   "dropped=%llu\nrcpt_delivered=%llu\nrcpt_failed=%llu\ndeferrals=%llu\n", queued, deferred, active,
-		   waiting, forward_stat_forwarded, forward_stat_bounced, forward_stat_dropped, forward_stat_rcpt_ok,
-		   forward_stat_rcpt_failed, forward_stat_deferrals);
+		   "dropped=%llu\nrcpt_delivered=%llu\nrcpt_failed=%llu\ndeferrals=%llu\ncredential_sets=%u\n", queued,
+		   deferred, active, waiting, forward_stat_forwarded, forward_stat_bounced, forward_stat_dropped,
+		   forward_stat_rcpt_ok, forward_stat_rcpt_failed, forward_stat_deferrals, forward_creds_live);
 	ev_tstamp now = forward_loop ? ev_now(forward_loop) : 0;
 	for (int i = 0; i < forward_nup; i++) {
 		struct forward_upstream *u = &forward_up[i];
@@ -1356,18 +1360,8 @@ void forward_shutdown(void)
 		struct forward_upstream *u = &forward_up[i];
 		u->wait_head = u->wait_tail = NULL;
 		u->nwait = 0;
-		if (u->cred)
-			gnutls_certificate_free_credentials(u->cred);
-		u->cred = NULL;
-		if (u->secret) {
-			explicit_bzero(u->secret->data, u->secret->len);
-			free(u->secret);
-			u->secret = NULL;
-		}
-		free(u->user);
-		u->user = NULL;
+		forward_retire(u);
 	}
-	forward_retired_free();
 	if (forward_sasl)
 		sasl_client_done();
 	log_info("forward event=stopped");

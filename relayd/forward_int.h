@@ -77,6 +77,7 @@ struct forward_session {
 	char idstr[QUEUE_ID_LEN + 1];
 	struct forward_session *next;       /* upstream's list */
 	struct forward_upstream *up;
+	struct forward_creds *creds;    /* up's when the session began (a reference) */
 	enum forward_state state;
 	bool dead;
 	bool established;               /* reached READY once */
@@ -109,14 +110,21 @@ struct forward_session {
 	ev_tstamp tx_started;
 };
 
+/* what an upstream's sessions authenticate with: a reload makes a new set, and a set is freed
+ * when the upstream and every session begun with it have let go (the password wiped then) */
+struct forward_creds {
+	unsigned refs;                  /* the upstream holding it, and each session begun with it */
+	gnutls_certificate_credentials_t cred; /* trust anchors; NULL with tls=none */
+	char *user;                     /* NULL without auth= */
+	sasl_secret_t *secret;
+};
+
 struct forward_upstream {
 	int index;
 	struct upstream_cfg conf;       /* a copy: a SIGHUP reload does not change it under us */
 	const struct upstream_cfg *cfg;
 	char name[300];                 /* host:port for logs */
-	gnutls_certificate_credentials_t cred;
-	char *user;
-	sasl_secret_t *secret;
+	struct forward_creds *creds;    /* what new sessions use */
 	struct forward_session *sessions;
 	unsigned nsessions, nsetup;
 	struct forward_msg *wait_head, *wait_tail;
@@ -139,6 +147,9 @@ extern int forward_nup;
 extern bool forward_stopping;
 extern char forward_queue[PATH_MAX];  /* read by workers: a copy, never changed after init */
 
+/* forward_creds_get - one more reference to c; forward_creds_put - one less (the last frees c) */
+struct forward_creds *forward_creds_get(struct forward_creds *c);
+void forward_creds_put(struct forward_creds *c);
 /* forward_logsafe - text safe inside a log value in double quotes */
 void forward_logsafe(const char *in, char *out, size_t outlen);
 /* forward_tx_done - the session's transaction ended (or could not happen): per-recipient

@@ -163,7 +163,7 @@ static void forward_session_connect_cb(struct ev_loop *loop, ev_io *w, int reven
 	s->up->stat_conns++;
 	if (s->up->cfg->tls == UPSTREAM_TLS_IMPLICIT) {
 		forward_session_enter_state(s, FS_HANDSHAKE);
-		if (conn_start_tls_client(&s->conn, s->up->cred, s->up->cfg->host, s->up->cfg->verify) < 0)
+		if (conn_start_tls_client(&s->conn, s->creds->cred, s->up->cfg->host, s->up->cfg->verify) < 0)
 			forward_session_fail(s, "cannot start TLS");
 		return;
 	}
@@ -197,9 +197,9 @@ static void forward_session_connect_next(struct forward_session *s)
 
 static int forward_session_sasl_simple(void *ctx, int id, const char **result, unsigned *len)
 {
-	struct forward_upstream *u = ctx;
+	struct forward_creds *c = ctx;
 	if (id == SASL_CB_AUTHNAME)
-		*result = u->user;
+		*result = c->user;
 	else if (id == SASL_CB_USER)
 		*result = ""; /* no authorization identity: act as the authentication identity */
 	else
@@ -211,11 +211,11 @@ static int forward_session_sasl_simple(void *ctx, int id, const char **result, u
 
 static int forward_session_sasl_pass(sasl_conn_t *conn, void *ctx, int id, sasl_secret_t **secret)
 {
-	struct forward_upstream *u = ctx;
+	struct forward_creds *c = ctx;
 	(void)conn;
-	if (id != SASL_CB_PASS || !u->secret)
+	if (id != SASL_CB_PASS || !c->secret)
 		return SASL_BADPARAM;
-	*secret = u->secret;
+	*secret = c->secret;
 	return SASL_OK;
 }
 
@@ -228,6 +228,7 @@ struct forward_session *forward_session_new(struct forward_upstream *u)
 	s->id = ++forward_session_next_sid;
 	queue_new_id(s->idstr);
 	s->up = u;
+	s->creds = forward_creds_get(u->creds);
 	s->fd = -1;
 	ev_init(&s->timer, forward_session_timeout_cb);
 	s->timer.data = s;
@@ -308,6 +309,8 @@ void forward_session_free(struct forward_session *s)
 		conn_close(&s->conn);
 	if (s->sasl)
 		sasl_dispose(&s->sasl);
+	forward_creds_put(s->creds); /* after the TLS session and the SASL context that used them */
+	s->creds = NULL;
 	if (s->ai)
 		freeaddrinfo(s->ai);
 	forward_session_tx_clear(s);
@@ -469,9 +472,9 @@ static void forward_session_auth_start(struct forward_session *s)
 		forward_session_fail(s, "upstream offers neither AUTH PLAIN nor AUTH LOGIN");
 		return;
 	}
-	s->sasl_cb[0] = (sasl_callback_t){ SASL_CB_AUTHNAME, (int (*)(void))(void (*)(void))forward_session_sasl_simple, u };
-	s->sasl_cb[1] = (sasl_callback_t){ SASL_CB_USER, (int (*)(void))(void (*)(void))forward_session_sasl_simple, u };
-	s->sasl_cb[2] = (sasl_callback_t){ SASL_CB_PASS, (int (*)(void))(void (*)(void))forward_session_sasl_pass, u };
+	s->sasl_cb[0] = (sasl_callback_t){ SASL_CB_AUTHNAME, (int (*)(void))(void (*)(void))forward_session_sasl_simple, s->creds };
+	s->sasl_cb[1] = (sasl_callback_t){ SASL_CB_USER, (int (*)(void))(void (*)(void))forward_session_sasl_simple, s->creds };
+	s->sasl_cb[2] = (sasl_callback_t){ SASL_CB_PASS, (int (*)(void))(void (*)(void))forward_session_sasl_pass, s->creds };
 	s->sasl_cb[3] = (sasl_callback_t){ SASL_CB_LIST_END, NULL, NULL };
 	int rc = sasl_client_new("smtp", u->cfg->host, NULL, NULL, s->sasl_cb, 0, &s->sasl);
 	if (rc != SASL_OK) {
@@ -808,7 +811,7 @@ static void forward_session_response(struct forward_session *s, int code)
 				forward_session_enter_state(s, FS_STARTTLS);
 			else
 				forward_session_fail(s, "upstream does not offer STARTTLS (tls=starttls: never sent in clear)");
-		} else if (s->up->user && !s->authed) {
+		} else if (s->creds->user && !s->authed) {
 			forward_session_enter_state(s, FS_AUTH);
 		} else {
 			forward_session_ready(s);
@@ -820,7 +823,7 @@ static void forward_session_response(struct forward_session *s, int code)
 			break;
 		}
 		forward_session_enter_state(s, FS_HANDSHAKE);
-		if (conn_start_tls_client(&s->conn, s->up->cred, s->up->cfg->host, s->up->cfg->verify) < 0)
+		if (conn_start_tls_client(&s->conn, s->creds->cred, s->up->cfg->host, s->up->cfg->verify) < 0)
 			forward_session_fail(s, "cannot start TLS");
 		break;
 	case FS_AUTH:
