@@ -14,7 +14,9 @@
  * locked out for auth_lockout seconds: AUTH gets 454 4.7.0 and new connections from a
  * locked IP get 421 4.7.0. Every lockout is logged (event=auth-lockout) for fail2ban.
  * Loopback clients are exempt from every per-IP rule unless limit_loopback is yes; the
- * per-user-name count applies to everyone.
+ * per-user-name count applies to everyone. An IP's (or name's) entry goes when it holds
+ * nothing worth remembering: at its last disconnect, or at the sweep (every auth_lockout
+ * seconds, at most a minute) for one that failed AUTH and never came back.
  */
 #include "policy.h"
 
@@ -56,9 +58,13 @@ struct policy_ip {
 static const struct config *policy_cfg;
 static struct policy_user *policy_users[POLICY_BUCKETS];
 static struct policy_ip *policy_ips[POLICY_BUCKETS];
+static unsigned policy_nips;       /* entries in policy_ips */
 static int policy_journal = -1;
 static struct ev_loop *policy_loop;
 static ev_timer policy_rotate_timer;
+static ev_timer policy_sweep_timer;
+
+static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents);
 
 static unsigned policy_hash(const char *s)
 {
@@ -167,6 +173,9 @@ int policy_init(struct ev_loop *loop, const struct config *cfg, char *err, size_
 		ev_timer_init(&policy_rotate_timer, policy_rotate, POLICY_DAY, POLICY_DAY);
 		ev_timer_start(loop, &policy_rotate_timer);
 		ev_unref(loop); /* the rotation alone does not keep relayd running */
+		ev_init(&policy_sweep_timer, policy_sweep);
+		policy_sweep(loop, &policy_sweep_timer, 0);
+		ev_unref(loop);
 	}
 	return 0;
 }
@@ -186,9 +195,12 @@ void policy_shutdown(void)
 			free(p);
 		}
 	}
+	policy_nips = 0;
 	if (policy_loop) {
 		ev_ref(policy_loop);
 		ev_timer_stop(policy_loop, &policy_rotate_timer);
+		ev_ref(policy_loop);
+		ev_timer_stop(policy_loop, &policy_sweep_timer);
 		policy_loop = NULL;
 	}
 	if (policy_journal >= 0)
@@ -305,22 +317,55 @@ static struct policy_ip *policy_ip_get(const char *kind, const char *id, bool cr
 	ratelimit_set(&p->rate, 0, 60);
 	p->next = policy_ips[h];
 	policy_ips[h] = p;
+	policy_nips++;
 	return p;
+}
+
+/* an entry holding nothing worth remembering: no connection, lockout, recent failure or
+ * recent connection that a limit counts */
+static bool policy_ip_idle(const struct policy_ip *p, time_t now)
+{
+	return !p->conns && p->locked_until <= now &&
+	       !(p->auth_fails && now - p->last_fail < (time_t)policy_cfg->auth_lockout) && !ratelimit_usage(&p->rate, now);
+}
+
+/* unlink and free *pp */
+static void policy_ip_drop(struct policy_ip **pp)
+{
+	struct policy_ip *p = *pp;
+	*pp = p->next;
+	free(p);
+	policy_nips--;
 }
 
 /* drop an entry that holds nothing worth remembering */
 static void policy_ip_gc(struct policy_ip *p, time_t now)
 {
-	if (p->conns || p->locked_until > now || (p->auth_fails && now - p->last_fail < (time_t)policy_cfg->auth_lockout) ||
-	    ratelimit_usage(&p->rate, now))
+	if (!policy_ip_idle(p, now))
 		return;
 	for (struct policy_ip **pp = &policy_ips[policy_hash(p->key)]; *pp; pp = &(*pp)->next) {
 		if (*pp == p) {
-			*pp = p->next;
-			free(p);
+			policy_ip_drop(pp);
 			return;
 		}
 	}
+}
+
+/* every entry that holds nothing any more goes (an IP that failed AUTH and never came back
+ * is not seen by a disconnect); again in auth_lockout seconds, at least 1, at most 60 */
+static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)revents;
+	time_t now = time(NULL);
+	for (int i = 0; i < POLICY_BUCKETS; i++)
+		for (struct policy_ip **pp = &policy_ips[i]; *pp;)
+			if (policy_ip_idle(*pp, now))
+				policy_ip_drop(pp);
+			else
+				pp = &(*pp)->next;
+	unsigned period = policy_cfg->auth_lockout;
+	w->repeat = period < 1 ? 1. : period > 60 ? 60. : (double)period;
+	ev_timer_again(loop, w);
 }
 
 /* policy_ip_connect - count and maybe refuse a new connection */
@@ -337,7 +382,8 @@ int policy_ip_connect(const char *ip, const char **why)
 	}
 	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
 		return 0;
-	ratelimit_add(&p->rate, now, 1);
+	if (policy_cfg->max_conn_rate_per_ip) /* counted only under a limit: the entry can go sooner */
+		ratelimit_add(&p->rate, now, 1);
 	if (policy_cfg->max_conn_per_ip && p->conns > policy_cfg->max_conn_per_ip) {
 		*why = "too-many-connections";
 		return -1;
@@ -423,6 +469,7 @@ void policy_stats(struct buf *out)
 {
 	static const char *names[] = { "accepted", "rejected_limit", "rejected_sender", "auth_failures" };
 	time_t now = time(NULL);
+	buf_printf(out, "policy_tracked=%u\n", policy_nips); /* IPs and names the per-IP and AUTH rules remember */
 	for (int i = 0; i < POLICY_BUCKETS; i++) {
 		for (struct policy_user *u = policy_users[i]; u; u = u->next) {
 			buf_printf(out, "user=%s", u->name);

@@ -571,8 +571,8 @@ class Relay:
     def smtp_ssl(self, port=None, host="127.0.0.1"):
         return smtp_ssl(port or self.port_tls, self.ca_file, host)
 
-    def raw(self, port=None, host="127.0.0.1", tls=False):
-        return Raw(port or self.port_starttls, host=host, ca_file=self.ca_file, tls=tls)
+    def raw(self, port=None, host="127.0.0.1", tls=False, source=None):
+        return Raw(port or self.port_starttls, host=host, ca_file=self.ca_file, tls=tls, source=source)
 
     def session(self, user, password=None, port=None, host="127.0.0.1"):
         """a Raw session on the starttls port: greeting, EHLO, STARTTLS, EHLO, AUTH PLAIN done"""
@@ -680,9 +680,11 @@ class Raw:
     are kept in .plain_leftover.
     """
 
-    def __init__(self, port, host="127.0.0.1", ca_file=None, tls=False, timeout=SOCK_TIMEOUT):
+    def __init__(self, port, host="127.0.0.1", ca_file=None, tls=False, timeout=SOCK_TIMEOUT, source=None):
+        """source: the local address to connect from (any of 127.0.0.0/8 works on loopback)"""
         self.host, self.port, self.ca_file = host, port, ca_file
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
         self.plain_leftover = b""
         self.tls = False

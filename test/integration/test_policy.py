@@ -1,5 +1,6 @@
 """test_policy - issue 4: per-user limits, header From: check, per-IP limits, brute-force
-lockout and its expiry, the verified-credential cache, counts surviving a restart.
+lockout and its expiry, the verified-credential cache, counts surviving a restart, and the
+per-IP memory forgetting addresses that failed AUTH and never came back.
 
 Real relayd, real TLS, real SQLite; the clients are Raw sessions and smtplib.
 """
@@ -258,4 +259,48 @@ def _():
     c.close()
 
 relay3.stop()
+
+
+# --- what the per-IP and AUTH rules remember goes when it no longer matters -----------------
+relay4 = t.Relay(extra_config="limit_loopback yes\nauth_fail_limit 3\nauth_lockout 8s\nmax_conn_rate_per_ip 0\n")
+relay4.add_user(USER, PW)
+relay4.start()
+
+
+def fail_auth(source, codes):
+    c = relay4.raw(source=source)
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        codes.append(c.auth_plain("nobody@example.org", "wrong")[0])
+    finally:
+        c.close()
+
+
+@t.test("forgotten in time: IPs that failed AUTH and never came back, and a lockout once it ended")
+def _():
+    import threading
+    codes = []
+    once = [f"127.0.1.{i}" for i in range(1, 11)]
+    locked = "127.0.2.1"
+    threads = [threading.Thread(target=fail_auth, args=(ip, codes)) for ip in once + [locked] * 3]
+    begin = time.monotonic()  # no failure, and so no lockout, is older than this
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()  # the third failure from one address is answered after 4 s
+    t.is_(codes, [535] * 13, "13 failures from 11 addresses, each 535")
+    t.ok(stat(relay4, "policy_tracked") >= 11, "each address remembered while its failure is recent")
+    c = relay4.raw(source=locked)
+    t.like(c.reply_text(), r"^421 4\.7\.0 ", "the locked address is refused during its lockout")
+    c.close()
+    t.ok(t.wait_for(lambda: stat(relay4, "policy_tracked") == 0, 20 * t.SLOW),
+         "after the lockout (8 s) every entry is gone, though none of the 10 addresses came back",
+         stat(relay4, "policy_tracked"))
+    t.ok(time.monotonic() - begin >= 7.9, "not before the failures were 8 s old")
+    c = relay4.raw(source=locked)
+    t.like(c.reply_text(), r"^220 ", "the formerly locked address is served again")
+    c.close()
+
+
+relay4.stop()
 t.done()
