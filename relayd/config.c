@@ -358,6 +358,13 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		c->max_message_size = (size_t)v;
 		return 0;
 	}
+	if (!strcmp(d, "message_memory")) {
+		long long v = argc == 2 ? config_parse_size(argv[1]) : -1;
+		if (v < 1024)
+			return config_error(x, "message_memory: expected a size such as 512M (at least 1k)");
+		c->message_memory = (size_t)v;
+		return 0;
+	}
 	if (!strcmp(d, "max_recipients"))
 		return config_unsigned(x, argc, argv, &c->max_recipients, 100000, NULL);
 	if (!strcmp(d, "max_errors"))
@@ -444,6 +451,14 @@ static int config_split(char *line, char **argv)
 	return argc;
 }
 
+/* a quarter of the machine's memory, but never less than one message of the largest size */
+static size_t config_default_message_memory(size_t max_message_size)
+{
+	long pages = sysconf(_SC_PHYS_PAGES), pagesize = sysconf(_SC_PAGESIZE);
+	size_t quarter = pages > 0 && pagesize > 0 ? (size_t)pages / 4 * (size_t)pagesize : 0;
+	return quarter > max_message_size ? quarter : max_message_size;
+}
+
 static int config_check(struct config_ctx *x)
 {
 	struct config *c = x->c;
@@ -464,6 +479,11 @@ static int config_check(struct config_ctx *x)
 		return config_error(x, "no queue line");
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
 		return config_error(x, "retry_min must be at least 1s and not above retry_max");
+	if (!c->message_memory)
+		c->message_memory = config_default_message_memory(c->max_message_size);
+	else if (c->message_memory < c->max_message_size)
+		return config_error(x, "message_memory (%zu bytes) must be at least max_message_size (%zu): "
+				    "a message of the largest size could never be taken", c->message_memory, c->max_message_size);
 	if (!c->control[0]) {
 		int n = snprintf(c->control, sizeof(c->control), "%s/control.sock", c->queue);
 		if (n < 0 || (size_t)n >= sizeof(c->control))

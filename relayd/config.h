@@ -62,6 +62,8 @@ struct config {
 	                           * (the default): one thread for RSA keys, none for EC keys */
 
 	size_t max_message_size;  /* SIZE, bytes (default 35 MiB) */
+	size_t message_memory;    /* message bodies in transfer at once, bytes (0 in the file: a
+				   * quarter of the machine's memory, at least max_message_size) */
 	unsigned max_recipients;  /* per message (default 100) */
 	unsigned timeout_idle;    /* seconds without a command (default 300) */
 	unsigned timeout_session; /* total session seconds (default 3600) */

@@ -8,7 +8,7 @@
 
 #include <string.h>
 
-/* smtp_body_init - reset */
+/* smtp_body_init - reset (a body in a pool is released first: smtp_body_release) */
 void smtp_body_init(struct smtp_body *b, struct buf *out, size_t max)
 {
 	memset(b, 0, sizeof(*b));
@@ -17,14 +17,43 @@ void smtp_body_init(struct smtp_body *b, struct buf *out, size_t max)
 	b->at_line_start = true;
 }
 
+/* smtp_body_set_pool - share a memory cap with other bodies */
+void smtp_body_set_pool(struct smtp_body *b, size_t *used, size_t max)
+{
+	b->pool = used;
+	b->pool_max = max;
+}
+
+/* smtp_body_release - give b's bytes back to the pool */
+void smtp_body_release(struct smtp_body *b)
+{
+	if (b->pool)
+		*b->pool -= b->pooled;
+	b->pooled = 0;
+}
+
+/* the message is refused: keep nothing of it */
+static void smtp_body_drop(struct smtp_body *b)
+{
+	buf_free(b->out);
+	smtp_body_release(b);
+}
+
 static void smtp_body_append(struct smtp_body *b, const char *p, size_t n)
 {
-	if (b->oversize)
+	if (b->oversize || b->nomem)
 		return;
-	if (b->out->len + n > b->max || buf_append(b->out, p, n) < 0) {
+	if (b->out->len + n > b->max) {
 		b->oversize = true;
-		buf_free(b->out);
+	} else if ((b->pool && *b->pool + n > b->pool_max) || buf_append(b->out, p, n) < 0) {
+		b->nomem = true; /* now, not for good */
+	} else {
+		if (b->pool)
+			*b->pool += n;
+		b->pooled += n;
+		return;
 	}
+	smtp_body_drop(b);
 }
 
 /* line syntax of body bytes: CRLF only, no NUL, lines of at most 998 octets */
@@ -111,5 +140,7 @@ const char *smtp_body_error(const struct smtp_body *b)
 		return "554 5.6.0 Message contains bare LF or bare CR (RFC 5321 §2.3.8)";
 	if (b->longline)
 		return "554 5.6.0 Message contains a line longer than 998 characters (RFC 5322 §2.1.1)";
+	if (b->nomem) /* after the permanent ones: trying again would not help them */
+		return "452 4.3.1 Insufficient system storage";
 	return NULL;
 }

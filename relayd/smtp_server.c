@@ -114,6 +114,7 @@ static struct smtp_creds *smtp_creds_cur;
 static struct smtp_creds *smtp_creds_retired;
 static struct session *smtp_registry[SMTP_BUCKETS];
 static unsigned smtp_sessions;
+static size_t smtp_body_mem;        /* message bytes the sessions hold (at most message_memory) */
 static uint64_t smtp_next_id;
 static bool smtp_draining;          /* SIGTERM: finish transactions in progress, take no new ones */
 static ev_timer smtp_trim_timer;    /* no session for SMTP_TRIM_QUIET seconds: malloc_trim */
@@ -260,14 +261,22 @@ static void session_error(struct session *s, const char *reply)
 
 /* --- transaction ------------------------------------------------------------- */
 
+/* an empty message buffer, its bytes counted in the sessions' shared message_memory */
+static void session_body_start(struct session *s)
+{
+	smtp_body_release(&s->body);
+	buf_free(&s->msg);
+	smtp_body_init(&s->body, &s->msg, smtp_cfg->max_message_size);
+	smtp_body_set_pool(&s->body, &smtp_body_mem, smtp_cfg->message_memory);
+}
+
 static void session_reset_transaction(struct session *s)
 {
 	queue_envelope_free(&s->env);
 	s->rcpt_cap = 0;
-	buf_free(&s->msg);
 	s->bdat_used = s->bdat_last = s->bdat_discard = false;
 	s->bdat_left = 0;
-	smtp_body_init(&s->body, &s->msg, smtp_cfg->max_message_size);
+	session_body_start(s);
 	if (s->state >= SS_MAIL && s->state <= SS_BDAT)
 		session_enter_state(s, SS_GREETED);
 }
@@ -577,6 +586,12 @@ static void cmd_mail(struct session *s, struct smtp_cmd *c)
 		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
 		return;
 	}
+	if (m.size > 0 && smtp_body_mem + (size_t)m.size > smtp_cfg->message_memory) { /* RFC 1870 §6.1 */
+		log_info("%s smtp event=defer reason=message-memory size=%lld held=%zu", s->idstr, (long long)m.size,
+			 smtp_body_mem);
+		session_reply(s, "452 4.3.1 Insufficient system storage");
+		return;
+	}
 	if (!userdb_sender_match(s->user, s->senders, s->nsenders, m.addr)) {
 		log_info("%s smtp event=reject reason=sender-not-allowed user=%s from=<%s>", s->idstr, s->user, m.addr);
 		policy_count(s->user, PC_REJECT_SENDER);
@@ -646,7 +661,7 @@ static void cmd_rcpt(struct session *s, struct smtp_cmd *c)
 static void session_begin_body(struct session *s)
 {
 	queue_new_id(s->env.id);
-	smtp_body_init(&s->body, &s->msg, smtp_cfg->max_message_size);
+	session_body_start(s);
 }
 
 static void cmd_data(struct session *s, struct smtp_cmd *c)
@@ -862,6 +877,7 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
+	smtp_body_release(&s->body); /* final holds it now, for the few ms of the commit */
 	buf_free(&s->msg);
 	s->env.size = final.len;
 	/* counted before the commit: the commit's syncfs makes the usage line durable too */
@@ -1291,9 +1307,11 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
 {
 	if (prometheus)
 		buf_printf(out, "# HELP relayd_sessions Client sessions open now\n# TYPE relayd_sessions gauge\n"
-			   "relayd_sessions %u\n", smtp_sessions);
+			   "relayd_sessions %u\n# HELP relayd_message_memory_bytes Message bytes held by sessions now\n"
+			   "# TYPE relayd_message_memory_bytes gauge\nrelayd_message_memory_bytes %zu\n", smtp_sessions,
+			   smtp_body_mem);
 	else
-		buf_printf(out, "sessions=%u\n", smtp_sessions);
+		buf_printf(out, "sessions=%u\nmessage_memory_bytes=%zu\n", smtp_sessions, smtp_body_mem);
 }
 
 /* smtp_server_shutdown - close every session */

@@ -122,11 +122,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	buf_free(&parts.out);
 	free(q);
 
-	/* BDAT */
+	/* BDAT, in a memory pool that others already hold `pre` bytes of */
 	struct buf o1 = { 0 }, o2 = { 0 };
 	struct smtp_body b1, b2;
+	size_t pre = seed % (max + 1), pool1 = pre, pool2 = pre;
 	smtp_body_init(&b1, &o1, max);
 	smtp_body_init(&b2, &o2, max);
+	smtp_body_set_pool(&b1, &pool1, max);
+	smtp_body_set_pool(&b2, &pool2, max);
 	smtp_body_chunk(&b1, p, n);
 	uint32_t st = seed | 1;
 	for (size_t off = 0; off < n;) {
@@ -134,13 +137,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		smtp_body_chunk(&b2, p + off, k);
 		off += k;
 	}
-	assert(b1.oversize == b2.oversize && b1.bare == b2.bare && b1.nul == b2.nul && b1.longline == b2.longline);
-	if (!b1.oversize) {
+	bool refused1 = b1.oversize || b1.nomem, refused2 = b2.oversize || b2.nomem;
+	assert(refused1 == refused2 && b1.bare == b2.bare && b1.nul == b2.nul && b1.longline == b2.longline);
+	if (!b1.nomem && !b2.nomem)
+		assert(b1.oversize == b2.oversize);
+	if (!refused1) {
 		assert(o1.len == n && o2.len == n);
 		assert(n == 0 || (memcmp(o1.data, p, n) == 0 && memcmp(o2.data, p, n) == 0));
 	} else {
-		assert(o1.len <= max && o2.len <= max);
+		assert(o1.len == 0 && o2.len == 0);
 	}
+	assert(pool1 == pre + o1.len && b1.pooled == o1.len && pool2 == pre + o2.len && b2.pooled == o2.len);
+	smtp_body_release(&b1);
+	smtp_body_release(&b2);
+	assert(pool1 == pre && pool2 == pre);
 	buf_free(&o1);
 	buf_free(&o2);
 	return 0;

@@ -13,6 +13,7 @@ or valgrind report. Every socket has a timeout; the whole file takes about a min
 
 import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -415,6 +416,52 @@ def _():
         check_served(f"from ::1 during the flood ({i + 1})", flood, flood.port_v6, "::1")
     t.ok(flood.running(), "the flooded relayd is running")
     t.is_(flood.stop(), 0, "and exits 0 on SIGTERM")
+
+
+@t.test("message_memory: a message that would pass the memory for bodies in transfer gets 452 4.3.1, "
+        "then goes through once there is room")
+def _():
+    r = t.Relay(extra_config="message_memory 1M\nmax_message_size 1M\n")
+    r.add_user("alice@example.org", "alice-pw")
+    r.start()
+    line = "x" * 78 + "\r\n"
+
+    def held():
+        m = re.search(r"^message_memory_bytes=(\d+)$", r.relayctl("stats")[1], re.M)
+        return int(m.group(1)) if m else None
+
+    def start_body(c, nbytes):
+        codes = [c.cmd("MAIL FROM:<alice@example.org>")[0], c.cmd("RCPT TO:<bob@example.net>")[0], c.cmd("DATA")[0]]
+        c.send("Subject: big\r\n\r\n" + line * (nbytes // len(line)))
+        return codes
+
+    a = r.session("alice@example.org", "alice-pw")
+    t.is_(start_body(a, 700_000), [250, 250, 354], "A: 700 kB of a message sent, its dot not yet")
+    t.ok(t.wait_for(lambda: (held() or 0) >= 690_000, 10 * SLOW), "relayd holds A's bytes", held())
+    b = r.session("alice@example.org", "alice-pw")
+    codes = start_body(b, 500_000)
+    b.send(".\r\n")
+    code, text = b.reply()
+    t.is_(codes + [code], [250, 250, 354, 452], "B: 500 kB more would pass 1M: the final reply is 452")
+    t.like(text, r"^452 4\.3\.1 ", "with 4.3.1 (mail system full: try again later)")
+    code, text = b.cmd("MAIL FROM:<alice@example.org> SIZE=500000")
+    t.like(text, r"^452 4\.3\.1 ", "MAIL with SIZE=500000 is deferred at once (RFC 1870)")
+    a.send(".\r\n")
+    t.like(a.reply_text(), r"^250 2\.0\.0 ", "A's message is accepted")
+    t.ok(t.wait_for(lambda: held() == 0, 5 * SLOW), "relayd holds no message bytes after it", held())
+    codes = start_body(b, 500_000)
+    b.send(".\r\n")
+    t.like(b.reply_text(), r"^250 2\.0\.0 ", "B's message goes through now")
+    t.is_(len(r.queue_ids()), 2, "both are in the queue")
+    b.cmd("QUIT")
+    a.close()
+    b.close()
+    r.write_config("message_memory 512k\nmax_message_size 1M\n")
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: re.search(r"message_memory \(524288 bytes\) must be at least max_message_size",
+                                      r.log()), 10 * SLOW),
+         "a message_memory below max_message_size is refused (the old config kept)")
+    t.is_(r.stop(), 0, "clean exit")
 
 
 @t.test("afterwards")

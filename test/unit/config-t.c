@@ -60,6 +60,13 @@ int main(void)
 	ok(load("tls_cert c\ntls_key k\ndatabase d\nqueue q\n", &c, err, sizeof(err)) < 0 && strstr(err, "no listen line"),
 	   "no listener: %s", err);
 	ok(load(BASE "max_message_size lots\n", &c, err, sizeof(err)) < 0, "bad size refused");
+	ok(load(BASE "message_memory 64M\n", &c, err, sizeof(err)) == 0 && c.message_memory == 64u << 20, "message_memory 64M");
+	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "must be at least max_message_size"), "message_memory below max_message_size refused: %s", err);
+	long pages = sysconf(_SC_PHYS_PAGES), pagesize = sysconf(_SC_PAGESIZE);
+	int rc = load(BASE, &c, err, sizeof(err));
+	ok(rc == 0 && c.message_memory == (size_t)pages / 4 * (size_t)pagesize,
+	   "message_memory defaults to a quarter of the memory (%zu MB)", c.message_memory >> 20);
 	is_int((int)config_parse_size("35M"), 35 * 1024 * 1024, "35M");
 	is_int((int)config_parse_size("10k"), 10240, "10k");
 	ok(config_parse_size("-1") < 0, "negative size refused");

@@ -36,6 +36,44 @@ static void decode(const char *in, size_t n, size_t step, size_t max, struct res
 	buf_free(&pending);
 }
 
+/* two bodies sharing a memory pool of 100 bytes */
+static void pool_tests(void)
+{
+	size_t used = 0;
+	struct smtp_body a, b;
+	struct buf oa = { 0 }, ob = { 0 };
+	smtp_body_init(&a, &oa, 1000);
+	smtp_body_set_pool(&a, &used, 100);
+	smtp_body_init(&b, &ob, 1000);
+	smtp_body_set_pool(&b, &used, 100);
+	bool done;
+	smtp_body_data(&a, "0123456789012345678901234567890123456789012345678901234567\r\n", 60, &done);
+	is_int((long long)used, 60, "pool: the first body's 60 bytes are counted");
+	smtp_body_data(&b, "0123456789012345678901234567890123456789012345\r\n.\r\n", 53, &done);
+	ok(done, "pool: the second body is read to its end all the same");
+	is_str(smtp_body_error(&b), "452 4.3.1 Insufficient system storage", "pool: past it, 452 4.3.1 (try later)");
+	ok(ob.len == 0 && !ob.data, "pool: and nothing of it is kept");
+	is_int((long long)used, 60, "pool: the refused body holds nothing of the pool");
+	smtp_body_release(&a);
+	buf_free(&oa);
+	is_int((long long)used, 0, "pool: a released body gives its bytes back");
+	smtp_body_init(&b, &ob, 1000);
+	smtp_body_set_pool(&b, &used, 100);
+	smtp_body_chunk(&b, "0123456789012345678901234567890123456789012345\r\n", 48);
+	ok(!smtp_body_error(&b) && ob.len == 48 && used == 48, "pool: the same message fits once the pool has room");
+	smtp_body_chunk(&b, "\0", 1);
+	smtp_body_chunk(&b, "0123456789012345678901234567890123456789012345678901234567890123456789", 70);
+	is_str(smtp_body_error(&b), "554 5.6.0 Message contains NUL bytes",
+	       "pool: a message that can never pass gets its permanent reply, not 452");
+	is_int((long long)used, 0, "pool: and gave back what it held");
+	buf_free(&ob);
+	smtp_body_init(&a, &oa, 50);
+	smtp_body_set_pool(&a, &used, 100);
+	smtp_body_chunk(&a, "0123456789012345678901234567890123456789012345678901234567890123456789", 70);
+	is_str(smtp_body_error(&a), "552 5.3.4 Message size exceeds fixed limit", "pool: over the size limit is 552");
+	is_int((long long)used, 0, "pool: nothing held by it");
+}
+
 static void check(const char *name, const char *in, const char *want_out, bool want_done, const char *want_err)
 {
 	size_t n = strlen(in);
@@ -106,5 +144,6 @@ int main(void)
 	smtp_body_chunk(&b, "x\ny", 3);
 	ok(smtp_body_error(&b) != NULL, "BDAT with a bare LF is refused");
 	buf_free(&out);
+	pool_tests();
 	return done_testing();
 }
