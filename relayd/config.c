@@ -451,12 +451,38 @@ static int config_split(char *line, char **argv)
 	return argc;
 }
 
-/* a quarter of the machine's memory, but never less than one message of the largest size */
+/* the memory.max of the cgroup (v2) this process runs in, 0 when there is none or no limit */
+static size_t config_cgroup_memory_max(void)
+{
+	char line[4096], path[4200];
+	size_t max = 0;
+	FILE *f = fopen("/proc/self/cgroup", "r");
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, "0::", 3)) {
+			line[strcspn(line, "\n")] = '\0';
+			snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", line + 3);
+			FILE *m = fopen(path, "r");
+			unsigned long long v;
+			if (m && fscanf(m, "%llu", &v) == 1) /* "max" (no limit) does not scan */
+				max = (size_t)v;
+			if (m)
+				fclose(m);
+		}
+	fclose(f);
+	return max;
+}
+
+/* a quarter of the machine's memory (or of the cgroup's limit, when lower), but never less
+ * than one message of the largest size */
 static size_t config_default_message_memory(size_t max_message_size)
 {
 	long pages = sysconf(_SC_PHYS_PAGES), pagesize = sysconf(_SC_PAGESIZE);
-	size_t quarter = pages > 0 && pagesize > 0 ? (size_t)pages / 4 * (size_t)pagesize : 0;
-	return quarter > max_message_size ? quarter : max_message_size;
+	size_t mem = pages > 0 && pagesize > 0 ? (size_t)pages * (size_t)pagesize : 0, limit = config_cgroup_memory_max();
+	if (limit && limit < mem)
+		mem = limit;
+	return mem / 4 > max_message_size ? mem / 4 : max_message_size;
 }
 
 static int config_check(struct config_ctx *x)
