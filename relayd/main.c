@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -100,6 +101,29 @@ static void main_chown_state(const struct config *cfg, uid_t uid, gid_t gid)
 		if (chown(path, uid, gid) < 0 && errno != ENOENT)
 			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
 	}
+}
+
+/* descriptors beside the sessions': listeners, upstream sessions, queue files, the database */
+#define MAIN_FDS_SPARE 256
+#define MAIN_FDS_MAX (1u << 20)  /* Linux's default fs.nr_open */
+
+/* the soft limit on open files up to the hard one (a service manager's soft default, often
+ * 1024, would refuse sessions long before max_sessions); a warning when even that is short */
+static void main_raise_nofile(const struct config *cfg)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return;
+	rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > MAIN_FDS_MAX ? MAIN_FDS_MAX : rl.rlim_max;
+	if (rl.rlim_cur < want) {
+		rl.rlim_cur = want;
+		if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+			getrlimit(RLIMIT_NOFILE, &rl);
+	}
+	if (cfg->max_sessions && rl.rlim_cur < (rlim_t)cfg->max_sessions + MAIN_FDS_SPARE)
+		log_warn("main event=fd-limit-low limit=%llu max_sessions=%u hint=\"raise the hard limit "
+			 "(LimitNOFILE= in the systemd unit, ulimit -Hn): sessions past it are refused\"",
+			 (unsigned long long)rl.rlim_cur, cfg->max_sessions);
 }
 
 static void main_drop_privileges(const struct config *cfg)
@@ -382,6 +406,7 @@ int main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &startup_mask, NULL);
 	log_init("relayd", foreground, debug);
 	signal(SIGPIPE, SIG_IGN);
+	main_raise_nofile(&main_cfg);
 
 	/* kept open for the life of the process: SQLite's -wal and -shm files then stay in place
 	 * (chowned with the database before the privilege drop), so worker threads running as

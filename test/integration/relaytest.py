@@ -440,15 +440,16 @@ class Relay:
         self.users[name] = password
 
     # process --------------------------------------------------------------------------------
-    def start(self, timeout=10.0):
-        """start relayd -f -c CONF and wait until every listener accepts a connection"""
+    def start(self, timeout=10.0, preexec_fn=None):
+        """start relayd -f -c CONF and wait until every listener accepts a connection
+        (preexec_fn runs in the child before relayd starts, e.g. to set resource limits)"""
         if self.proc and self.proc.poll() is None:
             raise RuntimeError("relayd already running")
         logf = open(self.logfile, "ab")
         logf.write(f"===== relaytest: starting relayd at {time.strftime('%H:%M:%S')}\n".encode())
         logf.flush()
         self.proc = spawn(WRAPPER + [RELAYD, "-f", "-c", self.conf], stdin=subprocess.DEVNULL,
-                          stdout=logf, stderr=logf, cwd=self.dir)
+                          stdout=logf, stderr=logf, cwd=self.dir, preexec_fn=preexec_fn)
         logf.close()
         if self not in Relay.live:
             Relay.live.append(self)

@@ -1,6 +1,7 @@
 """test_policy - issue 4: per-user limits, header From: check, per-IP limits, brute-force
 lockout and its expiry, the verified-credential cache, counts surviving a restart, and the
-per-IP memory forgetting addresses that failed AUTH and never came back.
+per-IP memory forgetting addresses that failed AUTH and never came back, and the open-files
+limit raised for max_sessions.
 
 Real relayd, real TLS, real SQLite; the clients are Raw sessions and smtplib.
 """
@@ -303,4 +304,34 @@ def _():
 
 
 relay4.stop()
+
+
+# --- open files: max_sessions needs as many descriptors -------------------------------------
+def nofile(soft, hard):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_files_limit(relay):
+    with open(f"/proc/{relay.proc.pid}/limits") as f:
+        return [int(x) for x in re.search(r"^Max open files\s+(\d+)\s+(\d+)", f.read(), re.M).groups()]
+
+
+@t.test("open files: relayd raises its soft limit to the hard one, and warns when max_sessions would not fit")
+def _():
+    r = t.Relay(extra_config="max_sessions 100\n")
+    r.add_user(USER, PW)
+    r.start(preexec_fn=nofile(256, 4096))
+    t.is_(open_files_limit(r), [4096, 4096], "started with 256 of 4096 open files: raised to 4096")
+    t.unlike(r.log(), r"fd-limit-low", "100 sessions fit: no warning")
+    t.is_(send(r)[1], 250, "and a message goes through")
+    r.stop()
+    r.write_config("max_sessions 5000\n")
+    r.start(preexec_fn=nofile(256, 1024))
+    t.is_(open_files_limit(r), [1024, 1024], "a hard limit of 1024: raised to that")
+    t.like(r.log(), r"main event=fd-limit-low limit=1024 max_sessions=5000 hint=.*LimitNOFILE",
+           "and a warning that 5000 sessions would not fit, naming the fix")
+    r.stop()
+
+
 t.done()
