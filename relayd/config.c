@@ -308,6 +308,16 @@ static int config_unsigned(struct config_ctx *x, int argc, char **argv, unsigned
 	return 0;
 }
 
+/* a size of at least 1k: "35M", "512k" (example: a value to show in the error) */
+static int config_size(struct config_ctx *x, int argc, char **argv, size_t *out, const char *example)
+{
+	long long v = argc == 2 ? config_parse_size(argv[1]) : -1;
+	if (v < 1024)
+		return config_error(x, "%s: expected a size such as %s (at least 1k)", argv[0], example);
+	*out = (size_t)v;
+	return 0;
+}
+
 /* "100/hour", "50M/day" (the unit is minute, hour or day) */
 static int config_limit(struct config_ctx *x, int argc, char **argv, unsigned long long *limit, unsigned *window)
 {
@@ -351,20 +361,10 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_path(x, argv[1], c->pidfile, sizeof(c->pidfile));
 	if (argc == 2 && !strcmp(d, "control"))
 		return config_path(x, argv[1], c->control, sizeof(c->control));
-	if (!strcmp(d, "max_message_size")) {
-		long long v = argc == 2 ? config_parse_size(argv[1]) : -1;
-		if (v < 1024)
-			return config_error(x, "max_message_size: expected a size such as 35M (at least 1k)");
-		c->max_message_size = (size_t)v;
-		return 0;
-	}
-	if (!strcmp(d, "message_memory")) {
-		long long v = argc == 2 ? config_parse_size(argv[1]) : -1;
-		if (v < 1024)
-			return config_error(x, "message_memory: expected a size such as 512M (at least 1k)");
-		c->message_memory = (size_t)v;
-		return 0;
-	}
+	if (!strcmp(d, "max_message_size"))
+		return config_size(x, argc, argv, &c->max_message_size, "35M");
+	if (!strcmp(d, "message_memory"))
+		return config_size(x, argc, argv, &c->message_memory, "512M");
 	if (!strcmp(d, "max_recipients"))
 		return config_unsigned(x, argc, argv, &c->max_recipients, 100000, NULL);
 	if (!strcmp(d, "max_errors"))
