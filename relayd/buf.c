@@ -38,6 +38,23 @@ int buf_append(struct buf *b, const void *p, size_t n)
 	return 0;
 }
 
+/* buf_replace - splice p[0..n) in for b[off..off+oldlen) */
+int buf_replace(struct buf *b, size_t off, size_t oldlen, const void *p, size_t n)
+{
+	if (off > b->len || oldlen > b->len - off)
+		return -1;
+	if (n > oldlen && buf_reserve(b, n - oldlen) < 0)
+		return -1;
+	if (!b->data) /* empty and nothing to put in */
+		return 0;
+	memmove(b->data + off + n, b->data + off + oldlen, b->len - off - oldlen);
+	if (n)
+		memcpy(b->data + off, p, n);
+	b->len = b->len - oldlen + n;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
 /* buf_printf - append formatted text */
 int buf_printf(struct buf *b, const char *fmt, ...)
 {

@@ -793,8 +793,10 @@ static size_t session_header_len(const struct session *s)
 	return e ? (size_t)(e - p) + 2 : s->msg.len;
 }
 
-/* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the final message. */
-static int session_add_headers(struct session *s, struct buf *out)
+/* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the message's new
+ * header block (Received, the client's headers, what was missing) into head; it replaces the
+ * first session_header_len(s) bytes of s->msg (session_put_headers). */
+static int session_new_headers(struct session *s, struct buf *head)
 {
 	char date[64], tlsinfo[128];
 	time_t now = time(NULL);
@@ -805,22 +807,28 @@ static int session_add_headers(struct session *s, struct buf *out)
 	const char *with = s->tls ? (s->authed ? "ESMTPSA" : "ESMTPS") : (s->authed ? "ESMTPA" : "ESMTP");
 	if (s->env.smtputf8)
 		with = s->tls ? "UTF8SMTPSA" : "UTF8SMTPA";
-	int rc = buf_printf(out, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, s->peer,
+	int rc = buf_printf(head, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, s->peer,
 			    smtp_cfg->hostname, with, s->env.id);
 	if (tlsinfo[0])
-		rc |= buf_printf(out, "\r\n\t(%s)", tlsinfo);
+		rc |= buf_printf(head, "\r\n\t(%s)", tlsinfo);
 	if (s->env.nrcpt == 1)
-		rc |= buf_printf(out, "\r\n\tfor <%s>", s->env.rcpt[0].addr);
-	rc |= buf_printf(out, ";\r\n\t%s\r\n", date);
+		rc |= buf_printf(head, "\r\n\tfor <%s>", s->env.rcpt[0].addr);
+	rc |= buf_printf(head, ";\r\n\t%s\r\n", date);
 	const char *p = s->msg.data ? s->msg.data : "";
 	size_t hlen = session_header_len(s);
-	rc |= buf_append(out, p, hlen);
+	rc |= buf_append(head, p, hlen);
 	if (!session_has_header(p, hlen, "Message-ID:"))
-		rc |= buf_printf(out, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
+		rc |= buf_printf(head, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
 	if (!session_has_header(p, hlen, "Date:"))
-		rc |= buf_printf(out, "Date: %s\r\n", date);
-	rc |= buf_append(out, p + hlen, s->msg.len - hlen);
+		rc |= buf_printf(head, "Date: %s\r\n", date);
 	return rc ? -1 : 0;
+}
+
+/* the new header block in place of the client's: the body moves once, inside s->msg (a large
+ * message is not copied whole) */
+static int session_put_headers(struct session *s, const struct buf *head)
+{
+	return buf_replace(&s->msg, 0, session_header_len(s), head->data, head->len);
 }
 
 /* the From: header must name only addresses the user may send as (RFC 6409 §8.1 lets the
@@ -859,32 +867,38 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
-	struct buf final = { 0 };
-	if (session_add_headers(s, &final) < 0) {
-		buf_free(&final);
+	struct buf head = { 0 };
+	if (session_new_headers(s, &head) < 0) {
+		buf_free(&head);
 		session_reply(s, "451 4.3.0 Out of memory");
 		session_reset_transaction(s);
 		return;
 	}
-	if (final.len > smtp_cfg->max_message_size + 4096) {
-		buf_free(&final);
+	size_t size = s->msg.len - session_header_len(s) + head.len;
+	if (size > smtp_cfg->max_message_size + 4096) {
+		buf_free(&head);
 		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
 		session_reset_transaction(s);
 		return;
 	}
-	if (!session_header_from_ok(s) || session_over_limit(s, 1, s->env.nrcpt, final.len)) {
-		buf_free(&final);
+	if (!session_header_from_ok(s) || session_over_limit(s, 1, s->env.nrcpt, size)) {
+		buf_free(&head);
 		session_reset_transaction(s);
 		return;
 	}
-	smtp_body_release(&s->body); /* final holds it now, for the few ms of the commit */
-	buf_free(&s->msg);
-	s->env.size = final.len;
+	int rc = session_put_headers(s, &head);
+	buf_free(&head);
+	if (rc < 0) {
+		session_reply(s, "451 4.3.0 Out of memory");
+		session_reset_transaction(s);
+		return;
+	}
+	smtp_body_release(&s->body); /* the commit holds the bytes now, for the few ms it takes */
+	s->env.size = s->msg.len;
 	/* counted before the commit: the commit's syncfs makes the usage line durable too */
-	policy_record(s->user, s->env.nrcpt, final.len);
-	if (queue_commit(&s->env, &final, session_commit_done, s->id) < 0) {
-		policy_unrecord(s->user, s->env.nrcpt, final.len);
-		buf_free(&final);
+	policy_record(s->user, s->env.nrcpt, s->env.size);
+	if (queue_commit(&s->env, &s->msg, session_commit_done, s->id) < 0) { /* it takes s->msg */
+		policy_unrecord(s->user, s->env.nrcpt, s->env.size);
 		session_reply(s, "451 4.3.0 Cannot queue the message");
 		session_reset_transaction(s);
 		return;
