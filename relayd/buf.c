@@ -8,7 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int buf_reserve(struct buf *b, size_t need)
+/* buf_reserve - room for need more bytes (and the NUL) */
+int buf_reserve(struct buf *b, size_t need)
 {
 	if (b->len + need + 1 <= b->cap)
 		return 0;

@@ -12,6 +12,8 @@ struct buf {
 	size_t cap;
 };
 
+/* buf_reserve - room for n more bytes without another allocation; -1 on failure */
+int buf_reserve(struct buf *b, size_t n);
 /* buf_append - append n bytes; -1 on allocation failure */
 int buf_append(struct buf *b, const void *p, size_t n);
 /* buf_printf - append formatted text; -1 on failure */

@@ -49,6 +49,7 @@
 #define FORWARD_TIMEOUT_CONNECT 30.
 #define FORWARD_TIMEOUT_REPLY   300.    /* RFC 5321 §4.5.3.2: 5 minutes for most replies */
 #define FORWARD_IDLE            10.     /* an unused connection is closed (QUIT) after this */
+#define FORWARD_READ_CHUNK      65536   /* a message body is read from the queue in pieces of this */
 #define FORWARD_QUIT_WAIT       5.
 #define FORWARD_CHUNK           (256 * 1024)
 
@@ -622,39 +623,58 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 
 /* --- the session: a message ----------------------------------------------------------- */
 
-static void forward_session_body_run(struct workq_job *job)
+/* RFC 5321 §4.5.2: p[0..n) into j->out, a line starting with '.' getting another one;
+ * *line_start carries over from the bytes before */
+static int forward_session_stuff(struct forward_session_body *j, const char *p, size_t n, bool *line_start)
 {
-	struct forward_session_body *j = (struct forward_session_body *)job;
-	struct queue_envelope env = { 0 };
-	memcpy(env.id, j->id, sizeof(env.id));
-	env.size = j->size;
-	env.body_offset = j->offset;
-	char *raw = NULL;
-	if (queue_read_body(forward_queue, &env, &raw) < 0) {
-		j->rc = -1;
-		return;
-	}
-	/* RFC 5321 §4.5.2: a line starting with '.' gets another one */
 	int rc = 0;
 	size_t start = 0;
-	bool line_start = true;
-	for (size_t i = 0; i < j->size; i++) {
-		unsigned char ch = (unsigned char)raw[i];
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)p[i];
 		if (ch & 0x80)
 			j->has8bit = true;
-		if (line_start && ch == '.') {
-			rc |= buf_append(&j->out, raw + start, i - start);
+		if (*line_start && ch == '.') {
+			rc |= buf_append(&j->out, p + start, i - start);
 			rc |= buf_append(&j->out, ".", 1);
 			start = i;
 		}
-		line_start = ch == '\n';
+		*line_start = ch == '\n';
 	}
-	rc |= buf_append(&j->out, raw + start, j->size - start);
-	if (j->size > 0 && !(j->size >= 2 && raw[j->size - 2] == '\r' && raw[j->size - 1] == '\n'))
+	rc |= buf_append(&j->out, p + start, n - start);
+	return rc ? -1 : 0;
+}
+
+/* the body read from fd a chunk at a time (a large message is never in memory twice) and
+ * dot-stuffed into j->out, which ends in CRLF "." CRLF */
+static int forward_session_stuff_file(struct forward_session_body *j, int fd)
+{
+	char chunk[FORWARD_READ_CHUNK], tail[2] = { 0, 0 }; /* the body's last two bytes */
+	bool line_start = true;
+	if (buf_reserve(&j->out, j->size + j->size / 256 + 8) < 0) /* room for some dots */
+		return -1;
+	for (size_t done = 0; done < j->size;) {
+		size_t want = j->size - done < sizeof(chunk) ? j->size - done : sizeof(chunk);
+		ssize_t r = pread(fd, chunk, want, j->offset + (off_t)done);
+		if (r <= 0 || forward_session_stuff(j, chunk, (size_t)r, &line_start) < 0)
+			return -1;
+		tail[0] = r >= 2 ? chunk[r - 2] : tail[1];
+		tail[1] = chunk[r - 1];
+		done += (size_t)r;
+	}
+	int rc = 0;
+	if (j->size > 0 && !(j->size >= 2 && tail[0] == '\r' && tail[1] == '\n'))
 		rc |= buf_append(&j->out, "\r\n", 2);
 	rc |= buf_append(&j->out, ".\r\n", 3);
-	free(raw);
-	j->rc = rc ? -1 : 0;
+	return rc ? -1 : 0;
+}
+
+static void forward_session_body_run(struct workq_job *job)
+{
+	struct forward_session_body *j = (struct forward_session_body *)job;
+	int fd = queue_open_message(forward_queue, j->id);
+	j->rc = fd >= 0 ? forward_session_stuff_file(j, fd) : -1;
+	if (fd >= 0)
+		close(fd);
 }
 
 /* a transaction cannot start: every pending recipient fails for good with this reply */

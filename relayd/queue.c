@@ -607,6 +607,17 @@ int queue_read_body(const char *dir, const struct queue_envelope *env, char **ou
 	return 0;
 }
 
+/* queue_open_message - the message's file, read-only */
+int queue_open_message(const char *dir, const char *id)
+{
+	char path[PATH_MAX];
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
 /* queue_envelope_free - release a loaded envelope */
 void queue_envelope_free(struct queue_envelope *env)
 {

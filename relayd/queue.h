@@ -105,6 +105,8 @@ int queue_path(const char *dir, const char *id, char *out, size_t outlen);
 int queue_load(const char *dir, const char *id, struct queue_envelope *env);
 /* queue_read_body - read the N message bytes of a loaded message into out (malloc'd) */
 int queue_read_body(const char *dir, const struct queue_envelope *env, char **out);
+/* queue_open_message - the message's file, read-only; -1 with errno */
+int queue_open_message(const char *dir, const char *id);
 /* queue_envelope_free - release what queue_load allocated */
 void queue_envelope_free(struct queue_envelope *env);
 /* queue_append_status - append one status record line (without '\n') durably (fdatasync) */

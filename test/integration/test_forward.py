@@ -136,6 +136,32 @@ def _():
     done(relay, sink)
 
 
+@t.test("a 2 MB message of dot lines arrives byte for byte (read from the queue in 64 KiB pieces)")
+def _():
+    sink = t.Sink([])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none"], extra=RETRY + "max_message_size 5M\n")
+    # lines of 3, 4 and 5 bytes that start with a dot: the pieces' edges fall at every place in
+    # a line, a line start among them; no line ends at the very end of the body
+    lines = [".\r\n", "..\r\n", ".x.\r\n"]
+    body = "".join(lines[i % 3] for i in range(2 * 1024 * 1024 // 4)) + "end"
+    data = (f"From: <{ALICE}>\r\nTo: <bob@example.net>\r\nSubject: dots\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+            f"Message-ID: <{marker('dots')}@example.org>\r\n\r\n{body}")
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE)
+    c.rcpt("bob@example.net")
+    code, resp = c.data(data.encode())  # smtplib dot-stuffs, and ends the body with CRLF
+    c.quit()
+    t.is_(code, 250, "accepted")
+    msgs = wait_msgs(sink, 1, 30)
+    t.is_(len(msgs), 1, "one message at the sink")
+    if msgs:
+        eml = msgs[0][1]
+        t.ok(eml.endswith((data + "\r\n").encode()), "every dot line intact, CRLF added at the end only once",
+             eml[-100:])
+    done(relay, sink)
+
+
 @t.test("relayd to relayd: PIPELINING, AUTH, DSN parameters (RET, ENVID, NOTIFY, ORCPT) carried")
 def _():
     upstream = t.Relay()
