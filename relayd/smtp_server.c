@@ -1325,7 +1325,8 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
 			   "# TYPE relayd_message_memory_bytes gauge\nrelayd_message_memory_bytes %zu\n", smtp_sessions,
 			   smtp_body_mem);
 	else
-		buf_printf(out, "sessions=%u\nmessage_memory_bytes=%zu\n", smtp_sessions, smtp_body_mem);
+		buf_printf(out, "sessions=%u\nmessage_memory_bytes=%zu\nmessage_memory_limit=%zu\n", smtp_sessions,
+			   smtp_body_mem, smtp_cfg->message_memory);
 }
 
 /* smtp_server_shutdown - close every session */

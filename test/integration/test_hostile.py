@@ -435,6 +435,7 @@ def _():
         c.send("Subject: big\r\n\r\n" + line * (nbytes // len(line)))
         return codes
 
+    t.like(r.relayctl("stats")[1], r"(?m)^message_memory_limit=1048576$", "relayctl stats shows the limit")
     a = r.session("alice@example.org", "alice-pw")
     t.is_(start_body(a, 700_000), [250, 250, 354], "A: 700 kB of a message sent, its dot not yet")
     t.ok(t.wait_for(lambda: (held() or 0) >= 690_000, 10 * SLOW), "relayd holds A's bytes", held())
