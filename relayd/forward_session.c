@@ -648,7 +648,7 @@ static int forward_session_stuff(struct forward_session_body *j, const char *p, 
  * dot-stuffed into j->out, which ends in CRLF "." CRLF */
 static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 {
-	char chunk[FORWARD_READ_CHUNK], tail[2] = { 0, 0 }; /* the body's last two bytes */
+	char chunk[FORWARD_READ_CHUNK];
 	bool line_start = true;
 	if (buf_reserve(&j->out, j->size + j->size / 256 + 8) < 0) /* room for some dots */
 		return -1;
@@ -657,12 +657,12 @@ static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 		ssize_t r = pread(fd, chunk, want, j->offset + (off_t)done);
 		if (r <= 0 || forward_session_stuff(j, chunk, (size_t)r, &line_start) < 0)
 			return -1;
-		tail[0] = r >= 2 ? chunk[r - 2] : tail[1];
-		tail[1] = chunk[r - 1];
 		done += (size_t)r;
 	}
+	/* stuffing adds a dot only before a dot, so the body ends in CRLF exactly when out does */
+	const struct buf *o = &j->out;
 	int rc = 0;
-	if (j->size > 0 && !(j->size >= 2 && tail[0] == '\r' && tail[1] == '\n'))
+	if (j->size > 0 && !(o->len >= 2 && o->data[o->len - 2] == '\r' && o->data[o->len - 1] == '\n'))
 		rc |= buf_append(&j->out, "\r\n", 2);
 	rc |= buf_append(&j->out, ".\r\n", 3);
 	return rc ? -1 : 0;

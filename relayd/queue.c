@@ -585,14 +585,22 @@ out:
 	return rc;
 }
 
+/* queue_open_message - the message's file, read-only */
+int queue_open_message(const char *dir, const char *id)
+{
+	char path[PATH_MAX];
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return open(path, O_RDONLY | O_CLOEXEC);
+}
+
 /* queue_read_body - the message bytes */
 int queue_read_body(const char *dir, const struct queue_envelope *env, char **out)
 {
-	char path[PATH_MAX];
 	*out = NULL;
-	if (queue_path(dir, env->id, path, sizeof(path)) < 0)
-		return -1;
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = queue_open_message(dir, env->id);
 	if (fd < 0)
 		return -1;
 	char *p = malloc(env->size + 1);
@@ -605,17 +613,6 @@ int queue_read_body(const char *dir, const struct queue_envelope *env, char **ou
 	p[env->size] = '\0';
 	*out = p;
 	return 0;
-}
-
-/* queue_open_message - the message's file, read-only */
-int queue_open_message(const char *dir, const char *id)
-{
-	char path[PATH_MAX];
-	if (queue_path(dir, id, path, sizeof(path)) < 0) {
-		errno = ENAMETOOLONG;
-		return -1;
-	}
-	return open(path, O_RDONLY | O_CLOEXEC);
 }
 
 /* queue_envelope_free - release a loaded envelope */

@@ -794,9 +794,9 @@ static size_t session_header_len(const struct session *s)
 }
 
 /* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the message's new
- * header block (Received, the client's headers, what was missing) into head; it replaces the
- * first session_header_len(s) bytes of s->msg (session_put_headers). */
-static int session_new_headers(struct session *s, struct buf *head)
+ * header block (Received, the client's hlen bytes of headers, what was missing) into head,
+ * to take the place of those hlen bytes of s->msg */
+static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
 {
 	char date[64], tlsinfo[128];
 	time_t now = time(NULL);
@@ -815,7 +815,6 @@ static int session_new_headers(struct session *s, struct buf *head)
 		rc |= buf_printf(head, "\r\n\tfor <%s>", s->env.rcpt[0].addr);
 	rc |= buf_printf(head, ";\r\n\t%s\r\n", date);
 	const char *p = s->msg.data ? s->msg.data : "";
-	size_t hlen = session_header_len(s);
 	rc |= buf_append(head, p, hlen);
 	if (!session_has_header(p, hlen, "Message-ID:"))
 		rc |= buf_printf(head, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
@@ -824,22 +823,15 @@ static int session_new_headers(struct session *s, struct buf *head)
 	return rc ? -1 : 0;
 }
 
-/* the new header block in place of the client's: the body moves once, inside s->msg (a large
- * message is not copied whole) */
-static int session_put_headers(struct session *s, const struct buf *head)
-{
-	return buf_replace(&s->msg, 0, session_header_len(s), head->data, head->len);
-}
-
 /* the From: header must name only addresses the user may send as (RFC 6409 §8.1 lets the
  * submission server enforce this); switched off with check_header_from no */
-static bool session_header_from_ok(struct session *s)
+static bool session_header_from_ok(struct session *s, size_t hlen)
 {
 	char addrs[8][256];
 	if (!smtp_cfg->check_header_from)
 		return true;
 	const char *p = s->msg.data ? s->msg.data : "";
-	int n = smtp_header_addresses(p, session_header_len(s), "From", addrs, 8);
+	int n = smtp_header_addresses(p, hlen, "From", addrs, 8);
 	for (int i = 0; i < n; i++) {
 		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
 			policy_count(s->user, PC_REJECT_SENDER);
@@ -867,26 +859,29 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
+	size_t hlen = session_header_len(s);
 	struct buf head = { 0 };
-	if (session_new_headers(s, &head) < 0) {
+	if (session_new_headers(s, hlen, &head) < 0) {
 		buf_free(&head);
 		session_reply(s, "451 4.3.0 Out of memory");
 		session_reset_transaction(s);
 		return;
 	}
-	size_t size = s->msg.len - session_header_len(s) + head.len;
+	size_t size = s->msg.len - hlen + head.len;
 	if (size > smtp_cfg->max_message_size + 4096) {
 		buf_free(&head);
 		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
 		session_reset_transaction(s);
 		return;
 	}
-	if (!session_header_from_ok(s) || session_over_limit(s, 1, s->env.nrcpt, size)) {
+	if (!session_header_from_ok(s, hlen) || session_over_limit(s, 1, s->env.nrcpt, size)) {
 		buf_free(&head);
 		session_reset_transaction(s);
 		return;
 	}
-	int rc = session_put_headers(s, &head);
+	/* the new header block in place of the client's: the body moves once, inside s->msg (a
+	 * large message is not copied whole) */
+	int rc = buf_replace(&s->msg, 0, hlen, head.data, head.len);
 	buf_free(&head);
 	if (rc < 0) {
 		session_reply(s, "451 4.3.0 Out of memory");
