@@ -432,6 +432,22 @@ class Relay:
             raise RuntimeError(f"relayctl {' '.join(args)} exited {r.returncode}: {out}")
         return r.returncode, out
 
+    def stat(self, name, out=None):
+        """a number from relayctl stats (from out, one stats output, when given), or None"""
+        m = re.search(rf"^{re.escape(name)}=(\d+)$", out or self.relayctl("stats")[1], re.M)
+        return int(m.group(1)) if m else None
+
+    def rss_kb(self):
+        """VmRSS of relayd (of valgrind running it, under a wrapper) in kB, or None"""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            return None
+        return None
+
     def add_user(self, name, password, senders=()):
         """relayctl user add NAME (password on stdin), then user sender NAME add PATTERN"""
         self.relayctl("user", "add", name, input=(password + "\n").encode())

@@ -727,17 +727,6 @@ def _():
     done(relay, sink)
 
 
-def stat(relay, name, out=None):
-    """a number from relayctl stats (from out, one stats output, when given), or None"""
-    m = re.search(rf"^{re.escape(name)}=(\d+)$", out or relay.relayctl("stats")[1], re.M)
-    return int(m.group(1)) if m else None
-
-
-def rss_kb(relay):
-    with open(f"/proc/{relay.proc.pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
-
-
 @t.test("reloads free the upstreams' trust anchors and secrets they replace; a session begun before "
         "them still delivers")
 def _():
@@ -749,18 +738,18 @@ def _():
     relay.start()
     code, _, _ = submit(relay, ["held@example.net"], subject=marker("before reloads"))
     t.is_((code, len(wait_msgs(sink, 1))), (250, 1), "delivered before the reloads")
-    t.is_(stat(relay, "credential_sets"), 2, "credential sets: one per upstream (the idle session shares one)")
+    t.is_(relay.stat("credential_sets"), 2, "credential sets: one per upstream (the idle session shares one)")
     n = 8 if t.WRAPPER else 30
-    rss0 = rss_kb(relay)
+    rss0 = relay.rss_kb()
     for i in range(n):
         relay.proc.send_signal(signal.SIGHUP)
         t.wait_for(lambda: len(re.findall(r"main event=reloaded", relay.log())) > i, 10 * t.SLOW)
     t.is_(len(re.findall(r"main event=reloaded", relay.log())), n, f"{n} reloads done")
-    grown = rss_kb(relay) - rss0
+    grown = relay.rss_kb() - rss0
     if not t.WRAPPER and "ASAN_OPTIONS" not in os.environ:  # valgrind and ASan keep freed memory
         t.ok(grown < 20 * 1024, f"RSS grew by {grown >> 10} MB over {n} reloads (was about 4 MB a reload)")
     out = relay.relayctl("stats")[1]  # one snapshot: the sets and the sessions holding them
-    sets, live = stat(relay, "credential_sets", out), stat(relay, "upstream.0.connections", out)
+    sets, live = relay.stat("credential_sets", out), relay.stat("upstream.0.connections", out)
     t.is_(sets, 2 + (live or 0), f"after the reloads: one set per upstream, plus the old one of each session "
           f"begun before them ({live})")
     code, _, _ = submit(relay, ["after@example.net"], subject=marker("after reloads"))
@@ -769,7 +758,7 @@ def _():
     if live:
         t.is_(msgs[1][0]["connection"], msgs[0][0]["connection"],
               "by the session that authenticated before the reloads")
-    t.ok(t.wait_for(lambda: stat(relay, "credential_sets") == 2, 15 * t.SLOW),
+    t.ok(t.wait_for(lambda: relay.stat("credential_sets") == 2, 15 * t.SLOW),
          "its old set is freed when that session ends (idle QUIT)")
     t.is_(relay.stop(), 0, "clean exit (under valgrind: nothing leaked, the secrets freed)")
     sink.stop()

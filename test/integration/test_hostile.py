@@ -39,18 +39,6 @@ relay.add_user("alice@example.org", "alice-pw")
 relay.start()
 
 
-def rss_kb(r=relay):
-    """VmRSS of relayd (of valgrind running it, under a wrapper) in kB, or None"""
-    try:
-        with open(f"/proc/{r.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 class RssSampler:
     """samples relayd's RSS every 50 ms in a thread; .peak in kB"""
 
@@ -61,7 +49,7 @@ class RssSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            v = rss_kb(self.r)
+            v = self.r.rss_kb()
             if v:
                 self.peak = max(self.peak, v)
             time.sleep(0.05)
@@ -106,7 +94,7 @@ def check_served(name, r=relay, port=None, host="127.0.0.1"):
     t.ok(good, f"{name}: another client is served promptly ({dt if isinstance(dt, str) else f'{dt:.2f} s'})")
 
 
-baseline = rss_kb()
+baseline = relay.rss_kb()
 t.ok(baseline is not None, f"relayd's baseline RSS is readable ({baseline} kB)")
 baseline = baseline or 0
 check_served("at start")
@@ -426,10 +414,6 @@ def _():
     r.start()
     line = "x" * 78 + "\r\n"
 
-    def held():
-        m = re.search(r"^message_memory_bytes=(\d+)$", r.relayctl("stats")[1], re.M)
-        return int(m.group(1)) if m else None
-
     def start_body(c, nbytes):
         codes = [c.cmd("MAIL FROM:<alice@example.org>")[0], c.cmd("RCPT TO:<bob@example.net>")[0], c.cmd("DATA")[0]]
         c.send("Subject: big\r\n\r\n" + line * (nbytes // len(line)))
@@ -438,7 +422,8 @@ def _():
     t.like(r.relayctl("stats")[1], r"(?m)^message_memory_limit=1048576$", "relayctl stats shows the limit")
     a = r.session("alice@example.org", "alice-pw")
     t.is_(start_body(a, 700_000), [250, 250, 354], "A: 700 kB of a message sent, its dot not yet")
-    t.ok(t.wait_for(lambda: (held() or 0) >= 690_000, 10 * SLOW), "relayd holds A's bytes", held())
+    t.ok(t.wait_for(lambda: (r.stat("message_memory_bytes") or 0) >= 690_000, 10 * SLOW), "relayd holds A's bytes",
+         r.stat("message_memory_bytes"))
     b = r.session("alice@example.org", "alice-pw")
     codes = start_body(b, 500_000)
     b.send(".\r\n")
@@ -449,7 +434,8 @@ def _():
     t.like(text, r"^452 4\.3\.1 ", "MAIL with SIZE=500000 is deferred at once (RFC 1870)")
     a.send(".\r\n")
     t.like(a.reply_text(), r"^250 2\.0\.0 ", "A's message is accepted")
-    t.ok(t.wait_for(lambda: held() == 0, 5 * SLOW), "relayd holds no message bytes after it", held())
+    t.ok(t.wait_for(lambda: r.stat("message_memory_bytes") == 0, 5 * SLOW), "relayd holds no message bytes after it",
+         r.stat("message_memory_bytes"))
     codes = start_body(b, 500_000)
     b.send(".\r\n")
     t.like(b.reply_text(), r"^250 2\.0\.0 ", "B's message goes through now")
@@ -470,7 +456,7 @@ def _():
     t.ok(relay.running(), "relayd is still running after all this")
     check_served("at the end")
     time.sleep(1)
-    now = rss_kb()
+    now = relay.rss_kb()
     t.diag(f"relayd RSS: baseline {baseline} kB, now {now} kB")
     t.ok(now is not None and now < baseline + RSS_SLACK_MB * 1024,
          f"RSS is back near its baseline (+{((now or 0) - baseline) // 1024} MB, allowed {RSS_SLACK_MB} MB)")

@@ -193,22 +193,17 @@ def _():
     d.close()
 
 
-def stat(relay, name):
-    m = re.search(rf"^{name}=(\d+)$", relay.relayctl("stats")[1], re.M)
-    return int(m.group(1)) if m else None
-
-
 @t.test("credential cache: a changed password stops the cached one at once")
 def _():
     c = relay3.session(USER)
     c.close()
-    before = stat(relay3, "auth_cached")
+    before = relay3.stat("auth_cached")
     t0 = time.monotonic()
     c = relay3.session(USER)
     cached = time.monotonic() - t0
     c.close()
     t.ok(cached < 1.0, f"second AUTH completes ({cached:.3f}s)")
-    t.is_(stat(relay3, "auth_cached"), before + 1 if before is not None else None,
+    t.is_(relay3.stat("auth_cached"), before + 1 if before is not None else None,
           "answered by the credential cache (relayctl stats auth_cached)")
     for pw, want in (("wrong", 535), (PW, 235)):  # a wrong password after a cached success
         c = relay3.raw()
@@ -216,7 +211,7 @@ def _():
         code, text = c.auth_plain(USER, pw)
         t.is_(code, want, f"then AUTH PLAIN with {'a wrong' if pw == 'wrong' else 'the right'} password: {want}")
         c.close()
-    t.is_(stat(relay3, "auth_cached"), before + 2 if before is not None else None,
+    t.is_(relay3.stat("auth_cached"), before + 2 if before is not None else None,
           "the wrong password was not a cache hit, the right one was")
     relay3.relayctl("user", "passwd", USER, input=b"new password\n")
     c = relay3.raw()
@@ -290,13 +285,13 @@ def _():
     for th in threads:
         th.join()  # the third failure from one address is answered after 4 s
     t.is_(codes, [535] * 13, "13 failures from 11 addresses, each 535")
-    t.ok(stat(relay4, "policy_tracked") >= 11, "each address remembered while its failure is recent")
+    t.ok(relay4.stat("policy_tracked") >= 11, "each address remembered while its failure is recent")
     c = relay4.raw(source=locked)
     t.like(c.reply_text(), r"^421 4\.7\.0 ", "the locked address is refused during its lockout")
     c.close()
-    t.ok(t.wait_for(lambda: stat(relay4, "policy_tracked") == 0, 20 * t.SLOW),
+    t.ok(t.wait_for(lambda: relay4.stat("policy_tracked") == 0, 20 * t.SLOW),
          "after the lockout (8 s) every entry is gone, though none of the 10 addresses came back",
-         stat(relay4, "policy_tracked"))
+         relay4.stat("policy_tracked"))
     t.ok(time.monotonic() - begin >= 7.9, "not before the failures were 8 s old")
     c = relay4.raw(source=locked)
     t.like(c.reply_text(), r"^220 ", "the formerly locked address is served again")
