@@ -18,13 +18,23 @@
 #include <unistd.h>
 
 #define CONFIG_MAX_WORDS 16
+#define CONFIG_MAX_SEEN 64 /* distinct directives remembered with their last line */
+
+/* a directive read, and the last line it was on: file-level checks name that line */
+struct config_seen {
+	char name[32];
+	int line;
+};
 
 struct config_ctx {
 	struct config *c;
 	const char *file;
 	int line;
+	int lines; /* lines read in all */
 	char *err;
 	size_t errlen;
+	struct config_seen seen[CONFIG_MAX_SEEN];
+	int nseen;
 };
 
 static int config_error(struct config_ctx *x, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -430,6 +440,39 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 	return config_error(x, "unknown directive \"%s\"", d);
 }
 
+/* remember that directive d was read on the current line */
+static void config_mark(struct config_ctx *x, const char *d)
+{
+	int i = 0;
+	while (i < x->nseen && strcmp(x->seen[i].name, d))
+		i++;
+	if (i == x->nseen) {
+		if (x->nseen == CONFIG_MAX_SEEN || strlen(d) >= sizeof(x->seen[0].name))
+			return;
+		snprintf(x->seen[x->nseen++].name, sizeof(x->seen[0].name), "%s", d);
+	}
+	x->seen[i].line = x->line;
+}
+
+/* the last line directive d was on, 0 when it was not in the file */
+static int config_line_of(const struct config_ctx *x, const char *d)
+{
+	for (int i = 0; i < x->nseen; i++)
+		if (!strcmp(x->seen[i].name, d))
+			return x->seen[i].line;
+	return 0;
+}
+
+/* point an error found after reading at the later of directives a and b (b may be NULL); when
+ * neither is in the file, at its last line, where the missing line would go */
+static void config_check_at(struct config_ctx *x, const char *a, const char *b)
+{
+	int la = config_line_of(x, a), lb = b ? config_line_of(x, b) : 0;
+	x->line = la > lb ? la : lb;
+	if (!x->line)
+		x->line = x->lines;
+}
+
 /* split a line into words; strips the comment */
 static int config_split(char *line, char **argv)
 {
@@ -488,32 +531,39 @@ static size_t config_default_message_memory(size_t max_message_size)
 static int config_check(struct config_ctx *x)
 {
 	struct config *c = x->c;
-	bool need_tls = false;
-	x->line = 0;
+	config_check_at(x, "listen", NULL);
 	if (c->nlisten == 0)
 		return config_error(x, "no listen line");
 	for (int i = 0; i < c->nlisten; i++)
-		if (c->listen[i].mode != LISTEN_PLAIN)
-			need_tls = true;
-	if (need_tls && (!c->ncert || !c->nkey))
-		return config_error(x, "tls_cert and tls_key are needed for starttls and tls listeners");
+		if (c->listen[i].mode != LISTEN_PLAIN && (!c->ncert || !c->nkey)) {
+			x->line = c->listen[i].line;
+			return config_error(x, "a %s listener needs tls_cert and tls_key",
+					    config_listen_mode_str(c->listen[i].mode));
+		}
+	config_check_at(x, "tls_cert", "tls_key");
 	if (c->ncert != c->nkey)
 		return config_error(x, "every tls_cert needs its tls_key (%d tls_cert, %d tls_key lines)", c->ncert, c->nkey);
+	config_check_at(x, "database", NULL);
 	if (!c->database[0])
 		return config_error(x, "no database line");
+	config_check_at(x, "queue", NULL);
 	if (!c->queue[0])
 		return config_error(x, "no queue line");
+	config_check_at(x, "retry_min", "retry_max");
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
-		return config_error(x, "retry_min must be at least 1s and not above retry_max");
+		return config_error(x, "retry_min (%us) must be at least 1s and not above retry_max (%us)",
+				    c->retry_min, c->retry_max);
+	config_check_at(x, "message_memory", "max_message_size");
 	if (!c->message_memory)
 		c->message_memory = config_default_message_memory(c->max_message_size);
 	else if (c->message_memory < c->max_message_size)
 		return config_error(x, "message_memory (%zu bytes) must be at least max_message_size (%zu): "
 				    "a message of the largest size could never be taken", c->message_memory, c->max_message_size);
+	config_check_at(x, "control", "queue");
 	if (!c->control[0]) {
 		int n = snprintf(c->control, sizeof(c->control), "%s/control.sock", c->queue);
 		if (n < 0 || (size_t)n >= sizeof(c->control))
-			return config_error(x, "control socket path too long");
+			return config_error(x, "control socket path too long (from the queue path)");
 	}
 	return 0;
 }
@@ -565,8 +615,10 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen)
 			rc = -1;
 			break;
 		}
+		config_mark(&x, argv[0]);
 	}
 	fclose(f);
+	x.lines = x.line;
 	if (rc == 0)
 		rc = config_check(&x);
 	return rc;

@@ -59,6 +59,23 @@ int main(void)
 	   strstr(err, "tls_cert and tls_key"), "TLS listener without certificate: %s", err);
 	ok(load("tls_cert c\ntls_key k\ndatabase d\nqueue q\n", &c, err, sizeof(err)) < 0 && strstr(err, "no listen line"),
 	   "no listener: %s", err);
+	/* checks made after reading name the line to look at: the directive that contradicts, the
+	 * listener that lacks a certificate, or the last line where a missing one would go */
+	ok(load("database d\nlisten 127.0.0.1:2587 plain\nlisten 127.0.0.1:2465 tls\nqueue q\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:3: a tls listener needs tls_cert and tls_key"), "line of the listener: %s", err);
+	ok(load("tls_cert c\ntls_key k\ndatabase d\nqueue q\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:4: no listen line"), "missing listen: the last line: %s", err);
+	ok(load("", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf: no listen line"), "empty file: no line: %s", err);
+	ok(load(BASE "tls_cert c2.pem\n# end\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: every tls_cert needs its tls_key"), "unpaired tls_cert: its line: %s", err);
+	ok(load("retry_max 10m\n" BASE "retry_min 1h\n\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:7: retry_min (3600s) must be at least 1s and not above retry_max (600s)"),
+	   "retry_min above retry_max: the later line: %s", err);
+	ok(load(BASE "message_memory 1M\ntimeout_idle 5m\nmax_message_size 2M\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:8: message_memory (1048576 bytes) must be at least max_message_size"),
+	   "message_memory below max_message_size: the later line: %s", err);
+	ok(load(BASE "message_memory 1M\n", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: message_memory"),
+	   "message_memory below the default max_message_size: its line: %s", err);
 	ok(load(BASE "max_message_size lots\n", &c, err, sizeof(err)) < 0, "bad size refused");
 	ok(load(BASE "message_memory 64M\n", &c, err, sizeof(err)) == 0 && c.message_memory == 64u << 20, "message_memory 64M");
 	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&
