@@ -257,9 +257,10 @@ static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, con
 	} else if (kl == 4 && !strncmp(opt, "rate", kl)) {
 		return config_rate(x, v, u);
 	} else if (kl == 11 && !strncmp(opt, "connections", kl)) {
-		long n = strtol(v, NULL, 10);
-		if (n < 1 || n > 100)
-			return config_error(x, "connections= must be 1 to 100");
+		char *end;
+		long n = strtol(v, &end, 10);
+		if (end == v || *end || n < 1 || n > 100)
+			return config_error(x, "connections= must be 1 to 100, got \"%s\"", v);
 		u->max_connections = (unsigned)n;
 	} else {
 		return config_error(x, "unknown upstream option \"%.*s\" (tls, verify, ca, auth, rate, connections)",
@@ -549,6 +550,12 @@ static int config_check(struct config_ctx *x)
 	config_check_at(x, "queue", NULL);
 	if (!c->queue[0])
 		return config_error(x, "no queue line");
+	config_check_at(x, "timeout_idle", NULL);
+	if (c->timeout_idle == 0) /* a session could then hold its slot for timeout_session */
+		return config_error(x, "timeout_idle must be at least 1s");
+	config_check_at(x, "timeout_session", NULL);
+	if (c->timeout_session == 0)
+		return config_error(x, "timeout_session must be at least 1s");
 	config_check_at(x, "retry_min", "retry_max");
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
 		return config_error(x, "retry_min (%us) must be at least 1s and not above retry_max (%us)",

@@ -76,6 +76,14 @@ int main(void)
 	   "message_memory below max_message_size: the later line: %s", err);
 	ok(load(BASE "message_memory 1M\n", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: message_memory"),
 	   "message_memory below the default max_message_size: its line: %s", err);
+	ok(load(BASE "timeout_idle 0\n", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: timeout_idle must be at least 1s"),
+	   "timeout_idle 0 (no idle timeout at all) refused: %s", err);
+	ok(load(BASE "timeout_session 0s\n", &c, err, sizeof(err)) < 0 && strstr(err, "timeout_session must be at least 1s"),
+	   "timeout_session 0 refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
+	   c.upstream[0].max_connections == 4, "connections=4: %s", err);
 	ok(load(BASE "max_message_size lots\n", &c, err, sizeof(err)) < 0, "bad size refused");
 	ok(load(BASE "message_memory 64M\n", &c, err, sizeof(err)) == 0 && c.message_memory == 64u << 20, "message_memory 64M");
 	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&
