@@ -1,7 +1,9 @@
 /*
  * metrics - Prometheus scrape endpoint.
  * Invariants: a request is read up to 4 KiB and 5 s; anything else gets 400/404; the
- * response is written whole and the connection closed. Never blocks the loop.
+ * response is written whole and the connection closed. Never blocks the loop. At most
+ * METRICS_CLIENTS_MAX scrapers at once (more are closed at once), and an accept error such
+ * as EMFILE pauses accepting for a second instead of spinning the loop.
  */
 #include "metrics.h"
 
@@ -18,6 +20,7 @@
 #include "stats.h"
 
 #define METRICS_REQ_MAX 4096
+#define METRICS_CLIENTS_MAX 16
 
 struct metrics_client {
 	int fd;
@@ -31,6 +34,8 @@ struct metrics_client {
 static struct ev_loop *metrics_loop;
 static int metrics_fd = -1;
 static ev_io metrics_accept_io;
+static ev_timer metrics_pause;
+static unsigned metrics_clients;
 
 static void metrics_client_free(struct metrics_client *m)
 {
@@ -40,6 +45,7 @@ static void metrics_client_free(struct metrics_client *m)
 	buf_free(&m->in);
 	buf_free(&m->out);
 	free(m);
+	metrics_clients--;
 }
 
 static void metrics_respond(struct metrics_client *m)
@@ -84,7 +90,10 @@ static void metrics_client_cb(struct ev_loop *loop, ev_io *w, int revents)
 		metrics_client_free(m);
 		return;
 	}
-	buf_append(&m->in, chunk, (size_t)n);
+	if (buf_append(&m->in, chunk, (size_t)n) < 0) {
+		metrics_client_free(m);
+		return;
+	}
 	if (strstr(m->in.data, "\r\n\r\n") || strstr(m->in.data, "\n\n"))
 		metrics_respond(m);
 }
@@ -95,17 +104,31 @@ static void metrics_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 	metrics_client_free(w->data);
 }
 
+static void metrics_resume(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)w; (void)revents;
+	ev_io_start(loop, &metrics_accept_io);
+}
+
 static void metrics_accept(struct ev_loop *loop, ev_io *w, int revents)
 {
 	(void)w; (void)revents;
 	int fd = accept4(metrics_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
+			return;
+		log_warn("metrics event=accept-failed error=\"%s\"", strerror(errno));
+		ev_io_stop(loop, &metrics_accept_io); /* EMFILE and friends: the socket stays readable */
+		ev_timer_set(&metrics_pause, 1., 0.);
+		ev_timer_start(loop, &metrics_pause);
 		return;
-	struct metrics_client *m = calloc(1, sizeof(*m));
+	}
+	struct metrics_client *m = metrics_clients < METRICS_CLIENTS_MAX ? calloc(1, sizeof(*m)) : NULL;
 	if (!m) {
 		close(fd);
 		return;
 	}
+	metrics_clients++;
 	m->fd = fd;
 	ev_io_init(&m->io, metrics_client_cb, fd, EV_READ);
 	m->io.data = m;
@@ -140,6 +163,7 @@ int metrics_init(struct ev_loop *loop, const char *host, const char *port, char 
 	metrics_loop = loop;
 	ev_io_init(&metrics_accept_io, metrics_accept, metrics_fd, EV_READ);
 	ev_io_start(loop, &metrics_accept_io);
+	ev_init(&metrics_pause, metrics_resume);
 	log_info("metrics event=listening address=%s:%s", host, port);
 	return 0;
 }
@@ -150,6 +174,7 @@ void metrics_shutdown(void)
 	if (metrics_fd < 0)
 		return;
 	ev_io_stop(metrics_loop, &metrics_accept_io);
+	ev_timer_stop(metrics_loop, &metrics_pause);
 	close(metrics_fd);
 	metrics_fd = -1;
 }
