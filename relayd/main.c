@@ -1,7 +1,8 @@
 /*
  * main - relayd: arguments, configuration, start-up order, signals, the loop.
- * Start-up order: config -> database (migrated) -> TLS credentials -> SASL -> queue
- * (recovery) -> bind listeners -> drop privileges -> loop. Anything that fails before the
+ * Start-up order: config -> queue lock (one relayd per queue) -> database (migrated) -> TLS
+ * credentials -> SASL -> bind listeners -> detach (the parent exits when the child has
+ * started) -> queue (recovery) -> drop privileges -> loop. Anything that fails before the
  * loop is fatal with a message naming what and where.
  */
 #include <errno.h>
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -45,6 +47,9 @@ static ev_signal main_sigterm, main_sigint, main_sighup;
 static ev_timer main_drain_timer;
 static ev_tstamp main_drain_deadline;
 static bool main_draining;
+static int main_lock_fd = -1;  /* QUEUE/lock, flock'ed for the life of the process */
+static int main_pid_fd = -1;   /* the pidfile, kept to empty it at exit when it cannot go */
+static int main_ready_fd = -1; /* detached: the pipe to the parent waiting for "started" */
 
 static void main_usage(void)
 {
@@ -343,13 +348,108 @@ static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	main_reload();
 }
 
-static void main_daemonize(const struct config *cfg)
+/* a start-up failure the caller must see: a detaching relayd logs to syslog only */
+static void main_refuse(bool foreground, const char *msg)
 {
+	if (!foreground)
+		fprintf(stderr, "relayd: %s\n", msg);
+	fatal("%s", msg);
+}
+
+/* one relayd per queue: an exclusive flock on QUEUE/lock, taken before anything else
+ * touches the queue (recovery, usage.log, pidfile, control socket) and held until exit;
+ * a second relayd on the same queue exits 1 here and names the first one's pid */
+static void main_lock_queue(const struct config *cfg, bool foreground)
+{
+	char path[PATH_MAX + 16], msg[PATH_MAX + 128], pid[24] = "";
+	snprintf(path, sizeof(path), "%s/lock", cfg->queue);
+	if (mkdir(cfg->queue, 0700) < 0 && errno != EEXIST) {
+		snprintf(msg, sizeof(msg), "cannot create queue %s: %s", cfg->queue, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	main_lock_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+	if (main_lock_fd < 0) {
+		snprintf(msg, sizeof(msg), "cannot open %s: %s", path, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	if (flock(main_lock_fd, LOCK_EX | LOCK_NB) == 0)
+		return;
+	if (errno != EWOULDBLOCK) {
+		snprintf(msg, sizeof(msg), "cannot lock %s: %s", path, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	ssize_t n = pread(main_lock_fd, pid, sizeof(pid) - 1, 0);
+	pid[n > 0 ? strcspn(pid, "\n") : 0] = '\0';
+	snprintf(msg, sizeof(msg), "queue %s is in use by another relayd (pid %s): not starting",
+		 cfg->queue, pid[0] ? pid : "unknown");
+	main_refuse(foreground, msg);
+}
+
+/* the lock file names the process holding it (after detaching: the pid changes) */
+static void main_lock_pid(void)
+{
+	char pid[24];
+	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+	if (ftruncate(main_lock_fd, 0) < 0 || pwrite(main_lock_fd, pid, (size_t)n, 0) != n)
+		log_warn("main event=lock-pid-failed error=\"%s\"", strerror(errno));
+}
+
+/* at exit (clean or fatal): the pidfile goes; when relayd, no longer root, may not remove
+ * it from its folder, it is emptied so that it names no process */
+static void main_pidfile_remove(void)
+{
+	if (main_pid_fd < 0)
+		return;
+	if (unlink(main_cfg.pidfile) < 0 && ftruncate(main_pid_fd, 0) < 0)
+		log_warn("main event=pidfile-not-removed path=%s error=\"%s\"", main_cfg.pidfile, strerror(errno));
+	close(main_pid_fd);
+	main_pid_fd = -1;
+}
+
+static void main_pidfile_write(const struct config *cfg)
+{
+	char pid[24];
+	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+	int fd = open(cfg->pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+	if (fd < 0 || write(fd, pid, (size_t)n) != n) {
+		log_warn("main event=pidfile-failed path=%s error=\"%s\"", cfg->pidfile, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	main_pid_fd = fd;
+	atexit(main_pidfile_remove);
+}
+
+/* the parent of a detaching relayd exits 0 when the child says it started, 1 when the
+ * child exits first (its reason is in the log) */
+static void main_daemon_wait(int fd, const sigset_t *mask)
+{
+	char c;
+	ssize_t n;
+	sigprocmask(SIG_UNBLOCK, mask, NULL); /* ^C still stops the wait */
+	while ((n = read(fd, &c, 1)) < 0 && errno == EINTR)
+		;
+	if (n == 1)
+		_exit(0);
+	fprintf(stderr, "relayd: start-up failed (the reason is in the mail log)\n");
+	_exit(1);
+}
+
+static void main_daemonize(const struct config *cfg, const sigset_t *mask)
+{
+	int ready[2];
+	if (pipe2(ready, O_CLOEXEC) < 0)
+		fatal("pipe: %s", strerror(errno));
 	pid_t pid = fork();
 	if (pid < 0)
 		fatal("fork: %s", strerror(errno));
-	if (pid > 0)
-		_exit(0);
+	if (pid > 0) {
+		close(ready[1]);
+		main_daemon_wait(ready[0], mask);
+	}
+	close(ready[0]);
+	main_ready_fd = ready[1];
 	setsid();
 	int fd = open("/dev/null", O_RDWR);
 	if (fd >= 0) {
@@ -359,13 +459,19 @@ static void main_daemonize(const struct config *cfg)
 		if (fd > 2)
 			close(fd);
 	}
-	if (cfg->pidfile[0]) {
-		FILE *f = fopen(cfg->pidfile, "w");
-		if (f) {
-			fprintf(f, "%ld\n", (long)getpid());
-			fclose(f);
-		}
-	}
+	if (cfg->pidfile[0])
+		main_pidfile_write(cfg);
+}
+
+/* serving: a waiting parent may exit 0 now */
+static void main_ready(void)
+{
+	if (main_ready_fd < 0)
+		return;
+	if (write(main_ready_fd, "R", 1) != 1)
+		log_warn("main event=ready-not-sent error=\"%s\"", strerror(errno));
+	close(main_ready_fd);
+	main_ready_fd = -1;
 }
 
 int main(int argc, char **argv)
@@ -407,6 +513,7 @@ int main(int argc, char **argv)
 	log_init("relayd", foreground, debug);
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile(&main_cfg);
+	main_lock_queue(&main_cfg, foreground);
 
 	/* kept open for the life of the process: SQLite's -wal and -shm files then stay in place
 	 * (chowned with the database before the privilege drop), so worker threads running as
@@ -435,7 +542,8 @@ int main(int argc, char **argv)
 	if (listener_bind_all(&main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	if (!foreground)
-		main_daemonize(&main_cfg);
+		main_daemonize(&main_cfg, &startup_mask);
+	main_lock_pid();
 
 	struct ev_loop *loop = EV_DEFAULT;
 	if (queue_init(loop, main_cfg.queue, err, sizeof(err)) < 0)
@@ -463,6 +571,7 @@ int main(int argc, char **argv)
 	ev_signal_start(loop, &main_sighup);
 	pthread_sigmask(SIG_UNBLOCK, &startup_mask, NULL);
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
+	main_ready();
 	ev_run(loop, 0);
 	forward_shutdown();
 	tlsoff_shutdown();
@@ -475,6 +584,7 @@ int main(int argc, char **argv)
 	sasl_server_done();
 	userdb_close(db);
 	tls_global_deinit();
+	main_pidfile_remove();
 	log_info("main event=stopped");
 	return 0;
 }

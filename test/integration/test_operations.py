@@ -196,6 +196,98 @@ def _():
 
 
 
+def second_config(r, name, extra=""):
+    """a copy of r's config (same queue, database and pidfile) with its own ports and extra lines"""
+    path = os.path.join(r.dir, name)
+    text = re.sub(r"(?m)^listen .*\n", "", r.config_text)
+    text += f"listen 127.0.0.1:{t.free_port()} starttls\nlisten 127.0.0.1:{t.free_port()} tls\n" + extra
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def relayd_run(conf, *opts):
+    """relayd [opts] -c conf run to its end (detached: until its parent exits): (status, output)"""
+    return t._runner([t.RELAYD, *opts, "-c", conf], 15 * t.SLOW)
+
+
+def alive(pid):
+    """pid is a process that has not exited (a zombie has)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@t.test("a second relayd on the same queue exits 1 before touching it; the first keeps working")
+def _():
+    sink = t.Sink()
+    r = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\n")
+    r.add_user(USER, PW)
+    r.start()
+    t.like(one_message(r, "before the second"), t.QUEUED_RE, "first relayd queues a message")
+    t.wait_for(lambda: len(sink.messages()) == 1, 10 * t.SLOW)
+    usage = os.path.join(r.queue_dir, "usage.log")
+    before = os.stat(usage)
+    torn = os.path.join(r.queue_dir, "msg", "0123456789abcdef")  # no END trailer: recovery would unlink it
+    with open(torn, "w") as f:
+        f.write("RELAYD-QUEUE 1\n")
+    sock = os.path.join(r.dir, "second.sock")
+    conf = second_config(r, "second.conf", f"control {sock}\n")
+    for mode, opts in (("-f", ["-f"]), ("detached", [])):
+        rc, out = relayd_run(conf, *opts)
+        t.is_(rc, 1, f"{mode}: the second relayd exits 1")
+        t.like(out, rf"queue {re.escape(r.queue_dir)} is in use by another relayd \(pid {r.proc.pid}\)",
+               f"{mode}: it says why, naming the queue and the first one's pid")
+        t.unlike(out, r"event=(recovered|usage-replayed|started)", f"{mode}: no recovery, no usage replay")
+    after = os.stat(usage)
+    t.is_((after.st_ino, after.st_size), (before.st_ino, before.st_size), "usage.log untouched")
+    t.ok(os.path.exists(torn), "an incomplete queue file (one being written) is not discarded")
+    t.ok(not os.path.exists(sock), "no control socket made")
+    os.unlink(torn)
+    t.like(one_message(r, "after the second"), t.QUEUED_RE, "the first relayd still queues")
+    t.wait_for(lambda: len(sink.messages()) >= 2, 10 * t.SLOW)
+    t.is_(len(sink.messages()), 2, "each message forwarded once")
+    t.is_(r.relayctl("stats")[0], 0, "relayctl still reaches the first one")
+    r.stop()
+    sink.stop()
+
+
+@t.test("detached: the caller gets 0 once relayd serves, 1 when it fails; the pidfile names it and goes at exit")
+def _():
+    r = t.Relay(extra_config="pidfile relayd.pid\n")
+    pidfile = os.path.join(r.dir, "relayd.pid")
+    rc, out = relayd_run(r.conf)
+    t.is_(rc, 0, "relayd (detached) exits 0 to its caller")
+    pid = None
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+        t.ok(alive(pid), "the pidfile names a running relayd")
+        t.is_(r.relayctl("stats", check=False)[0], 0, "which serves already when its parent exits (control socket)")
+        conf = second_config(r, "second.conf")
+        rc, out = relayd_run(conf)
+        t.is_(rc, 1, "a second detached relayd on the same queue: exit 1")
+        t.like(out, rf"in use by another relayd \(pid {pid}\)", "and says why")
+        with open(pidfile) as f:
+            t.is_(int(f.read()), pid, "the pidfile still names the first")
+        os.kill(pid, signal.SIGTERM)
+        t.ok(t.wait_for(lambda: not alive(pid), 15 * t.SLOW), "SIGTERM stops it")
+        t.ok(not os.path.exists(pidfile), "the pidfile is removed at exit")
+        pid = None
+        conf = second_config(r, "bad-control.conf", f"control {pidfile}.x\n")
+        with open(f"{pidfile}.x", "w") as f:
+            f.write("not a socket\n")
+        rc, out = relayd_run(conf)
+        t.is_(rc, 1, "a start that fails after detaching (control path not a socket): exit 1 to the caller")
+        t.like(out, r"start-up failed", "with a line saying so")
+        t.ok(not os.path.exists(pidfile), "and no pidfile left behind")
+    finally:
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def ec_cert(r, key, cert):
     """an ECDSA P-256 key and a certificate for it from r's CA (server.tmpl names), in r's folder"""
     j = lambda n: os.path.join(r.dir, n)  # noqa: E731
