@@ -5,6 +5,7 @@
  * started) -> queue (recovery) -> drop privileges -> loop. Anything that fails before the
  * loop is fatal with a message naming what and where.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <stddef.h>
 #include <ev.h>
@@ -90,22 +91,71 @@ static void main_recover(const char *dir)
 	log_info("queue event=recovered messages=%d discarded=%d", r.good, r.bad);
 }
 
-/* files made as root before the drop must belong to the user relayd runs as */
+/* give dirfd/name to uid:gid without following a link: a symbolic link, or a file with a
+ * second hard link (it may be anyone's), is left alone with a warning */
+static void main_chown_at(int dirfd, const char *dir, const char *name, uid_t uid, gid_t gid)
+{
+	struct stat st;
+	const char *why = NULL;
+	int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT)
+		return;
+	if (fd < 0 || fstat(fd, &st) < 0)
+		why = strerror(errno);
+	else if (S_ISLNK(st.st_mode))
+		why = "a symbolic link";
+	else if (!S_ISDIR(st.st_mode) && (!S_ISREG(st.st_mode) || st.st_nlink != 1))
+		why = "not a file with one link";
+	else if ((st.st_uid != uid || st.st_gid != gid) && fchownat(fd, "", uid, gid, AT_EMPTY_PATH) < 0)
+		why = strerror(errno);
+	if (why)
+		log_warn("main event=chown-failed path=%s%s%s error=\"%s\"", dir, dir[0] ? "/" : "", name, why);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* every file in QUEUE/msg: messages queued while relayd ran as root must stay deliverable */
+static void main_chown_msgs(int queue_fd, const char *queue, uid_t uid, gid_t gid)
+{
+	char dir[PATH_MAX + 8];
+	snprintf(dir, sizeof(dir), "%s/msg", queue);
+	int fd = openat(queue_fd, "msg", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		log_warn("main event=chown-failed path=%s error=\"%s\"", dir, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	struct dirent *e;
+	while ((e = readdir(d)))
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+			main_chown_at(dirfd(d), dir, e->d_name, uid, gid);
+	closedir(d);
+}
+
+/* files made as root before the drop (or while relayd ran without `user`) must belong to
+ * the user relayd runs as */
 static void main_chown_state(const struct config *cfg, uid_t uid, gid_t gid)
 {
 	static const char *suffixes[] = { "", "-wal", "-shm" };
+	static const char *names[] = { "msg", "usage.log", "usage.log.1", "lock" };
 	char path[PATH_MAX + 32];
 	for (size_t i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s%s", cfg->database, suffixes[i]);
-		if (chown(path, uid, gid) < 0 && errno != ENOENT)
-			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+		main_chown_at(AT_FDCWD, "", path, uid, gid);
 	}
-	const char *dirs[] = { "/msg", "/usage.log", "" }; /* the folder last: it is 0700 */
-	for (size_t i = 0; i < 3; i++) {
-		snprintf(path, sizeof(path), "%s%s", cfg->queue, dirs[i]);
-		if (chown(path, uid, gid) < 0 && errno != ENOENT)
-			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+	int fd = open(cfg->queue, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0) {
+		log_warn("main event=chown-failed path=%s error=\"%s\"", cfg->queue, strerror(errno));
+		return;
 	}
+	main_chown_msgs(fd, cfg->queue, uid, gid);
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		main_chown_at(fd, cfg->queue, names[i], uid, gid);
+	if (fchown(fd, uid, gid) < 0)
+		log_warn("main event=chown-failed path=%s error=\"%s\"", cfg->queue, strerror(errno));
+	close(fd);
 }
 
 /* descriptors beside the sessions': listeners, upstream sessions, queue files, the database */

@@ -196,6 +196,33 @@ def _():
 
 
 
+@t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
+def _():
+    if os.geteuid() != 0:
+        t.skip("queue files made as root", "not root")
+        return
+    sink = t.Sink()
+    down = "upstream 127.0.0.1:1 tls=none\nretry_min 1s\nretry_max 2s\n"
+    r = t.Relay(extra_config=down)
+    os.chmod(r.dir, 0o755)
+    r.add_user(USER, PW)
+    r.start()
+    ids = [t.queued_id(one_message(r, f"queued as root {i}")) for i in range(2)]
+    r.stop()
+    owners = {os.stat(os.path.join(r.queue_dir, "msg", i)).st_uid for i in ids if i}
+    t.is_(owners, {0}, "two messages queued by root (upstream down)")
+    r.write_config(down.replace("127.0.0.1:1", f"127.0.0.1:{sink.port}") + "user nobody\n")
+    r.start()
+    t.ok(t.wait_for(lambda: len(sink.messages()) >= 2, 15 * t.SLOW), "both forwarded by relayd running as nobody",
+         f"{len(sink.messages())} of 2")
+    t.ok(t.wait_for(lambda: not r.queue_ids(), 10 * t.SLOW), "and removed from the queue", str(r.queue_ids()))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for name in ("usage.log", "lock", "msg", ""):
+        t.is_(os.stat(os.path.join(r.queue_dir, name)).st_uid, nobody, f"QUEUE/{name} belongs to nobody")
+    r.stop()
+    sink.stop()
+
+
 def second_config(r, name, extra=""):
     """a copy of r's config (same queue, database and pidfile) with its own ports and extra lines"""
     path = os.path.join(r.dir, name)
