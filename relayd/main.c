@@ -422,6 +422,11 @@ static void main_lock_queue(const struct config *cfg, bool foreground)
 		snprintf(msg, sizeof(msg), "cannot open %s: %s", path, strerror(errno));
 		main_refuse(foreground, msg);
 	}
+	struct stat st;
+	if (fstat(main_lock_fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
+		snprintf(msg, sizeof(msg), "%s is not a file with one link: not starting", path);
+		main_refuse(foreground, msg); /* a hard link to a file relayd would truncate */
+	}
 	if (flock(main_lock_fd, LOCK_EX | LOCK_NB) == 0)
 		return;
 	if (errno != EWOULDBLOCK) {
@@ -433,6 +438,30 @@ static void main_lock_queue(const struct config *cfg, bool foreground)
 	snprintf(msg, sizeof(msg), "queue %s is in use by another relayd (pid %s): not starting",
 		 cfg->queue, pid[0] ? pid : "unknown");
 	main_refuse(foreground, msg);
+}
+
+/* started as root with a `user`, relayd works as root in folders that user may write until
+ * the drop, so it refuses links there that it would follow (the queue code opens QUEUE/msg,
+ * SQLite the database and its -wal and -shm): a process running as the user could plant
+ * them to make root give it, or overwrite, any file */
+static void main_refuse_links(const struct config *cfg, bool foreground)
+{
+	static const char *db_suffixes[] = { "", "-wal", "-shm" };
+	char path[PATH_MAX + 16], msg[PATH_MAX + 256];
+	struct stat st;
+	if (!cfg->user[0] || geteuid() != 0)
+		return;
+	for (size_t i = 0; i < 4; i++) {
+		if (i < 3)
+			snprintf(path, sizeof(path), "%s%s", cfg->database, db_suffixes[i]);
+		else
+			snprintf(path, sizeof(path), "%s/msg", cfg->queue);
+		if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) {
+			snprintf(msg, sizeof(msg), "%s is a symbolic link: not starting (as root, relayd "
+				 "follows no link in the folders of user %s)", path, cfg->user);
+			main_refuse(foreground, msg);
+		}
+	}
 }
 
 /* the lock file names the process holding it (after detaching: the pid changes) */
@@ -564,6 +593,7 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile(&main_cfg);
 	main_lock_queue(&main_cfg, foreground);
+	main_refuse_links(&main_cfg, foreground);
 
 	/* kept open for the life of the process: SQLite's -wal and -shm files then stay in place
 	 * (chowned with the database before the privilege drop), so worker threads running as

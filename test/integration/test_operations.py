@@ -8,6 +8,7 @@ import pwd
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -313,6 +314,68 @@ def _():
     finally:
         if pid and alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@t.test("started as root with a user, relayd follows no link planted in the user's folders")
+def _():
+    if os.geteuid() != 0:
+        t.skip("links planted by the relayd user", "not root")
+        return
+    nobody = pwd.getpwnam("nobody")
+    r = t.Relay(extra_config="user nobody\n")
+    os.chmod(r.dir, 0o755)
+    r.add_user(USER, PW)
+    r.start()
+    r.stop()  # the queue now belongs to nobody
+    victim_dir = os.path.join(r.dir, "victim-dir")
+    os.mkdir(victim_dir, 0o755)
+    victim = os.path.join(r.dir, "victim-file")
+    with open(victim, "w") as f:
+        f.write("root:important:content\n")
+
+    def plant(target, name):  # a link as a process running as nobody would make it
+        link = os.path.join(r.dir, name)
+        os.symlink(target, link)
+        os.lchown(link, nobody.pw_uid, nobody.pw_gid)
+        return link
+
+    def untouched(what):
+        with open(victim) as f:
+            content = f.read()
+        t.is_((os.stat(victim).st_uid, content, os.stat(victim_dir).st_uid), (0, "root:important:content\n", 0),
+              f"{what}: the link's target keeps its owner and content")
+
+    plant(victim, "queue/usage.log.new")
+    plant(victim, "queue/usage.log.1")
+    r.start()
+    r.stop()
+    untouched("usage.log.new and usage.log.1 links")
+    usage = os.lstat(os.path.join(r.queue_dir, "usage.log"))
+    t.ok(stat.S_ISREG(usage.st_mode) and usage.st_uid == nobody.pw_uid, "usage.log is a file of nobody's")
+    # QUEUE/msg, and the database's -wal as if its folder were the user's (/var/lib/relayd)
+    for name, target in (("queue/msg", victim_dir), ("relayd.db-wal", victim)):
+        path = os.path.join(r.dir, name)
+        if os.path.exists(path):
+            os.rename(path, path + ".saved")
+        plant(target, name)
+        rc, out = relayd_run(r.conf, "-f")
+        t.is_(rc, 1, f"{name} a link: relayd exits 1")
+        t.like(out, rf"{re.escape(path)} is a symbolic link: not starting", "and names it")
+        untouched(f"{name} a link")
+        os.unlink(path)
+        if os.path.exists(path + ".saved"):
+            os.rename(path + ".saved", path)
+    lock = os.path.join(r.queue_dir, "lock")
+    os.unlink(lock)
+    os.link(victim, lock)  # a hard link (where fs.protected_hardlinks does not stop the user)
+    rc, out = relayd_run(r.conf, "-f")
+    t.is_(rc, 1, "QUEUE/lock a hard link to another file: relayd exits 1")
+    t.like(out, r"lock is not a file with one link: not starting", "and says why")
+    untouched("lock a hard link")
+    os.unlink(lock)
+    r.start()
+    t.like(one_message(r, "after the links"), t.QUEUED_RE, "with the links gone relayd starts and queues")
+    r.stop()
 
 
 def ec_cert(r, key, cert):
