@@ -357,6 +357,10 @@ static int main_ctl_flush(const char *args, struct buf *out)
  * makes it durable within a second, so no fsync waits here */
 static int main_ctl_delete(const char *args, struct buf *out)
 {
+	if (strlen(args) != QUEUE_ID_LEN || strspn(args, "0123456789abcdef") != QUEUE_ID_LEN) {
+		buf_printf(out, "bad queue id: expected 16 hex digits"); /* not a path: it names a file */
+		return -1;
+	}
 	forward_forget(args); /* first, so the forwarder does not race the removal */
 	if (queue_remove(main_cfg.queue, args, false) < 0) {
 		buf_printf(out, "no such message: %s", args);
