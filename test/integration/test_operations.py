@@ -224,6 +224,18 @@ def _():
     sink.stop()
 
 
+@t.test("SIGHUP with a new auth_cache_ttl: the warning says it needs a restart")
+def _():
+    r = t.Relay(extra_config="auth_cache_ttl 1m\n")
+    r.start()
+    r.write_config("auth_cache_ttl 2m\n")
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: "main event=reloaded" in r.log(), 10 * t.SLOW), "reloaded")
+    t.like(r.log(), r"event=reload-partial reason=\"[^\"]*auth_cache_ttl change only on restart",
+           "reload-partial names auth_cache_ttl")
+    r.stop()
+
+
 def second_config(r, name, extra=""):
     """a copy of r's config (same queue, database and pidfile) with its own ports and extra lines"""
     path = os.path.join(r.dir, name)
