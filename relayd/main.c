@@ -1,9 +1,11 @@
 /*
  * main - relayd: arguments, configuration, start-up order, signals, the loop.
- * Start-up order: config -> database (migrated) -> TLS credentials -> SASL -> queue
- * (recovery) -> bind listeners -> drop privileges -> loop. Anything that fails before the
+ * Start-up order: config -> queue lock (one relayd per queue) -> database (migrated) -> TLS
+ * credentials -> SASL -> bind listeners -> detach (the parent exits when the child has
+ * started) -> queue (recovery) -> drop privileges -> loop. Anything that fails before the
  * loop is fatal with a message naming what and where.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <stddef.h>
 #include <ev.h>
@@ -16,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -45,6 +48,9 @@ static ev_signal main_sigterm, main_sigint, main_sighup;
 static ev_timer main_drain_timer;
 static ev_tstamp main_drain_deadline;
 static bool main_draining;
+static int main_lock_fd = -1;  /* QUEUE/lock, flock'ed for the life of the process */
+static int main_pid_fd = -1;   /* the pidfile, kept to empty it at exit when it cannot go */
+static int main_ready_fd = -1; /* detached: the pipe to the parent waiting for "started" */
 
 static void main_usage(void)
 {
@@ -85,22 +91,71 @@ static void main_recover(const char *dir)
 	log_info("queue event=recovered messages=%d discarded=%d", r.good, r.bad);
 }
 
-/* files made as root before the drop must belong to the user relayd runs as */
+/* give dirfd/name to uid:gid without following a link: a symbolic link, or a file with a
+ * second hard link (it may be anyone's), is left alone with a warning */
+static void main_chown_at(int dirfd, const char *dir, const char *name, uid_t uid, gid_t gid)
+{
+	struct stat st;
+	const char *why = NULL;
+	int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT)
+		return;
+	if (fd < 0 || fstat(fd, &st) < 0)
+		why = strerror(errno);
+	else if (S_ISLNK(st.st_mode))
+		why = "a symbolic link";
+	else if (!S_ISDIR(st.st_mode) && (!S_ISREG(st.st_mode) || st.st_nlink != 1))
+		why = "not a file with one link";
+	else if ((st.st_uid != uid || st.st_gid != gid) && fchownat(fd, "", uid, gid, AT_EMPTY_PATH) < 0)
+		why = strerror(errno);
+	if (why)
+		log_warn("main event=chown-failed path=%s%s%s error=\"%s\"", dir, dir[0] ? "/" : "", name, why);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* every file in QUEUE/msg: messages queued while relayd ran as root must stay deliverable */
+static void main_chown_msgs(int queue_fd, const char *queue, uid_t uid, gid_t gid)
+{
+	char dir[PATH_MAX + 8];
+	snprintf(dir, sizeof(dir), "%s/msg", queue);
+	int fd = openat(queue_fd, "msg", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		log_warn("main event=chown-failed path=%s error=\"%s\"", dir, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	struct dirent *e;
+	while ((e = readdir(d)))
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+			main_chown_at(dirfd(d), dir, e->d_name, uid, gid);
+	closedir(d);
+}
+
+/* files made as root before the drop (or while relayd ran without `user`) must belong to
+ * the user relayd runs as */
 static void main_chown_state(const struct config *cfg, uid_t uid, gid_t gid)
 {
 	static const char *suffixes[] = { "", "-wal", "-shm" };
+	static const char *names[] = { "msg", "usage.log", "usage.log.1", "lock" };
 	char path[PATH_MAX + 32];
 	for (size_t i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s%s", cfg->database, suffixes[i]);
-		if (chown(path, uid, gid) < 0 && errno != ENOENT)
-			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+		main_chown_at(AT_FDCWD, "", path, uid, gid);
 	}
-	const char *dirs[] = { "/msg", "/usage.log", "" }; /* the folder last: it is 0700 */
-	for (size_t i = 0; i < 3; i++) {
-		snprintf(path, sizeof(path), "%s%s", cfg->queue, dirs[i]);
-		if (chown(path, uid, gid) < 0 && errno != ENOENT)
-			log_warn("main event=chown-failed path=%s error=\"%s\"", path, strerror(errno));
+	int fd = open(cfg->queue, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0) {
+		log_warn("main event=chown-failed path=%s error=\"%s\"", cfg->queue, strerror(errno));
+		return;
 	}
+	main_chown_msgs(fd, cfg->queue, uid, gid);
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		main_chown_at(fd, cfg->queue, names[i], uid, gid);
+	if (fchown(fd, uid, gid) < 0)
+		log_warn("main event=chown-failed path=%s error=\"%s\"", cfg->queue, strerror(errno));
+	close(fd);
 }
 
 /* descriptors beside the sessions': listeners, upstream sessions, queue files, the database */
@@ -192,8 +247,9 @@ static void main_reload_keep(struct config *n, const struct config *o)
 			      !strcmp(n->listen[i].port, o->listen[i].port) && n->listen[i].mode == o->listen[i].mode;
 	if (!same_listen || strcmp(n->queue, o->queue) || strcmp(n->database, o->database) ||
 	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
-	    strcmp(n->metrics_port, o->metrics_port))
-		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control and metrics change only on restart\"");
+	    strcmp(n->metrics_port, o->metrics_port) || n->auth_cache_ttl != o->auth_cache_ttl)
+		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control, metrics and "
+			 "auth_cache_ttl change only on restart\"");
 	memcpy(n->listen, o->listen, sizeof(n->listen));
 	n->nlisten = o->nlisten;
 	memcpy(n->queue, o->queue, sizeof(n->queue));
@@ -202,6 +258,7 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	memcpy(n->control, o->control, sizeof(n->control));
 	memcpy(n->metrics_host, o->metrics_host, sizeof(n->metrics_host));
 	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
+	n->auth_cache_ttl = o->auth_cache_ttl; /* the credential cache reads it once, at start */
 }
 
 /* the CPUs relayd may run on (its affinity mask: taskset, systemd CPUAffinity=), at least 1 */
@@ -302,6 +359,10 @@ static int main_ctl_flush(const char *args, struct buf *out)
  * makes it durable within a second, so no fsync waits here */
 static int main_ctl_delete(const char *args, struct buf *out)
 {
+	if (strlen(args) != QUEUE_ID_LEN || strspn(args, "0123456789abcdef") != QUEUE_ID_LEN) {
+		buf_printf(out, "bad queue id: expected 16 hex digits"); /* not a path: it names a file */
+		return -1;
+	}
 	forward_forget(args); /* first, so the forwarder does not race the removal */
 	if (queue_remove(main_cfg.queue, args, false) < 0) {
 		buf_printf(out, "no such message: %s", args);
@@ -343,13 +404,137 @@ static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	main_reload();
 }
 
-static void main_daemonize(const struct config *cfg)
+/* a start-up failure the caller must see: a detaching relayd logs to syslog only */
+static void main_refuse(bool foreground, const char *msg)
 {
+	if (!foreground)
+		fprintf(stderr, "relayd: %s\n", msg);
+	fatal("%s", msg);
+}
+
+/* one relayd per queue: an exclusive flock on QUEUE/lock, taken before anything else
+ * touches the queue (recovery, usage.log, pidfile, control socket) and held until exit;
+ * a second relayd on the same queue exits 1 here and names the first one's pid */
+static void main_lock_queue(const struct config *cfg, bool foreground)
+{
+	char path[PATH_MAX + 16], msg[PATH_MAX + 128], pid[24] = "";
+	snprintf(path, sizeof(path), "%s/lock", cfg->queue);
+	if (mkdir(cfg->queue, 0700) < 0 && errno != EEXIST) {
+		snprintf(msg, sizeof(msg), "cannot create queue %s: %s", cfg->queue, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	main_lock_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+	if (main_lock_fd < 0) {
+		snprintf(msg, sizeof(msg), "cannot open %s: %s", path, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	struct stat st;
+	if (fstat(main_lock_fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
+		snprintf(msg, sizeof(msg), "%s is not a file with one link: not starting", path);
+		main_refuse(foreground, msg); /* a hard link to a file relayd would truncate */
+	}
+	if (flock(main_lock_fd, LOCK_EX | LOCK_NB) == 0)
+		return;
+	if (errno != EWOULDBLOCK) {
+		snprintf(msg, sizeof(msg), "cannot lock %s: %s", path, strerror(errno));
+		main_refuse(foreground, msg);
+	}
+	ssize_t n = pread(main_lock_fd, pid, sizeof(pid) - 1, 0);
+	pid[n > 0 ? strcspn(pid, "\n") : 0] = '\0';
+	snprintf(msg, sizeof(msg), "queue %s is in use by another relayd (pid %s): not starting",
+		 cfg->queue, pid[0] ? pid : "unknown");
+	main_refuse(foreground, msg);
+}
+
+/* started as root with a `user`, relayd works as root in folders that user may write until
+ * the drop, so it refuses links there that it would follow (the queue code opens QUEUE/msg,
+ * SQLite the database and its -wal and -shm): a process running as the user could plant
+ * them to make root give it, or overwrite, any file */
+static void main_refuse_links(const struct config *cfg, bool foreground)
+{
+	static const char *db_suffixes[] = { "", "-wal", "-shm" };
+	char path[PATH_MAX + 16], msg[PATH_MAX + 256];
+	struct stat st;
+	if (!cfg->user[0] || geteuid() != 0)
+		return;
+	for (size_t i = 0; i < 4; i++) {
+		if (i < 3)
+			snprintf(path, sizeof(path), "%s%s", cfg->database, db_suffixes[i]);
+		else
+			snprintf(path, sizeof(path), "%s/msg", cfg->queue);
+		if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) {
+			snprintf(msg, sizeof(msg), "%s is a symbolic link: not starting (as root, relayd "
+				 "follows no link in the folders of user %s)", path, cfg->user);
+			main_refuse(foreground, msg);
+		}
+	}
+}
+
+/* the lock file names the process holding it (after detaching: the pid changes) */
+static void main_lock_pid(void)
+{
+	char pid[24];
+	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+	if (ftruncate(main_lock_fd, 0) < 0 || pwrite(main_lock_fd, pid, (size_t)n, 0) != n)
+		log_warn("main event=lock-pid-failed error=\"%s\"", strerror(errno));
+}
+
+/* at exit (clean or fatal): the pidfile goes; when relayd, no longer root, may not remove
+ * it from its folder, it is emptied so that it names no process */
+static void main_pidfile_remove(void)
+{
+	if (main_pid_fd < 0)
+		return;
+	if (unlink(main_cfg.pidfile) < 0 && ftruncate(main_pid_fd, 0) < 0)
+		log_warn("main event=pidfile-not-removed path=%s error=\"%s\"", main_cfg.pidfile, strerror(errno));
+	close(main_pid_fd);
+	main_pid_fd = -1;
+}
+
+static void main_pidfile_write(const struct config *cfg)
+{
+	char pid[24];
+	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+	int fd = open(cfg->pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+	if (fd < 0 || write(fd, pid, (size_t)n) != n) {
+		log_warn("main event=pidfile-failed path=%s error=\"%s\"", cfg->pidfile, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	main_pid_fd = fd;
+	atexit(main_pidfile_remove);
+}
+
+/* the parent of a detaching relayd exits 0 when the child says it started, 1 when the
+ * child exits first (its reason is in the log) */
+static void main_daemon_wait(int fd, const sigset_t *mask)
+{
+	char c;
+	ssize_t n;
+	sigprocmask(SIG_UNBLOCK, mask, NULL); /* ^C still stops the wait */
+	while ((n = read(fd, &c, 1)) < 0 && errno == EINTR)
+		;
+	if (n == 1)
+		_exit(0);
+	fprintf(stderr, "relayd: start-up failed (the reason is in the mail log)\n");
+	_exit(1);
+}
+
+static void main_daemonize(const struct config *cfg, const sigset_t *mask)
+{
+	int ready[2];
+	if (pipe2(ready, O_CLOEXEC) < 0)
+		fatal("pipe: %s", strerror(errno));
 	pid_t pid = fork();
 	if (pid < 0)
 		fatal("fork: %s", strerror(errno));
-	if (pid > 0)
-		_exit(0);
+	if (pid > 0) {
+		close(ready[1]);
+		main_daemon_wait(ready[0], mask);
+	}
+	close(ready[0]);
+	main_ready_fd = ready[1];
 	setsid();
 	int fd = open("/dev/null", O_RDWR);
 	if (fd >= 0) {
@@ -359,13 +544,19 @@ static void main_daemonize(const struct config *cfg)
 		if (fd > 2)
 			close(fd);
 	}
-	if (cfg->pidfile[0]) {
-		FILE *f = fopen(cfg->pidfile, "w");
-		if (f) {
-			fprintf(f, "%ld\n", (long)getpid());
-			fclose(f);
-		}
-	}
+	if (cfg->pidfile[0])
+		main_pidfile_write(cfg);
+}
+
+/* serving: a waiting parent may exit 0 now */
+static void main_ready(void)
+{
+	if (main_ready_fd < 0)
+		return;
+	if (write(main_ready_fd, "R", 1) != 1)
+		log_warn("main event=ready-not-sent error=\"%s\"", strerror(errno));
+	close(main_ready_fd);
+	main_ready_fd = -1;
 }
 
 int main(int argc, char **argv)
@@ -407,6 +598,8 @@ int main(int argc, char **argv)
 	log_init("relayd", foreground, debug);
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile(&main_cfg);
+	main_lock_queue(&main_cfg, foreground);
+	main_refuse_links(&main_cfg, foreground);
 
 	/* kept open for the life of the process: SQLite's -wal and -shm files then stay in place
 	 * (chowned with the database before the privilege drop), so worker threads running as
@@ -435,7 +628,8 @@ int main(int argc, char **argv)
 	if (listener_bind_all(&main_cfg, err, sizeof(err)) < 0)
 		fatal("%s", err);
 	if (!foreground)
-		main_daemonize(&main_cfg);
+		main_daemonize(&main_cfg, &startup_mask);
+	main_lock_pid();
 
 	struct ev_loop *loop = EV_DEFAULT;
 	if (queue_init(loop, main_cfg.queue, err, sizeof(err)) < 0)
@@ -463,6 +657,7 @@ int main(int argc, char **argv)
 	ev_signal_start(loop, &main_sighup);
 	pthread_sigmask(SIG_UNBLOCK, &startup_mask, NULL);
 	log_info("main event=started version=%s config=%s", PACKAGE_VERSION, cfgpath);
+	main_ready();
 	ev_run(loop, 0);
 	forward_shutdown();
 	tlsoff_shutdown();
@@ -475,6 +670,7 @@ int main(int argc, char **argv)
 	sasl_server_done();
 	userdb_close(db);
 	tls_global_deinit();
+	main_pidfile_remove();
 	log_info("main event=stopped");
 	return 0;
 }

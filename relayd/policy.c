@@ -106,10 +106,13 @@ static void policy_replay(const char *path, time_t now)
 	char tmp[PATH_MAX + 32], old[PATH_MAX + 32], line[512];
 	snprintf(tmp, sizeof(tmp), "%s.new", path);
 	snprintf(old, sizeof(old), "%s.1", path);
-	FILE *out = fopen(tmp, "w");
+	unlink(tmp); /* a leftover (or a link planted there: this runs as root) goes first */
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	FILE *out = fd >= 0 ? fdopen(fd, "w") : NULL;
 	int n = 0;
 	for (int f = 0; f < 2; f++) {
-	FILE *in = fopen(f == 0 ? old : path, "r");
+	fd = open(f == 0 ? old : path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	FILE *in = fd >= 0 ? fdopen(fd, "r") : NULL;
 	if (!in)
 		continue;
 	while (fgets(line, sizeof(line), in)) {
@@ -163,7 +166,7 @@ int policy_init(struct ev_loop *loop, const struct config *cfg, char *err, size_
 	policy_cfg = cfg;
 	snprintf(path, sizeof(path), "%s/usage.log", cfg->queue);
 	policy_replay(path, time(NULL));
-	policy_journal = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	policy_journal = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (policy_journal < 0) {
 		snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
 		return -1;

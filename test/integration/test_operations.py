@@ -8,6 +8,7 @@ import pwd
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -194,6 +195,199 @@ def _():
     t.is_(os.stat(os.path.join(r.dir, "relayd.db")).st_mode & 0o077, 0, "database not readable by others")
     r.stop()
 
+
+
+@t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
+def _():
+    if os.geteuid() != 0:
+        t.skip("queue files made as root", "not root")
+        return
+    sink = t.Sink()
+    down = "upstream 127.0.0.1:1 tls=none\nretry_min 1s\nretry_max 2s\n"
+    r = t.Relay(extra_config=down)
+    os.chmod(r.dir, 0o755)
+    r.add_user(USER, PW)
+    r.start()
+    ids = [t.queued_id(one_message(r, f"queued as root {i}")) for i in range(2)]
+    r.stop()
+    owners = {os.stat(os.path.join(r.queue_dir, "msg", i)).st_uid for i in ids if i}
+    t.is_(owners, {0}, "two messages queued by root (upstream down)")
+    r.write_config(down.replace("127.0.0.1:1", f"127.0.0.1:{sink.port}") + "user nobody\n")
+    r.start()
+    t.ok(t.wait_for(lambda: len(sink.messages()) >= 2, 15 * t.SLOW), "both forwarded by relayd running as nobody",
+         f"{len(sink.messages())} of 2")
+    t.ok(t.wait_for(lambda: not r.queue_ids(), 10 * t.SLOW), "and removed from the queue", str(r.queue_ids()))
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for name in ("usage.log", "lock", "msg", ""):
+        t.is_(os.stat(os.path.join(r.queue_dir, name)).st_uid, nobody, f"QUEUE/{name} belongs to nobody")
+    r.stop()
+    sink.stop()
+
+
+@t.test("SIGHUP with a new auth_cache_ttl: the warning says it needs a restart")
+def _():
+    r = t.Relay(extra_config="auth_cache_ttl 1m\n")
+    r.start()
+    r.write_config("auth_cache_ttl 2m\n")
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: "main event=reloaded" in r.log(), 10 * t.SLOW), "reloaded")
+    t.like(r.log(), r"event=reload-partial reason=\"[^\"]*auth_cache_ttl change only on restart",
+           "reload-partial names auth_cache_ttl")
+    r.stop()
+
+
+def second_config(r, name, extra=""):
+    """a copy of r's config (same queue, database and pidfile) with its own ports and extra lines"""
+    path = os.path.join(r.dir, name)
+    text = re.sub(r"(?m)^listen .*\n", "", r.config_text)
+    text += f"listen 127.0.0.1:{t.free_port()} starttls\nlisten 127.0.0.1:{t.free_port()} tls\n" + extra
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def relayd_run(conf, *opts):
+    """relayd [opts] -c conf run to its end (detached: until its parent exits): (status, output)"""
+    return t._runner([t.RELAYD, *opts, "-c", conf], 15 * t.SLOW)
+
+
+def alive(pid):
+    """pid is a process that has not exited (a zombie has)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@t.test("a second relayd on the same queue exits 1 before touching it; the first keeps working")
+def _():
+    sink = t.Sink()
+    r = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\n")
+    r.add_user(USER, PW)
+    r.start()
+    t.like(one_message(r, "before the second"), t.QUEUED_RE, "first relayd queues a message")
+    t.wait_for(lambda: len(sink.messages()) == 1, 10 * t.SLOW)
+    usage = os.path.join(r.queue_dir, "usage.log")
+    before = os.stat(usage)
+    torn = os.path.join(r.queue_dir, "msg", "0123456789abcdef")  # no END trailer: recovery would unlink it
+    with open(torn, "w") as f:
+        f.write("RELAYD-QUEUE 1\n")
+    sock = os.path.join(r.dir, "second.sock")
+    conf = second_config(r, "second.conf", f"control {sock}\n")
+    for mode, opts in (("-f", ["-f"]), ("detached", [])):
+        rc, out = relayd_run(conf, *opts)
+        t.is_(rc, 1, f"{mode}: the second relayd exits 1")
+        t.like(out, rf"queue {re.escape(r.queue_dir)} is in use by another relayd \(pid {r.proc.pid}\)",
+               f"{mode}: it says why, naming the queue and the first one's pid")
+        t.unlike(out, r"event=(recovered|usage-replayed|started)", f"{mode}: no recovery, no usage replay")
+    after = os.stat(usage)
+    t.is_((after.st_ino, after.st_size), (before.st_ino, before.st_size), "usage.log untouched")
+    t.ok(os.path.exists(torn), "an incomplete queue file (one being written) is not discarded")
+    t.ok(not os.path.exists(sock), "no control socket made")
+    os.unlink(torn)
+    t.like(one_message(r, "after the second"), t.QUEUED_RE, "the first relayd still queues")
+    t.wait_for(lambda: len(sink.messages()) >= 2, 10 * t.SLOW)
+    t.is_(len(sink.messages()), 2, "each message forwarded once")
+    t.is_(r.relayctl("stats")[0], 0, "relayctl still reaches the first one")
+    r.stop()
+    sink.stop()
+
+
+@t.test("detached: the caller gets 0 once relayd serves, 1 when it fails; the pidfile names it and goes at exit")
+def _():
+    r = t.Relay(extra_config="pidfile relayd.pid\n")
+    pidfile = os.path.join(r.dir, "relayd.pid")
+    rc, out = relayd_run(r.conf)
+    t.is_(rc, 0, "relayd (detached) exits 0 to its caller")
+    pid = None
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+        t.ok(alive(pid), "the pidfile names a running relayd")
+        t.is_(r.relayctl("stats", check=False)[0], 0, "which serves already when its parent exits (control socket)")
+        conf = second_config(r, "second.conf")
+        rc, out = relayd_run(conf)
+        t.is_(rc, 1, "a second detached relayd on the same queue: exit 1")
+        t.like(out, rf"in use by another relayd \(pid {pid}\)", "and says why")
+        with open(pidfile) as f:
+            t.is_(int(f.read()), pid, "the pidfile still names the first")
+        os.kill(pid, signal.SIGTERM)
+        t.ok(t.wait_for(lambda: not alive(pid), 15 * t.SLOW), "SIGTERM stops it")
+        t.ok(not os.path.exists(pidfile), "the pidfile is removed at exit")
+        pid = None
+        conf = second_config(r, "bad-control.conf", f"control {pidfile}.x\n")
+        with open(f"{pidfile}.x", "w") as f:
+            f.write("not a socket\n")
+        rc, out = relayd_run(conf)
+        t.is_(rc, 1, "a start that fails after detaching (control path not a socket): exit 1 to the caller")
+        t.like(out, r"start-up failed", "with a line saying so")
+        t.ok(not os.path.exists(pidfile), "and no pidfile left behind")
+    finally:
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@t.test("started as root with a user, relayd follows no link planted in the user's folders")
+def _():
+    if os.geteuid() != 0:
+        t.skip("links planted by the relayd user", "not root")
+        return
+    nobody = pwd.getpwnam("nobody")
+    r = t.Relay(extra_config="user nobody\n")
+    os.chmod(r.dir, 0o755)
+    r.add_user(USER, PW)
+    r.start()
+    r.stop()  # the queue now belongs to nobody
+    victim_dir = os.path.join(r.dir, "victim-dir")
+    os.mkdir(victim_dir, 0o755)
+    victim = os.path.join(r.dir, "victim-file")
+    with open(victim, "w") as f:
+        f.write("root:important:content\n")
+
+    def plant(target, name):  # a link as a process running as nobody would make it
+        link = os.path.join(r.dir, name)
+        os.symlink(target, link)
+        os.lchown(link, nobody.pw_uid, nobody.pw_gid)
+        return link
+
+    def untouched(what):
+        with open(victim) as f:
+            content = f.read()
+        t.is_((os.stat(victim).st_uid, content, os.stat(victim_dir).st_uid), (0, "root:important:content\n", 0),
+              f"{what}: the link's target keeps its owner and content")
+
+    plant(victim, "queue/usage.log.new")
+    plant(victim, "queue/usage.log.1")
+    r.start()
+    r.stop()
+    untouched("usage.log.new and usage.log.1 links")
+    usage = os.lstat(os.path.join(r.queue_dir, "usage.log"))
+    t.ok(stat.S_ISREG(usage.st_mode) and usage.st_uid == nobody.pw_uid, "usage.log is a file of nobody's")
+    # QUEUE/msg, and the database's -wal as if its folder were the user's (/var/lib/relayd)
+    for name, target in (("queue/msg", victim_dir), ("relayd.db-wal", victim)):
+        path = os.path.join(r.dir, name)
+        if os.path.exists(path):
+            os.rename(path, path + ".saved")
+        plant(target, name)
+        rc, out = relayd_run(r.conf, "-f")
+        t.is_(rc, 1, f"{name} a link: relayd exits 1")
+        t.like(out, rf"{re.escape(path)} is a symbolic link: not starting", "and names it")
+        untouched(f"{name} a link")
+        os.unlink(path)
+        if os.path.exists(path + ".saved"):
+            os.rename(path + ".saved", path)
+    lock = os.path.join(r.queue_dir, "lock")
+    os.unlink(lock)
+    os.link(victim, lock)  # a hard link (where fs.protected_hardlinks does not stop the user)
+    rc, out = relayd_run(r.conf, "-f")
+    t.is_(rc, 1, "QUEUE/lock a hard link to another file: relayd exits 1")
+    t.like(out, r"lock is not a file with one link: not starting", "and says why")
+    untouched("lock a hard link")
+    os.unlink(lock)
+    r.start()
+    t.like(one_message(r, "after the links"), t.QUEUED_RE, "with the links gone relayd starts and queues")
+    r.stop()
 
 
 def ec_cert(r, key, cert):

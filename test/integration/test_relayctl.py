@@ -261,6 +261,35 @@ def _():
         t.skip("stats via the control socket", "control socket not wired into relayd yet")
 
 
+def control_request(line):
+    """one request on relayd's control socket, as relayctl sends it; the whole reply"""
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(t.SOCK_TIMEOUT)
+        s.connect(CONTROL)
+        s.sendall(line.encode() + b"\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        return reply.decode("utf-8", "replace")
+
+
+@t.test("the control socket's delete takes only a queue id, not a path")
+def _():
+    if not WIRED:
+        t.skip("delete through the control socket", "control socket not wired into relayd yet")
+        return
+    victim = os.path.join(relay.dir, "victim")
+    with open(victim, "w") as f:
+        f.write("keep me\n")
+    usage = os.path.join(relay.queue_dir, "usage.log")
+    for arg in ("../../victim", "../usage.log", ids["two"].upper(), ids["two"] + "0", ""):
+        t.like(control_request(f"delete {arg}"), r"\AERR bad queue id: expected 16 hex digits\n\Z",
+               f"delete {arg!r}: refused")
+    t.ok(os.path.exists(victim) and os.path.exists(usage), "the victim file and usage.log are still there")
+    t.ok(ids["two"] in relay.queue_ids(), "and the message named in upper case too")
+
+
 @t.test("queue and stats with relayd stopped")
 def _():
     t.is_(relay.stop(), 0, "relayd stops cleanly")
