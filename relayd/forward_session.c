@@ -952,7 +952,9 @@ static void forward_session_response(struct forward_session *s, int code)
 	}
 }
 
-/* c->in into replies (smtp_reply.c), each handed to forward_session_response() */
+/* c->in into replies (smtp_reply.c), each handed to forward_session_response(). conn stops
+ * reading once c->in holds in_max bytes (a burst of replies to a pipelined group); everything
+ * complete is consumed here, at most one partial line stays, so reading always resumes */
 static void forward_session_on_read(struct conn *c, void *arg)
 {
 	struct forward_session *s = arg;
@@ -965,9 +967,11 @@ static void forward_session_on_read(struct conn *c, void *arg)
 		}
 		buf_consume(&c->in, used);
 		if (rc == 0)
-			return;
+			break;
 		forward_session_response(s, s->reply.code);
 	}
+	if (!s->dead && c->read_paused)
+		conn_resume_read(c);
 }
 
 static void forward_session_on_tls(struct conn *c, void *arg)

@@ -12,6 +12,7 @@ anchors and secrets they replace (RSS, relayctl stats credential_sets).
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
+import asyncio
 import json
 import os
 import re
@@ -95,6 +96,98 @@ def done(relay, *sinks):
     relay.stop()
     for s in sinks:
         s.stop()
+
+
+class Upstream:
+    """a scripted SMTP upstream on 127.0.0.1 (asyncio, in a thread) that answers a pipelined
+    MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
+    transaction and answers the others with over; pad adds that many 1000-byte lines to every
+    RCPT reply (a big burst). messages: [(recipients, data)] it took with 250."""
+
+    def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0):
+        self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
+        self.messages, self.connections = [], 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.th.start()
+        if not ready.wait(10):
+            raise RuntimeError("upstream did not start")
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    def _rcpt_ok(self):
+        fill = b"".join(b"250-2.1.5 " + b"x" * 1000 + b"\r\n" for _ in range(self.pad))
+        return fill + b"250 2.1.5 ok\r\n"
+
+    async def _data(self, reader):
+        data = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 30)
+            if not line or line == b".\r\n":
+                return data if line else None
+            data += line[1:] if line.startswith(b".") else line
+
+    async def _client(self, reader, writer):
+        self.connections += 1
+        out, rcpts = [], []
+        try:
+            writer.write(b"220 up.test ESMTP\r\n")
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                verb = line[:4].upper()
+                if not line or verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    return
+                if verb == b"EHLO":
+                    out.append(b"250-up.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
+                elif verb == b"MAIL":
+                    rcpts = []
+                    out.append(b"250 2.1.0 ok\r\n")
+                elif verb == b"RCPT" and len(rcpts) < self.rcpt_limit:
+                    rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
+                    out.append(self._rcpt_ok())
+                elif verb == b"RCPT":
+                    out.append(self.over + b"\r\n")
+                elif verb == b"DATA" and rcpts:
+                    writer.write(b"".join(out) + b"354 go ahead\r\n")  # the whole group's replies at once
+                    out = []
+                    data = await self._data(reader)
+                    if data is None:
+                        return
+                    self.messages.append((rcpts, data))
+                    out.append(b"250 2.0.0 queued\r\n")
+                elif verb == b"DATA":
+                    out.append(b"554 5.5.1 no valid recipients\r\n")
+                else:
+                    out.append(b"250 2.0.0 ok\r\n")
+                if verb in (b"EHLO", b"DATA", b"RSET", b"NOOP"):
+                    writer.write(b"".join(out))
+                    out = []
+                await writer.drain()
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def rcpts(self):
+        return sorted(r for m in self.messages for r in m[0])
+
+    def stop(self):
+        async def _stop():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.1)
+            self.loop.stop()
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
+        self.th.join(5)
 
 
 @t.test("STARTTLS + AUTH upstream: a message from swaks arrives byte for byte")
@@ -763,5 +856,19 @@ def _():
     t.is_(relay.stop(), 0, "clean exit (under valgrind: nothing leaked, the secrets freed)")
     sink.stop()
 
+
+
+@t.test("a burst of replies over 64 KiB (a pipelined group of 20 recipients) is read to the end")
+def _():
+    up = Upstream(pad=10)  # about 10 KB a RCPT reply, 200 KB in one write
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    rcpts = [f"burst{i:02}@example.net" for i in range(20)]
+    code, qid, _ = submit(relay, rcpts, subject=marker("burst"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "delivered in one transaction (no stall after 64 KiB)")
+    t.is_(up.rcpts(), rcpts, "to every recipient")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
+    t.unlike(relay.log(), r"upstream-failed", "no timeout")
+    done(relay, up)
 
 t.done()
