@@ -46,8 +46,12 @@
 #include "tls.h"
 #include "workq.h"
 
-#define FORWARD_TIMEOUT_CONNECT 30.
-#define FORWARD_TIMEOUT_REPLY   300.    /* RFC 5321 §4.5.3.2: 5 minutes for most replies */
+#define FORWARD_TIMEOUT_CONNECT 30.     /* per address */
+/* RFC 5321 §4.5.3.2: the least a client waits for each reply (upstream_timeout replaces them) */
+#define FORWARD_TIMEOUT_REPLY   300.    /* the greeting, EHLO, MAIL, RCPT ... (§4.5.3.2.1-3) */
+#define FORWARD_TIMEOUT_DATA    120.    /* 354 to DATA (§4.5.3.2.4) */
+#define FORWARD_TIMEOUT_BLOCK   180.    /* each part of the body sent (§4.5.3.2.5) */
+#define FORWARD_TIMEOUT_DOT     600.    /* after the final dot (§4.5.3.2.6: fewer duplicates) */
 #define FORWARD_IDLE            10.     /* an unused connection is closed (QUIT) after this */
 #define FORWARD_READ_CHUNK      65536   /* a message body is read from the queue in pieces of this */
 #define FORWARD_QUIT_WAIT       5.
@@ -75,7 +79,6 @@ struct forward_session_body {
 static struct forward_session *forward_session_graveyard;
 static ev_timer forward_session_reaper;
 static uint64_t forward_session_next_sid;
-static double forward_session_reply_timeout = FORWARD_TIMEOUT_REPLY;
 
 static void forward_session_enter_state(struct forward_session *s, enum forward_state st);
 static void forward_session_ready(struct forward_session *s);
@@ -100,6 +103,19 @@ static struct forward_session *forward_session_find(uint64_t id)
 }
 
 static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* the wait for a reply: RFC 5321's for it, or upstream_timeout for every one when set */
+static double forward_session_wait(double rfc)
+{
+	return forward_cfg->upstream_timeout ? (double)forward_cfg->upstream_timeout : rfc;
+}
+
+/* the wait for a connection (per address) or a TLS handshake: upstream_timeout when shorter */
+static double forward_session_wait_connect(void)
+{
+	double t = forward_cfg->upstream_timeout;
+	return t && t < FORWARD_TIMEOUT_CONNECT ? t : FORWARD_TIMEOUT_CONNECT;
+}
 
 static void forward_session_timer(struct forward_session *s, double t)
 {
@@ -558,39 +574,39 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
 		break;
 	case FS_CONNECT:
-		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
+		forward_session_timer(s, forward_session_wait_connect());
 		forward_session_connect_next(s);
 		break;
 	case FS_HANDSHAKE:
-		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
+		forward_session_timer(s, forward_session_wait_connect());
 		break;
 	case FS_GREETING:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		break;
 	case FS_EHLO:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "EHLO %s", forward_cfg->hostname);
 		break;
 	case FS_STARTTLS:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "STARTTLS");
 		break;
 	case FS_AUTH:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_auth_start(s);
 		break;
 	case FS_READY:
 		forward_session_timer(s, FORWARD_IDLE);
 		break;
 	case FS_PREPARE:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, FORWARD_TIMEOUT_REPLY); /* reading the queue, not the upstream */
 		break;
 	case FS_MAIL:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_send_mail(s);
 		break;
 	case FS_RCPT:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		if (!s->pipelined) {
 			struct buf b = { 0 };
 			forward_session_add_rcpt(s, &b, s->rcpt_sent++);
@@ -599,19 +615,20 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		}
 		break;
 	case FS_DATA:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_DATA));
 		if (!s->pipelined)
 			forward_session_sendline(s, "DATA");
 		break;
 	case FS_BODY:
-		forward_session_timer(s, 2 * forward_session_reply_timeout); /* RFC 5321 §4.5.3.2.6: 10 minutes after the dot */
+		/* the block wait while the body goes out; the dot's wait once it is all out (on_drain) */
+		forward_session_timer(s, forward_session_wait(s->body_abort ? FORWARD_TIMEOUT_DOT : FORWARD_TIMEOUT_BLOCK));
 		if (s->body_abort)
 			forward_session_sendline(s, ".");
 		else
 			forward_session_body_push(s);
 		break;
 	case FS_RSET:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "RSET");
 		break;
 	case FS_QUIT:
@@ -997,8 +1014,10 @@ static void forward_session_on_drain(struct conn *c, void *arg)
 	if (s->dead || s->state != FS_BODY || s->body_abort)
 		return;
 	if (s->body_off < s->body_len) {
-		forward_session_timer(s, 2 * forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_BLOCK));
 		forward_session_body_push(s);
+	} else {
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_DOT)); /* all sent, the dot too */
 	}
 }
 
@@ -1048,11 +1067,10 @@ static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int re
 
 /* --- the manager's calls ------------------------------------------------------------------ */
 
-/* forward_session_init - the reply timeout from timeout_idle, and the reaper */
+/* forward_session_init - the reaper */
 void forward_session_init(const struct config *cfg)
 {
-	if (cfg->timeout_idle && cfg->timeout_idle < FORWARD_TIMEOUT_REPLY)
-		forward_session_reply_timeout = cfg->timeout_idle < 10 ? 10. : (double)cfg->timeout_idle;
+	(void)cfg;
 	ev_init(&forward_session_reaper, forward_session_reaper_cb);
 }
 

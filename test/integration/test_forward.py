@@ -549,10 +549,10 @@ def _():
     mute = socket.socket()
     mute.bind(("127.0.0.1", 0))
     mute.listen(5)   # never accepted: the connection is made, nothing is ever said
-    relay = make_relay([f"127.0.0.1:{mute.getsockname()[1]} tls=none"], extra=RETRY + "timeout_idle 10s\n")
+    relay = make_relay([f"127.0.0.1:{mute.getsockname()[1]} tls=none"], extra=RETRY + "upstream_timeout 2s\n")
     code, qid, _ = submit(relay, ["kim@example.net"])
-    t.ok(wait_log(relay, r"upstream-failed upstream=\S+ state=greeting reason=\"timeout in state greeting\"", 20),
-         "greeting timeout")
+    t.ok(wait_log(relay, r"upstream-failed upstream=\S+ state=greeting reason=\"timeout in state greeting\"", 10),
+         "greeting timeout (upstream_timeout 2s)")
     t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 5), "deferred")
     relay.stop()
     mute.close()
@@ -870,5 +870,17 @@ def _():
     t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
     t.unlike(relay.log(), r"upstream-failed", "no timeout")
     done(relay, up)
+
+
+@t.test("timeout_idle does not shorten the wait for the upstream's reply to the final dot (RFC 5321: 10 minutes)")
+def _():
+    slow = t.Sink(["--data-delay", "21"])  # past the old 2 x timeout_idle (at least 10 s)
+    relay = make_relay([f"127.0.0.1:{slow.port} tls=none"], extra=RETRY + "timeout_idle 10s\n")
+    code, qid, _ = submit(relay, ["slowdot@example.net"], subject=marker("slow dot"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered ", 30), "delivered once the upstream answered")
+    t.unlike(relay.log(), r"upstream-failed|event=deferred", "no timeout, no retry")
+    t.is_(len(slow.messages()), 1, "one copy at the upstream, not one per timeout")
+    done(relay, slow)
 
 t.done()
