@@ -207,6 +207,7 @@ static void forward_session_connect_next(struct forward_session *s)
 		ev_io_init(&s->cio, forward_session_connect_cb, fd, EV_WRITE);
 		s->cio.data = s;
 		ev_io_start(forward_loop, &s->cio);
+		forward_session_timer(s, forward_session_wait_connect()); /* each address its own */
 		return;
 	}
 	forward_session_fail(s, s->last_connect_error[0] ? s->last_connect_error : "no address");
@@ -574,7 +575,6 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
 		break;
 	case FS_CONNECT:
-		forward_session_timer(s, forward_session_wait_connect());
 		forward_session_connect_next(s);
 		break;
 	case FS_HANDSHAKE:
@@ -1057,6 +1057,14 @@ static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int re
 	}
 	if (s->state == FS_QUIT) {
 		forward_session_free(s);
+		return;
+	}
+	if (s->state == FS_CONNECT && s->ai_next) { /* no answer from this address (a dead IPv6 path): the next */
+		ev_io_stop(forward_loop, &s->cio);
+		close(s->fd);
+		s->fd = -1;
+		snprintf(s->last_connect_error, sizeof(s->last_connect_error), "connect: timed out");
+		forward_session_connect_next(s);
 		return;
 	}
 	char why[64];

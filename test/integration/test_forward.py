@@ -16,8 +16,11 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -882,5 +885,88 @@ def _():
     t.unlike(relay.log(), r"upstream-failed|event=deferred", "no timeout, no retry")
     t.is_(len(slow.messages()), 1, "one copy at the upstream, not one per timeout")
     done(relay, slow)
+
+
+# an LD_PRELOAD shim: getaddrinfo("dual.test") gives 127.0.0.2 then 127.0.0.1, as a host name
+# with a dead first address (an AAAA record over a broken IPv6 path) does; glibc's freeaddrinfo
+# frees node by node, so the two lists can be chained
+GAI_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <string.h>
+int getaddrinfo(const char *node, const char *serv, const struct addrinfo *hints, struct addrinfo **res)
+{
+	int (*real)(const char *, const char *, const struct addrinfo *, struct addrinfo **) =
+		(int (*)(const char *, const char *, const struct addrinfo *, struct addrinfo **))dlsym(RTLD_NEXT, "getaddrinfo");
+	if (!node || strcmp(node, "dual.test"))
+		return real(node, serv, hints, res);
+	struct addrinfo h = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST };
+	struct addrinfo *a = NULL, *b = NULL;
+	int rc = real("127.0.0.2", serv, &h, &a);
+	if (rc || (rc = real("127.0.0.1", serv, &h, &b)))
+		return rc;
+	a->ai_next = b;
+	*res = a;
+	return 0;
+}
+"""
+
+
+def gai_shim(d):
+    """the shim built in d, or None without a C compiler"""
+    cc = os.environ.get("CC", "cc").split()
+    if not shutil.which(cc[0]):
+        return None
+    src, so = os.path.join(d, "gai_shim.c"), os.path.join(d, "gai_shim.so")
+    with open(src, "w") as f:
+        f.write(GAI_SHIM)
+    r = subprocess.run(cc + ["-shared", "-fPIC", "-o", so, src, "-ldl"], capture_output=True, timeout=60)
+    return so if r.returncode == 0 else None
+
+
+@t.test("a connect timeout on the upstream's first address moves on to its next address")
+def _():
+    sink = t.Sink([])
+    hole = socket.socket()
+    hole.bind(("127.0.0.2", sink.port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.2", sink.port), timeout=5)  # backlog full: SYNs dropped
+    probe = socket.socket()
+    probe.settimeout(1)
+    try:
+        probe.connect(("127.0.0.2", sink.port))
+        blackhole = False
+    except socket.timeout:
+        blackhole = True
+    except OSError:
+        blackhole = False
+    probe.close()
+    relay = make_relay([f"dual.test:{sink.port} tls=none"], extra=RETRY + "upstream_timeout 2s\n", start=False)
+    shim = gai_shim(relay.dir)
+    if not shim or not blackhole:
+        t.skip("connect timeout, next address", "no C compiler for the getaddrinfo shim" if not shim else
+               "127.0.0.2 with a full backlog does not drop SYNs here")
+        done(relay, sink)
+        hole.close(), filler.close()
+        return
+    env = {k: os.environ.get(k) for k in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    os.environ["LD_PRELOAD"] = shim
+    os.environ["ASAN_OPTIONS"] = (env["ASAN_OPTIONS"] + ":" if env["ASAN_OPTIONS"] else "") + "verify_asan_link_order=0"
+    try:
+        relay.start()
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    code, qid, _ = submit(relay, ["dual@example.net"], subject=marker("dual"))
+    t.is_(code, 250, "accepted")
+    t.is_(len(wait_msgs(sink, 1, 10)), 1, "delivered through the second address")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered ", 5), "logged delivered")
+    t.unlike(relay.log(), r"event=deferred|upstream-failed", "in the first attempt: no failure, no deferral")
+    done(relay, sink)
+    hole.close(), filler.close()
 
 t.done()
