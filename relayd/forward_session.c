@@ -805,6 +805,14 @@ static void forward_session_ready(struct forward_session *s)
 
 /* --- the session: replies ----------------------------------------------------------------- */
 
+/* a 552 to RCPT becomes 452, and its enhanced status 5.x.x 4.x.x */
+static void forward_session_552_as_452(int *code, char *line)
+{
+	*code = 452;
+	if (line[0] == '5' && line[1] == '.')
+		line[0] = '4';
+}
+
 /* one complete reply: the state decides */
 static void forward_session_response(struct forward_session *s, int code)
 {
@@ -904,6 +912,8 @@ static void forward_session_response(struct forward_session *s, int code)
 				s->accepted[j] = true;
 				s->naccepted++;
 			} else {
+				if (code == 552) /* RFC 5321 §4.5.3.1.10: RFC 821's "too many recipients": temporary */
+					forward_session_552_as_452(&code, line);
 				s->rcode[j] = cls == 4 || cls == 5 ? code : 0;
 				free(s->rreply[j]);
 				s->rreply[j] = strdup(line);

@@ -969,4 +969,18 @@ def _():
     done(relay, sink)
     hole.close(), filler.close()
 
+
+@t.test("552 to RCPT (RFC 821's 'too many recipients') is temporary: the rest is sent again, no bounce")
+def _():
+    up = Upstream(rcpt_limit=2, over=b"552 5.5.3 Too many recipients")
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    rcpts = ["m1@example.net", "m2@example.net", "m3@example.net"]
+    code, qid, _ = submit(relay, rcpts, subject=marker("552"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.rcpts() == rcpts, 10 * t.SLOW), "all three delivered", up.rcpts())
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty (no bounce waiting)")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "no recipient failed, no bounce")
+    t.is_([m[0] for m in up.messages], [rcpts[:2], rcpts[2:]], "two transactions at the upstream, no bounce")
+    done(relay, up)
+
 t.done()
