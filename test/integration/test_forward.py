@@ -983,4 +983,20 @@ def _():
     t.is_([m[0] for m in up.messages], [rcpts[:2], rcpts[2:]], "two transactions at the upstream, no bounce")
     done(relay, up)
 
+
+@t.test("recipients refused with 452 (too many) go out at once in the next transactions: no retry, no delay notice")
+def _():
+    up = Upstream(rcpt_limit=2)
+    # a deferral would wait retry_min (30 s) and send a "delayed" notice (delay_warning 1s)
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra="retry_min 30s\nretry_max 60s\ndelay_warning 1s\n")
+    rcpts = [f"chunk{i}@example.net" for i in range(7)]
+    code, qid, _ = submit(relay, rcpts, subject=marker("chunks"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.rcpts() == rcpts, 10 * t.SLOW), "all seven delivered at once", up.rcpts())
+    t.is_([len(m[0]) for m in up.messages], [2, 2, 2, 1], "in chunks of the upstream's limit, nothing else sent")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
+    t.unlike(relay.log(), rf"{qid} forward event=(deferred|attempt-failed|failed|notice)", "no deferral, no notice")
+    t.is_(up.connections, 1, "on the same connection")
+    done(relay, up)
+
 t.done()
