@@ -69,8 +69,9 @@ struct forward_session_body {
 	struct workq_job job;
 	uint64_t sid;
 	char id[QUEUE_ID_LEN + 1];
-	size_t size;
+	size_t size;                    /* on disk; then as sent (hdrs_cut) */
 	off_t offset;
+	bool hdrs_cut;                  /* a bounce: its returned message cut to the headers (dsn.c) */
 	struct buf out;                 /* dot-stuffed */
 	bool has8bit;
 	int rc;
@@ -297,7 +298,8 @@ void forward_session_tx_clear(struct forward_session *s)
 	s->pipelined = s->mail_refused = s->body_abort = false;
 	free(s->body);
 	s->body = NULL;
-	s->body_len = s->body_off = 0;
+	s->body_len = s->body_off = s->body_size = 0;
+	s->hdrs_cut = false;
 	s->msg = NULL;
 }
 
@@ -448,7 +450,7 @@ static void forward_session_send_mail(struct forward_session *s)
 	struct buf b = { 0 };
 	buf_printf(&b, "MAIL FROM:<%s>", env->from);
 	if (s->ext.size)
-		buf_printf(&b, " SIZE=%zu", env->size);
+		buf_printf(&b, " SIZE=%zu", s->body_size);
 	if (s->ext.eightbitmime && (env->body != QUEUE_BODY_7BIT || s->body_8bit))
 		buf_printf(&b, " BODY=8BITMIME");
 	if (s->ext.smtputf8 && forward_session_needs_utf8(s))
@@ -661,8 +663,20 @@ static int forward_session_stuff(struct forward_session_body *j, const char *p, 
 	return rc ? -1 : 0;
 }
 
+/* j->out ends in CRLF "." CRLF */
+static int forward_session_stuff_end(struct forward_session_body *j)
+{
+	/* stuffing adds a dot only before a dot, so the body ends in CRLF exactly when out does */
+	const struct buf *o = &j->out;
+	int rc = 0;
+	if (j->size > 0 && !(o->len >= 2 && o->data[o->len - 2] == '\r' && o->data[o->len - 1] == '\n'))
+		rc |= buf_append(&j->out, "\r\n", 2);
+	rc |= buf_append(&j->out, ".\r\n", 3);
+	return rc ? -1 : 0;
+}
+
 /* the body read from fd a chunk at a time (a large message is never in memory twice) and
- * dot-stuffed into j->out, which ends in CRLF "." CRLF */
+ * dot-stuffed into j->out */
 static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 {
 	char chunk[FORWARD_READ_CHUNK];
@@ -676,27 +690,60 @@ static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 			return -1;
 		done += (size_t)r;
 	}
-	/* stuffing adds a dot only before a dot, so the body ends in CRLF exactly when out does */
-	const struct buf *o = &j->out;
-	int rc = 0;
-	if (j->size > 0 && !(o->len >= 2 && o->data[o->len - 2] == '\r' && o->data[o->len - 1] == '\n'))
-		rc |= buf_append(&j->out, "\r\n", 2);
-	rc |= buf_append(&j->out, ".\r\n", 3);
-	return rc ? -1 : 0;
+	return forward_session_stuff_end(j);
+}
+
+/* n bytes at off from fd into p; -1 on an error or a short file */
+static int forward_session_pread_all(int fd, char *p, size_t n, off_t off)
+{
+	for (size_t done = 0; done < n;) {
+		ssize_t r = pread(fd, p + done, n - done, off + (off_t)done);
+		if (r <= 0)
+			return -1;
+		done += (size_t)r;
+	}
+	return 0;
+}
+
+/* a bounce whole from fd, its returned message cut to the headers, dot-stuffed into j->out;
+ * one that cannot be cut (not a bounce that returns the whole message) goes as it is */
+static int forward_session_stuff_cut(struct forward_session_body *j, int fd)
+{
+	char *raw = malloc(j->size ? j->size : 1);
+	struct buf cut = { 0 };
+	bool line_start = true;
+	int rc = raw ? forward_session_pread_all(fd, raw, j->size, j->offset) : -1;
+	if (rc == 0 && dsn_headers_only(raw, j->size, &cut) == 0) {
+		j->size = cut.len;
+		rc = forward_session_stuff(j, cut.data, cut.len, &line_start);
+	} else if (rc == 0) {
+		rc = forward_session_stuff(j, raw, j->size, &line_start);
+	}
+	free(raw);
+	buf_free(&cut);
+	return rc < 0 ? -1 : forward_session_stuff_end(j);
 }
 
 static void forward_session_body_run(struct workq_job *job)
 {
 	struct forward_session_body *j = (struct forward_session_body *)job;
 	int fd = queue_open_message(forward_queue, j->id);
-	j->rc = fd >= 0 ? forward_session_stuff_file(j, fd) : -1;
+	if (fd < 0)
+		j->rc = -1;
+	else
+		j->rc = j->hdrs_cut ? forward_session_stuff_cut(j, fd) : forward_session_stuff_file(j, fd);
 	if (fd >= 0)
 		close(fd);
 }
 
-/* a transaction cannot start: every pending recipient fails for good with this reply */
+/* a transaction cannot start: what this upstream cannot take (SIZE, 8BITMIME, SMTPUTF8) goes
+ * to the next upstream of this round; at the last one every pending recipient fails for good
+ * with this reply (never a retry loop) */
 static void forward_session_tx_refuse(struct forward_session *s, int code, const char *text)
 {
+	for (int i = 0; i < forward_nup; i++)
+		if (i != s->up->index && !s->msg->tried[i])
+			code = 0;
 	for (size_t j = 0; j < s->nrcpts; j++) {
 		s->rcode[j] = code;
 		s->rreply[j] = strdup(text);
@@ -704,6 +751,27 @@ static void forward_session_tx_refuse(struct forward_session *s, int code, const
 	forward_tx_done(s, text);
 	forward_session_ready(s);
 }
+
+/* what this upstream cannot take: the reply code (text into text), or 0 */
+static int forward_session_cannot(const struct forward_session *s, char *text, size_t textlen)
+{
+	if (s->ext.size && s->ext.size_max && s->body_size > s->ext.size_max) {
+		snprintf(text, textlen, "5.3.4 Message size %zu exceeds the upstream's limit of %llu", s->body_size,
+			 s->ext.size_max);
+		return 552;
+	}
+	if (s->body_8bit && !s->ext.eightbitmime) {
+		snprintf(text, textlen, "5.6.3 8-bit content, and the upstream does not support 8BITMIME");
+		return 554;
+	}
+	if (forward_session_needs_utf8(s) && !s->ext.smtputf8) {
+		snprintf(text, textlen, "5.6.7 Internationalized message, and the upstream does not support SMTPUTF8");
+		return 553;
+	}
+	return 0;
+}
+
+static void forward_session_read_body(struct forward_session *s, bool hdrs_cut);
 
 static void forward_session_body_done(struct workq_job *job)
 {
@@ -721,28 +789,48 @@ static void forward_session_body_done(struct workq_job *job)
 		forward_session_ready(s);
 		return;
 	}
+	free(s->body);
 	s->body = j->out.data;
 	s->body_len = j->out.len;
 	s->body_8bit = j->has8bit;
+	s->body_size = j->size;
 	free(j);
-	/* what this upstream cannot take fails now, for good (never a retry loop) */
 	char text[300];
-	if (s->ext.size && s->ext.size_max && s->msg->env.size > s->ext.size_max) {
-		snprintf(text, sizeof(text), "5.3.4 Message size %zu exceeds the upstream's limit of %llu",
-			 s->msg->env.size, s->ext.size_max);
-		forward_session_tx_refuse(s, 552, text);
-	} else if (s->body_8bit && !s->ext.eightbitmime) {
-		forward_session_tx_refuse(s, 554, "5.6.3 8-bit content, and the upstream does not support 8BITMIME");
-	} else if (forward_session_needs_utf8(s) && !s->ext.smtputf8) {
-		forward_session_tx_refuse(s, 553, "5.6.7 Internationalized message, and the upstream does not support SMTPUTF8");
+	int code = forward_session_cannot(s, text, sizeof(text));
+	if (code && code != 553 && !s->msg->env.from[0] && !s->hdrs_cut) {
+		/* a bounce too big or 8-bit for this upstream: its returned message cut to the
+		 * headers, as RET=HDRS makes it (RFC 3461 §4.3 leaves that to us), not dropped */
+		forward_session_read_body(s, true);
+	} else if (code) {
+		forward_session_tx_refuse(s, code, text);
 	} else {
 		s->tx_started = ev_now(forward_loop);
 		forward_session_enter_state(s, FS_MAIL);
 	}
 }
 
-/* forward_session_take - an idle session takes a message: its body is read first, on the
- * loop when small (FORWARD_INLINE_MAX: cheaper than a worker's hand-overs), else on a worker */
+/* read s->msg's body from the queue: on the loop when small (FORWARD_INLINE_MAX: cheaper than a
+ * worker's hand-overs), else on a worker; hdrs_cut: a bounce with its returned message cut */
+static void forward_session_read_body(struct forward_session *s, bool hdrs_cut)
+{
+	struct forward_session_body *j = calloc(1, sizeof(*j));
+	if (!j) {
+		forward_tx_done(s, "out of memory");
+		forward_session_ready(s);
+		return;
+	}
+	s->hdrs_cut = hdrs_cut;
+	j->sid = s->id;
+	memcpy(j->id, s->msg->id, sizeof(j->id));
+	j->size = s->msg->env.size;
+	j->offset = s->msg->env.body_offset;
+	j->hdrs_cut = hdrs_cut;
+	j->job.run = forward_session_body_run;
+	j->job.done = forward_session_body_done;
+	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
+}
+
+/* forward_session_take - an idle session takes a message: its body is read first */
 void forward_session_take(struct forward_session *s, struct forward_msg *m)
 {
 	size_t n = 0;
@@ -755,9 +843,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 	s->accepted = calloc(n ? n : 1, sizeof(*s->accepted));
 	s->rcode = calloc(n ? n : 1, sizeof(*s->rcode));
 	s->rreply = calloc(n ? n : 1, sizeof(*s->rreply));
-	struct forward_session_body *j = calloc(1, sizeof(*j));
-	if (!s->rcpts || !s->accepted || !s->rcode || !s->rreply || !j) {
-		free(j);
+	if (!s->rcpts || !s->accepted || !s->rcode || !s->rreply) {
 		forward_tx_done(s, "out of memory");
 		forward_session_ready(s);
 		return;
@@ -766,13 +852,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 		if (!m->env.rcpt[i].done_code)
 			s->rcpts[s->nrcpts++] = i;
 	forward_session_enter_state(s, FS_PREPARE);
-	j->sid = s->id;
-	memcpy(j->id, m->id, sizeof(j->id));
-	j->size = m->env.size;
-	j->offset = m->env.body_offset;
-	j->job.run = forward_session_body_run;
-	j->job.done = forward_session_body_done;
-	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
+	forward_session_read_body(s, false);
 }
 
 /* the session can take the next message (or idles) */

@@ -105,10 +105,12 @@ class Upstream:
     """a scripted SMTP upstream on 127.0.0.1 (asyncio, in a thread) that answers a pipelined
     MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
     transaction and answers the others with over; pad adds that many 1000-byte lines to every
-    RCPT reply (a big burst). messages: [(recipients, data)] it took with 250."""
+    RCPT reply (a big burst); ehlo: its EHLO keywords. messages: [(recipients, data)] it took."""
 
-    def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0):
+    def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0,
+                 ehlo=(b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES")):
         self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
+        self.ehlo = b"250-up.test\r\n" + b"".join(b"250-" + k + b"\r\n" for k in ehlo[:-1]) + b"250 " + ehlo[-1] + b"\r\n"
         self.messages, self.connections = [], 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -148,7 +150,7 @@ class Upstream:
                     writer.write(b"221 2.0.0 bye\r\n")
                     return
                 if verb == b"EHLO":
-                    out.append(b"250-up.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
+                    out.append(self.ehlo)
                 elif verb == b"MAIL":
                     rcpts = []
                     out.append(b"250 2.1.0 ok\r\n")
@@ -528,22 +530,66 @@ def _():
     t.like(relay.log(), r"forward event=stopped", "forwarder stopped")
 
 
-@t.test("a message over the upstream's SIZE fails for good (no retry loop); its bounce too (dropped)")
+# a bounce's returned part with the original's header section only (Received: first)
+HDRS_ONLY = rb"Content-Type: text/rfc822-headers\r\n\r\nReceived: [^\r]*\r\n(?:\t[^\r]*\r\n)*From: <alice@example\.org>"
+
+
+@t.test("a message over the upstream's SIZE fails for good (no retry loop); its bounce returns the headers only")
 def _():
-    sink = t.Sink(["--max-size", "300"])
+    sink = t.Sink(["--max-size", "3000"])
     relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
-    code, qid, _ = submit(relay, ["judy@example.net"], body="x" * 400 + "\r\n")
+    code, qid, _ = submit(relay, ["judy@example.net"], subject=marker("too big"),
+                          body=("x" * 70 + "\r\n") * 60)
     t.is_(code, 250, "accepted (relayd's own limit is larger)")
     t.ok(wait_log(relay, rf"{qid} forward event=failed upstream=\S+ rcpt=<judy@example\.net> "
-                  r"reply=\"552 5\.3\.4 Message size \d+ exceeds the upstream's limit of 300", 10),
+                  r"reply=\"552 5\.3\.4 Message size \d+ exceeds the upstream's limit of 3000", 10),
          "failed permanently with 552 5.3.4, without sending it")
     t.ok(wait_log(relay, rf"{qid} forward event=bounced", 10), "bounced")
-    t.ok(wait_log(relay, r"forward event=dropped reason=bounce-undeliverable", 10),
-         "the bounce (also too big) is dropped, never bounced")
+    msgs = wait_msgs(sink, 1)
+    t.is_([m[0]["rcpt_tos"] for m in msgs], [[ALICE]], "the bounce (too big whole) reached the sender")
+    eml = msgs[0][1] if msgs else b""
+    t.like(eml, HDRS_ONLY, "with the headers only")
+    t.unlike(eml, rb"xxxxxxxxxx", "not the message's body")
+    t.like(eml, rb"Status: 5\.3\.4", "and the reason")
     t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
-    t.unlike(relay.log(), r"event=deferred", "no retries")
-    t.is_(sink.messages(), [], "nothing sent")
+    t.unlike(relay.log(), r"event=deferred|event=dropped", "no retries, nothing dropped")
     done(relay, sink)
+
+
+@t.test("an 8-bit message to an upstream without 8BITMIME: its bounce returns the headers only (7-bit), not dropped")
+def _():
+    up = Upstream(ehlo=(b"PIPELINING", b"ENHANCEDSTATUSCODES"))
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["BODY=8BITMIME"])
+    c.rcpt("ursula@example.net")
+    code, resp = c.data(t.make_message(ALICE, "ursula@example.net", subject=marker("8bit")) +
+                        "d\u00e9j\u00e0 vu\r\n".encode())
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed .*554 5\.6\.3", 10), "failed: 554 5.6.3")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the bounce reached the upstream")
+    rc, data = up.messages[0] if up.messages else ([], b"")
+    t.is_(rc, [ALICE], "to the sender")
+    t.like(data, HDRS_ONLY, "with the headers only")
+    t.ok(not any(b & 0x80 for b in data), "7-bit: the 8-bit body is not in it")
+    t.unlike(relay.log(), r"event=dropped", "nothing dropped")
+    done(relay, up)
+
+
+@t.test("an upstream whose SIZE is too small for a message: the next upstream takes it")
+def _():
+    small, big = t.Sink(["--max-size", "300"]), t.Sink([])
+    relay = make_relay([f"127.0.0.1:{small.port} tls=none", f"127.0.0.1:{big.port} tls=none"])
+    code, qid, _ = submit(relay, ["vera@example.net"], subject=marker("next upstream"), body="x" * 400 + "\r\n")
+    t.is_(code, 250, "accepted")
+    t.is_(len(wait_msgs(big, 1)), 1, "delivered by the second upstream")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered upstream=127\.0\.0\.1:{big.port} ", 5), "logged there")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "no failure, no bounce")
+    t.is_(small.messages(), [], "nothing sent to the first")
+    done(relay, small, big)
 
 
 @t.test("a mute upstream times out (no greeting) and the message is deferred")
