@@ -74,6 +74,8 @@ struct forward_session_body {
 	bool hdrs_cut;                  /* a bounce: its returned message cut to the headers (dsn.c) */
 	struct buf out;                 /* dot-stuffed */
 	bool has8bit;
+	bool in_body;                   /* past the header section (its empty line) */
+	bool hdr8bit;                   /* 8-bit in the header section */
 	int rc;
 };
 
@@ -430,13 +432,14 @@ static bool forward_session_has_8bit(const char *p)
 	return false;
 }
 
-/* does the message need SMTPUTF8 (RFC 6531): flagged, and non-ASCII in it somewhere? */
+/* does the message need SMTPUTF8: flagged, and non-ASCII in the envelope or the header
+ * section (RFC 6531 §3.4: not for an 8-bit body alone, which needs only 8BITMIME) */
 static bool forward_session_needs_utf8(const struct forward_session *s)
 {
 	const struct queue_envelope *env = &s->msg->env;
 	if (!env->smtputf8)
 		return false;
-	if (forward_session_has_8bit(env->from) || s->body_8bit)
+	if (forward_session_has_8bit(env->from) || s->hdr_8bit)
 		return true;
 	for (size_t i = 0; i < env->nrcpt; i++)
 		if (forward_session_has_8bit(env->rcpt[i].addr))
@@ -650,8 +653,12 @@ static int forward_session_stuff(struct forward_session_body *j, const char *p, 
 	size_t start = 0;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char ch = (unsigned char)p[i];
-		if (ch & 0x80)
+		if (*line_start && (ch == '\r' || ch == '\n'))
+			j->in_body = true;
+		if (ch & 0x80) {
 			j->has8bit = true;
+			j->hdr8bit |= !j->in_body;
+		}
 		if (*line_start && ch == '.') {
 			rc |= buf_append(&j->out, p + start, i - start);
 			rc |= buf_append(&j->out, ".", 1);
@@ -793,6 +800,7 @@ static void forward_session_body_done(struct workq_job *job)
 	s->body = j->out.data;
 	s->body_len = j->out.len;
 	s->body_8bit = j->has8bit;
+	s->hdr_8bit = j->hdr8bit;
 	s->body_size = j->size;
 	free(j);
 	char text[300];

@@ -105,13 +105,14 @@ class Upstream:
     """a scripted SMTP upstream on 127.0.0.1 (asyncio, in a thread) that answers a pipelined
     MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
     transaction and answers the others with over; pad adds that many 1000-byte lines to every
-    RCPT reply (a big burst); ehlo: its EHLO keywords. messages: [(recipients, data)] it took."""
+    RCPT reply (a big burst); ehlo: its EHLO keywords. messages: [(recipients, data)] it took,
+    mails: every MAIL command."""
 
     def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0,
                  ehlo=(b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES")):
         self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
         self.ehlo = b"250-up.test\r\n" + b"".join(b"250-" + k + b"\r\n" for k in ehlo[:-1]) + b"250 " + ehlo[-1] + b"\r\n"
-        self.messages, self.connections = [], 0
+        self.messages, self.connections, self.mails = [], 0, []
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
@@ -153,6 +154,7 @@ class Upstream:
                     out.append(self.ehlo)
                 elif verb == b"MAIL":
                     rcpts = []
+                    self.mails.append(line.rstrip(b"\r\n"))
                     out.append(b"250 2.1.0 ok\r\n")
                 elif verb == b"RCPT" and len(rcpts) < self.rcpt_limit:
                     rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
@@ -1043,6 +1045,37 @@ def _():
     t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
     t.unlike(relay.log(), rf"{qid} forward event=(deferred|attempt-failed|failed|notice)", "no deferral, no notice")
     t.is_(up.connections, 1, "on the same connection")
+    done(relay, up)
+
+
+@t.test("SMTPUTF8 with ASCII envelope and headers and an 8-bit body: sent with BODY=8BITMIME alone to an "
+        "upstream without SMTPUTF8")
+def _():
+    up = Upstream()  # 8BITMIME, no SMTPUTF8
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["SMTPUTF8", "BODY=8BITMIME"])
+    c.rcpt("wanda@example.net")
+    body = "d\u00e9j\u00e0 vu\r\n".encode()
+    code, resp = c.data(t.make_message(ALICE, "wanda@example.net", subject=marker("utf8 body")) + body)
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW) and up.rcpts() == ["wanda@example.net"],
+         "delivered (RFC 6531 §3.4: SMTPUTF8 not needed)", up.rcpts())
+    t.ok(up.messages and up.messages[0][1].endswith(body), "the 8-bit body intact")
+    t.like(up.mails[0] if up.mails else b"", rb"^MAIL FROM:<alice@example\.org> [^\r]*BODY=8BITMIME", "BODY=8BITMIME")
+    t.unlike(up.mails[0] if up.mails else b"", rb"SMTPUTF8", "without SMTPUTF8")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "not bounced")
+    c = relay.smtp_starttls()  # non-ASCII in the header section still needs SMTPUTF8
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["SMTPUTF8", "BODY=8BITMIME"])
+    c.rcpt("xena@example.net")
+    code, resp = c.data(t.make_message(ALICE, "xena@example.net", subject="caf\u00e9 " + marker("utf8 hdr")))
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed .*553 5\.6\.7", 10), "a UTF-8 Subject: 553 5.6.7 as before")
     done(relay, up)
 
 t.done()
