@@ -386,6 +386,8 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_unsigned(x, argc, argv, &c->timeout_idle, 86400, config_parse_duration);
 	if (!strcmp(d, "timeout_session"))
 		return config_unsigned(x, argc, argv, &c->timeout_session, 86400 * 7, config_parse_duration);
+	if (!strcmp(d, "upstream_timeout"))
+		return config_unsigned(x, argc, argv, &c->upstream_timeout, 3600, config_parse_duration);
 	if (!strcmp(d, "retry_min"))
 		return config_unsigned(x, argc, argv, &c->retry_min, 86400, config_parse_duration);
 	if (!strcmp(d, "retry_max"))

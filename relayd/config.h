@@ -67,6 +67,7 @@ struct config {
 	unsigned max_recipients;  /* per message (default 100) */
 	unsigned timeout_idle;    /* seconds without a command (default 300) */
 	unsigned timeout_session; /* total session seconds (default 3600) */
+	unsigned upstream_timeout; /* forwarder: every wait for an upstream (0 = RFC 5321 §4.5.3.2's, the default) */
 	unsigned max_errors;      /* bad commands before 421 (default 10) */
 	unsigned max_sessions;    /* concurrent sessions (default 10000) */
 

@@ -303,3 +303,38 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 	rc |= buf_printf(out, "\r\n--%s--\r\n", boundary);
 	return rc ? -1 : n;
 }
+
+/* dsn_headers_only - a bounce that returns the whole message, cut to its header section */
+int dsn_headers_only(const char *in, size_t len, struct buf *out)
+{
+	static const char part[] = "\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n";
+	static const char cte[] = "Content-Transfer-Encoding: 8bit\r\n";
+	size_t hlen = dsn_header_len(in, len);
+	const char *b = memmem(in, hlen, "\tboundary=\"", 11);
+	const char *bend = b ? memchr(b + 11, '"', hlen - (size_t)(b + 11 - in)) : NULL;
+	if (!bend || bend - (b + 11) > 120)
+		return -1;
+	char marker[200];
+	int n = snprintf(marker, sizeof(marker), "\r\n--%.*s%s", (int)(bend - (b + 11)), b + 11, part);
+	const char *m = memmem(in, len, marker, (size_t)n);
+	if (!m)
+		return -1;
+	const char *msg = m + n, *end = in + len;
+	if ((size_t)(end - msg) >= sizeof(cte) - 1 && !memcmp(msg, cte, sizeof(cte) - 1))
+		msg += sizeof(cte) - 1;
+	if (end - msg < 2 || memcmp(msg, "\r\n", 2))
+		return -1;
+	msg += 2;
+	/* the returned message's headers, up to the bounce's closing boundary when it has no body */
+	const char *stop = memmem(msg, (size_t)(end - msg), marker, (size_t)(4 + (bend - (b + 11))));
+	size_t mlen = dsn_header_len(msg, (size_t)((stop ? stop : end) - msg));
+	int rc = buf_append(out, in, (size_t)(m - in));
+	rc |= buf_printf(out, "\r\n--%.*s\r\nContent-Description: Undelivered Message Headers\r\n"
+			 "Content-Type: text/rfc822-headers\r\n%s\r\n", (int)(bend - (b + 11)), b + 11,
+			 dsn_has_8bit(msg, mlen) ? cte : "");
+	rc |= buf_append(out, msg, mlen);
+	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
+		rc |= buf_append(out, "\r\n", 2);
+	rc |= buf_printf(out, "\r\n--%.*s--\r\n", (int)(bend - (b + 11)), b + 11);
+	return rc ? -1 : 0;
+}

@@ -39,6 +39,11 @@ bool dsn_rcpt_reported(const struct queue_rcpt *r, enum dsn_action action);
  * untouched), or -1 on allocation failure. */
 int dsn_build(const struct queue_envelope *env, enum dsn_action action, const char *body, size_t len,
 	      const char *hostname, time_t now, struct buf *out);
+/* dsn_headers_only - a bounce from dsn_build that returns the whole message (message/rfc822),
+ * rewritten into out as RET=HDRS makes it (text/rfc822-headers: the header section only), for
+ * an upstream that cannot take the whole (SIZE, 8BITMIME). -1 when in is not such a bounce, or
+ * out of memory */
+int dsn_headers_only(const char *in, size_t len, struct buf *out);
 /* dsn_xtext_decode - RFC 3461 §4 xtext ("+2B" -> "+") into out; -1 if it does not fit */
 int dsn_xtext_decode(const char *in, char *out, size_t outlen);
 

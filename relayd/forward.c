@@ -329,6 +329,20 @@ static void forward_msg_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	forward_msg_due(w->data);
 }
 
+/* m waits at u (the end of its list) */
+static void forward_msg_enqueue(struct forward_msg *m, struct forward_upstream *u)
+{
+	m->state = MS_QUEUED;
+	m->waiting_at = u;
+	m->wnext = NULL;
+	if (u->wait_tail)
+		u->wait_tail->wnext = m;
+	else
+		u->wait_head = m;
+	u->wait_tail = m;
+	u->nwait++;
+}
+
 /* the next upstream for this round: the first untried one that is up; when all untried
  * ones are down, the one back soonest, but only if nothing was tried yet this round */
 static void forward_msg_route(struct forward_msg *m)
@@ -359,15 +373,7 @@ static void forward_msg_route(struct forward_msg *m)
 		forward_msg_defer(m);
 		return;
 	}
-	m->state = MS_QUEUED;
-	m->waiting_at = pick;
-	m->wnext = NULL;
-	if (pick->wait_tail)
-		pick->wait_tail->wnext = m;
-	else
-		pick->wait_head = m;
-	pick->wait_tail = m;
-	pick->nwait++;
+	forward_msg_enqueue(m, pick);
 	forward_upstream_dispatch(pick);
 }
 
@@ -889,6 +895,7 @@ void forward_tx_done(struct forward_session *s, const char *why)
 	double delay = (double)time(NULL) - (double)m->env.created;
 	bool any_ok = false;
 	const char *transient = NULL;
+	size_t ntransient = 0, ntoo_many = 0;
 	for (size_t j = 0; j < s->nrcpts; j++) {
 		size_t i = s->rcpts[j];
 		int code = s->rcode[j];
@@ -916,6 +923,8 @@ void forward_tx_done(struct forward_session *s, const char *why)
 			forward_msg_done_rcpt(m, i, code, text);
 			forward_stat_rcpt_failed++;
 		} else {
+			ntransient++;
+			ntoo_many += code == 452;
 			if (code)
 				snprintf(m->last_error, sizeof(m->last_error), "%.200s said: %d %.290s", u->name, code, logreply);
 			else
@@ -942,6 +951,14 @@ void forward_tx_done(struct forward_session *s, const char *why)
 		return;
 	}
 	forward_msg_io(m);
+	if (any_ok && ntoo_many && ntoo_many == ntransient && !forward_switching) {
+		/* RFC 5321 §4.5.3.1.10: the rest in "chunks", a new transaction at once (not an attempt
+		 * that failed). Bounded: each one delivered at least one recipient. Whatever ends this
+		 * transaction (ready, close, fail) dispatches u next: the same connection when it can */
+		log_info("%s forward event=next-chunk upstream=%s pending=%zu", m->id, u->name, ntoo_many);
+		forward_msg_enqueue(m, u);
+		return;
+	}
 	if (transient)
 		log_info("%s forward event=attempt-failed upstream=%s reason=\"%s\"", m->id, u->name, transient);
 	m->tried[u->index] = true;

@@ -107,6 +107,9 @@ struct forward_session {
 	char *body;                     /* dot-stuffed message + ".\r\n" */
 	size_t body_len, body_off;
 	bool body_8bit;
+	bool hdr_8bit;                  /* in the header section */
+	size_t body_size;               /* the message's octets as sent (SIZE=) */
+	bool hdrs_cut;                  /* a bounce read again with its returned message cut to the headers */
 	ev_tstamp tx_started;
 };
 

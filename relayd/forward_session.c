@@ -46,8 +46,12 @@
 #include "tls.h"
 #include "workq.h"
 
-#define FORWARD_TIMEOUT_CONNECT 30.
-#define FORWARD_TIMEOUT_REPLY   300.    /* RFC 5321 §4.5.3.2: 5 minutes for most replies */
+#define FORWARD_TIMEOUT_CONNECT 30.     /* per address */
+/* RFC 5321 §4.5.3.2: the least a client waits for each reply (upstream_timeout replaces them) */
+#define FORWARD_TIMEOUT_REPLY   300.    /* the greeting, EHLO, MAIL, RCPT ... (§4.5.3.2.1-3) */
+#define FORWARD_TIMEOUT_DATA    120.    /* 354 to DATA (§4.5.3.2.4) */
+#define FORWARD_TIMEOUT_BLOCK   180.    /* each part of the body sent (§4.5.3.2.5) */
+#define FORWARD_TIMEOUT_DOT     600.    /* after the final dot (§4.5.3.2.6: fewer duplicates) */
 #define FORWARD_IDLE            10.     /* an unused connection is closed (QUIT) after this */
 #define FORWARD_READ_CHUNK      65536   /* a message body is read from the queue in pieces of this */
 #define FORWARD_QUIT_WAIT       5.
@@ -65,17 +69,19 @@ struct forward_session_body {
 	struct workq_job job;
 	uint64_t sid;
 	char id[QUEUE_ID_LEN + 1];
-	size_t size;
+	size_t size;                    /* on disk; then as sent (hdrs_cut) */
 	off_t offset;
+	bool hdrs_cut;                  /* a bounce: its returned message cut to the headers (dsn.c) */
 	struct buf out;                 /* dot-stuffed */
 	bool has8bit;
+	bool in_body;                   /* past the header section (its empty line) */
+	bool hdr8bit;                   /* 8-bit in the header section */
 	int rc;
 };
 
 static struct forward_session *forward_session_graveyard;
 static ev_timer forward_session_reaper;
 static uint64_t forward_session_next_sid;
-static double forward_session_reply_timeout = FORWARD_TIMEOUT_REPLY;
 
 static void forward_session_enter_state(struct forward_session *s, enum forward_state st);
 static void forward_session_ready(struct forward_session *s);
@@ -100,6 +106,19 @@ static struct forward_session *forward_session_find(uint64_t id)
 }
 
 static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* the wait for a reply: RFC 5321's for it, or upstream_timeout for every one when set */
+static double forward_session_wait(double rfc)
+{
+	return forward_cfg->upstream_timeout ? (double)forward_cfg->upstream_timeout : rfc;
+}
+
+/* the wait for a connection (per address) or a TLS handshake: upstream_timeout when shorter */
+static double forward_session_wait_connect(void)
+{
+	double t = forward_cfg->upstream_timeout;
+	return t && t < FORWARD_TIMEOUT_CONNECT ? t : FORWARD_TIMEOUT_CONNECT;
+}
 
 static void forward_session_timer(struct forward_session *s, double t)
 {
@@ -191,6 +210,7 @@ static void forward_session_connect_next(struct forward_session *s)
 		ev_io_init(&s->cio, forward_session_connect_cb, fd, EV_WRITE);
 		s->cio.data = s;
 		ev_io_start(forward_loop, &s->cio);
+		forward_session_timer(s, forward_session_wait_connect()); /* each address its own */
 		return;
 	}
 	forward_session_fail(s, s->last_connect_error[0] ? s->last_connect_error : "no address");
@@ -280,7 +300,8 @@ void forward_session_tx_clear(struct forward_session *s)
 	s->pipelined = s->mail_refused = s->body_abort = false;
 	free(s->body);
 	s->body = NULL;
-	s->body_len = s->body_off = 0;
+	s->body_len = s->body_off = s->body_size = 0;
+	s->hdrs_cut = false;
 	s->msg = NULL;
 }
 
@@ -411,13 +432,14 @@ static bool forward_session_has_8bit(const char *p)
 	return false;
 }
 
-/* does the message need SMTPUTF8 (RFC 6531): flagged, and non-ASCII in it somewhere? */
+/* does the message need SMTPUTF8: flagged, and non-ASCII in the envelope or the header
+ * section (RFC 6531 §3.4: not for an 8-bit body alone, which needs only 8BITMIME) */
 static bool forward_session_needs_utf8(const struct forward_session *s)
 {
 	const struct queue_envelope *env = &s->msg->env;
 	if (!env->smtputf8)
 		return false;
-	if (forward_session_has_8bit(env->from) || s->body_8bit)
+	if (forward_session_has_8bit(env->from) || s->hdr_8bit)
 		return true;
 	for (size_t i = 0; i < env->nrcpt; i++)
 		if (forward_session_has_8bit(env->rcpt[i].addr))
@@ -431,7 +453,7 @@ static void forward_session_send_mail(struct forward_session *s)
 	struct buf b = { 0 };
 	buf_printf(&b, "MAIL FROM:<%s>", env->from);
 	if (s->ext.size)
-		buf_printf(&b, " SIZE=%zu", env->size);
+		buf_printf(&b, " SIZE=%zu", s->body_size);
 	if (s->ext.eightbitmime && (env->body != QUEUE_BODY_7BIT || s->body_8bit))
 		buf_printf(&b, " BODY=8BITMIME");
 	if (s->ext.smtputf8 && forward_session_needs_utf8(s))
@@ -558,39 +580,38 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
 		break;
 	case FS_CONNECT:
-		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
 		forward_session_connect_next(s);
 		break;
 	case FS_HANDSHAKE:
-		forward_session_timer(s, FORWARD_TIMEOUT_CONNECT);
+		forward_session_timer(s, forward_session_wait_connect());
 		break;
 	case FS_GREETING:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		break;
 	case FS_EHLO:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "EHLO %s", forward_cfg->hostname);
 		break;
 	case FS_STARTTLS:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "STARTTLS");
 		break;
 	case FS_AUTH:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_auth_start(s);
 		break;
 	case FS_READY:
 		forward_session_timer(s, FORWARD_IDLE);
 		break;
 	case FS_PREPARE:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, FORWARD_TIMEOUT_REPLY); /* reading the queue, not the upstream */
 		break;
 	case FS_MAIL:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_send_mail(s);
 		break;
 	case FS_RCPT:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		if (!s->pipelined) {
 			struct buf b = { 0 };
 			forward_session_add_rcpt(s, &b, s->rcpt_sent++);
@@ -599,19 +620,20 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		}
 		break;
 	case FS_DATA:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_DATA));
 		if (!s->pipelined)
 			forward_session_sendline(s, "DATA");
 		break;
 	case FS_BODY:
-		forward_session_timer(s, 2 * forward_session_reply_timeout); /* RFC 5321 §4.5.3.2.6: 10 minutes after the dot */
+		/* the block wait while the body goes out; the dot's wait once it is all out (on_drain) */
+		forward_session_timer(s, forward_session_wait(s->body_abort ? FORWARD_TIMEOUT_DOT : FORWARD_TIMEOUT_BLOCK));
 		if (s->body_abort)
 			forward_session_sendline(s, ".");
 		else
 			forward_session_body_push(s);
 		break;
 	case FS_RSET:
-		forward_session_timer(s, forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
 		forward_session_sendline(s, "RSET");
 		break;
 	case FS_QUIT:
@@ -631,8 +653,12 @@ static int forward_session_stuff(struct forward_session_body *j, const char *p, 
 	size_t start = 0;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char ch = (unsigned char)p[i];
-		if (ch & 0x80)
+		if (*line_start && (ch == '\r' || ch == '\n'))
+			j->in_body = true;
+		if (ch & 0x80) {
 			j->has8bit = true;
+			j->hdr8bit |= !j->in_body;
+		}
 		if (*line_start && ch == '.') {
 			rc |= buf_append(&j->out, p + start, i - start);
 			rc |= buf_append(&j->out, ".", 1);
@@ -644,8 +670,20 @@ static int forward_session_stuff(struct forward_session_body *j, const char *p, 
 	return rc ? -1 : 0;
 }
 
+/* j->out ends in CRLF "." CRLF */
+static int forward_session_stuff_end(struct forward_session_body *j)
+{
+	/* stuffing adds a dot only before a dot, so the body ends in CRLF exactly when out does */
+	const struct buf *o = &j->out;
+	int rc = 0;
+	if (j->size > 0 && !(o->len >= 2 && o->data[o->len - 2] == '\r' && o->data[o->len - 1] == '\n'))
+		rc |= buf_append(&j->out, "\r\n", 2);
+	rc |= buf_append(&j->out, ".\r\n", 3);
+	return rc ? -1 : 0;
+}
+
 /* the body read from fd a chunk at a time (a large message is never in memory twice) and
- * dot-stuffed into j->out, which ends in CRLF "." CRLF */
+ * dot-stuffed into j->out */
 static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 {
 	char chunk[FORWARD_READ_CHUNK];
@@ -659,27 +697,60 @@ static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 			return -1;
 		done += (size_t)r;
 	}
-	/* stuffing adds a dot only before a dot, so the body ends in CRLF exactly when out does */
-	const struct buf *o = &j->out;
-	int rc = 0;
-	if (j->size > 0 && !(o->len >= 2 && o->data[o->len - 2] == '\r' && o->data[o->len - 1] == '\n'))
-		rc |= buf_append(&j->out, "\r\n", 2);
-	rc |= buf_append(&j->out, ".\r\n", 3);
-	return rc ? -1 : 0;
+	return forward_session_stuff_end(j);
+}
+
+/* n bytes at off from fd into p; -1 on an error or a short file */
+static int forward_session_pread_all(int fd, char *p, size_t n, off_t off)
+{
+	for (size_t done = 0; done < n;) {
+		ssize_t r = pread(fd, p + done, n - done, off + (off_t)done);
+		if (r <= 0)
+			return -1;
+		done += (size_t)r;
+	}
+	return 0;
+}
+
+/* a bounce whole from fd, its returned message cut to the headers, dot-stuffed into j->out;
+ * one that cannot be cut (not a bounce that returns the whole message) goes as it is */
+static int forward_session_stuff_cut(struct forward_session_body *j, int fd)
+{
+	char *raw = malloc(j->size ? j->size : 1);
+	struct buf cut = { 0 };
+	bool line_start = true;
+	int rc = raw ? forward_session_pread_all(fd, raw, j->size, j->offset) : -1;
+	if (rc == 0 && dsn_headers_only(raw, j->size, &cut) == 0) {
+		j->size = cut.len;
+		rc = forward_session_stuff(j, cut.data, cut.len, &line_start);
+	} else if (rc == 0) {
+		rc = forward_session_stuff(j, raw, j->size, &line_start);
+	}
+	free(raw);
+	buf_free(&cut);
+	return rc < 0 ? -1 : forward_session_stuff_end(j);
 }
 
 static void forward_session_body_run(struct workq_job *job)
 {
 	struct forward_session_body *j = (struct forward_session_body *)job;
 	int fd = queue_open_message(forward_queue, j->id);
-	j->rc = fd >= 0 ? forward_session_stuff_file(j, fd) : -1;
+	if (fd < 0)
+		j->rc = -1;
+	else
+		j->rc = j->hdrs_cut ? forward_session_stuff_cut(j, fd) : forward_session_stuff_file(j, fd);
 	if (fd >= 0)
 		close(fd);
 }
 
-/* a transaction cannot start: every pending recipient fails for good with this reply */
+/* a transaction cannot start: what this upstream cannot take (SIZE, 8BITMIME, SMTPUTF8) goes
+ * to the next upstream of this round; at the last one every pending recipient fails for good
+ * with this reply (never a retry loop) */
 static void forward_session_tx_refuse(struct forward_session *s, int code, const char *text)
 {
+	for (int i = 0; i < forward_nup; i++)
+		if (i != s->up->index && !s->msg->tried[i])
+			code = 0;
 	for (size_t j = 0; j < s->nrcpts; j++) {
 		s->rcode[j] = code;
 		s->rreply[j] = strdup(text);
@@ -687,6 +758,27 @@ static void forward_session_tx_refuse(struct forward_session *s, int code, const
 	forward_tx_done(s, text);
 	forward_session_ready(s);
 }
+
+/* what this upstream cannot take: the reply code (text into text), or 0 */
+static int forward_session_cannot(const struct forward_session *s, char *text, size_t textlen)
+{
+	if (s->ext.size && s->ext.size_max && s->body_size > s->ext.size_max) {
+		snprintf(text, textlen, "5.3.4 Message size %zu exceeds the upstream's limit of %llu", s->body_size,
+			 s->ext.size_max);
+		return 552;
+	}
+	if (s->body_8bit && !s->ext.eightbitmime) {
+		snprintf(text, textlen, "5.6.3 8-bit content, and the upstream does not support 8BITMIME");
+		return 554;
+	}
+	if (forward_session_needs_utf8(s) && !s->ext.smtputf8) {
+		snprintf(text, textlen, "5.6.7 Internationalized message, and the upstream does not support SMTPUTF8");
+		return 553;
+	}
+	return 0;
+}
+
+static void forward_session_read_body(struct forward_session *s, bool hdrs_cut);
 
 static void forward_session_body_done(struct workq_job *job)
 {
@@ -704,28 +796,49 @@ static void forward_session_body_done(struct workq_job *job)
 		forward_session_ready(s);
 		return;
 	}
+	free(s->body);
 	s->body = j->out.data;
 	s->body_len = j->out.len;
 	s->body_8bit = j->has8bit;
+	s->hdr_8bit = j->hdr8bit;
+	s->body_size = j->size;
 	free(j);
-	/* what this upstream cannot take fails now, for good (never a retry loop) */
 	char text[300];
-	if (s->ext.size && s->ext.size_max && s->msg->env.size > s->ext.size_max) {
-		snprintf(text, sizeof(text), "5.3.4 Message size %zu exceeds the upstream's limit of %llu",
-			 s->msg->env.size, s->ext.size_max);
-		forward_session_tx_refuse(s, 552, text);
-	} else if (s->body_8bit && !s->ext.eightbitmime) {
-		forward_session_tx_refuse(s, 554, "5.6.3 8-bit content, and the upstream does not support 8BITMIME");
-	} else if (forward_session_needs_utf8(s) && !s->ext.smtputf8) {
-		forward_session_tx_refuse(s, 553, "5.6.7 Internationalized message, and the upstream does not support SMTPUTF8");
+	int code = forward_session_cannot(s, text, sizeof(text));
+	if (code && code != 553 && !s->msg->env.from[0] && !s->hdrs_cut) {
+		/* a bounce too big or 8-bit for this upstream: its returned message cut to the
+		 * headers, as RET=HDRS makes it (RFC 3461 §4.3 leaves that to us), not dropped */
+		forward_session_read_body(s, true);
+	} else if (code) {
+		forward_session_tx_refuse(s, code, text);
 	} else {
 		s->tx_started = ev_now(forward_loop);
 		forward_session_enter_state(s, FS_MAIL);
 	}
 }
 
-/* forward_session_take - an idle session takes a message: its body is read first, on the
- * loop when small (FORWARD_INLINE_MAX: cheaper than a worker's hand-overs), else on a worker */
+/* read s->msg's body from the queue: on the loop when small (FORWARD_INLINE_MAX: cheaper than a
+ * worker's hand-overs), else on a worker; hdrs_cut: a bounce with its returned message cut */
+static void forward_session_read_body(struct forward_session *s, bool hdrs_cut)
+{
+	struct forward_session_body *j = calloc(1, sizeof(*j));
+	if (!j) {
+		forward_tx_done(s, "out of memory");
+		forward_session_ready(s);
+		return;
+	}
+	s->hdrs_cut = hdrs_cut;
+	j->sid = s->id;
+	memcpy(j->id, s->msg->id, sizeof(j->id));
+	j->size = s->msg->env.size;
+	j->offset = s->msg->env.body_offset;
+	j->hdrs_cut = hdrs_cut;
+	j->job.run = forward_session_body_run;
+	j->job.done = forward_session_body_done;
+	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
+}
+
+/* forward_session_take - an idle session takes a message: its body is read first */
 void forward_session_take(struct forward_session *s, struct forward_msg *m)
 {
 	size_t n = 0;
@@ -738,9 +851,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 	s->accepted = calloc(n ? n : 1, sizeof(*s->accepted));
 	s->rcode = calloc(n ? n : 1, sizeof(*s->rcode));
 	s->rreply = calloc(n ? n : 1, sizeof(*s->rreply));
-	struct forward_session_body *j = calloc(1, sizeof(*j));
-	if (!s->rcpts || !s->accepted || !s->rcode || !s->rreply || !j) {
-		free(j);
+	if (!s->rcpts || !s->accepted || !s->rcode || !s->rreply) {
 		forward_tx_done(s, "out of memory");
 		forward_session_ready(s);
 		return;
@@ -749,13 +860,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 		if (!m->env.rcpt[i].done_code)
 			s->rcpts[s->nrcpts++] = i;
 	forward_session_enter_state(s, FS_PREPARE);
-	j->sid = s->id;
-	memcpy(j->id, m->id, sizeof(j->id));
-	j->size = m->env.size;
-	j->offset = m->env.body_offset;
-	j->job.run = forward_session_body_run;
-	j->job.done = forward_session_body_done;
-	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
+	forward_session_read_body(s, false);
 }
 
 /* the session can take the next message (or idles) */
@@ -787,6 +892,14 @@ static void forward_session_ready(struct forward_session *s)
 }
 
 /* --- the session: replies ----------------------------------------------------------------- */
+
+/* a 552 to RCPT becomes 452, and its enhanced status 5.x.x 4.x.x */
+static void forward_session_552_as_452(int *code, char *line)
+{
+	*code = 452;
+	if (line[0] == '5' && line[1] == '.')
+		line[0] = '4';
+}
 
 /* one complete reply: the state decides */
 static void forward_session_response(struct forward_session *s, int code)
@@ -887,6 +1000,8 @@ static void forward_session_response(struct forward_session *s, int code)
 				s->accepted[j] = true;
 				s->naccepted++;
 			} else {
+				if (code == 552) /* RFC 5321 §4.5.3.1.10: RFC 821's "too many recipients": temporary */
+					forward_session_552_as_452(&code, line);
 				s->rcode[j] = cls == 4 || cls == 5 ? code : 0;
 				free(s->rreply[j]);
 				s->rreply[j] = strdup(line);
@@ -952,7 +1067,9 @@ static void forward_session_response(struct forward_session *s, int code)
 	}
 }
 
-/* c->in into replies (smtp_reply.c), each handed to forward_session_response() */
+/* c->in into replies (smtp_reply.c), each handed to forward_session_response(). conn stops
+ * reading once c->in holds in_max bytes (a burst of replies to a pipelined group); everything
+ * complete is consumed here, at most one partial line stays, so reading always resumes */
 static void forward_session_on_read(struct conn *c, void *arg)
 {
 	struct forward_session *s = arg;
@@ -965,9 +1082,11 @@ static void forward_session_on_read(struct conn *c, void *arg)
 		}
 		buf_consume(&c->in, used);
 		if (rc == 0)
-			return;
+			break;
 		forward_session_response(s, s->reply.code);
 	}
+	if (!s->dead && c->read_paused)
+		conn_resume_read(c);
 }
 
 static void forward_session_on_tls(struct conn *c, void *arg)
@@ -993,8 +1112,10 @@ static void forward_session_on_drain(struct conn *c, void *arg)
 	if (s->dead || s->state != FS_BODY || s->body_abort)
 		return;
 	if (s->body_off < s->body_len) {
-		forward_session_timer(s, 2 * forward_session_reply_timeout);
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_BLOCK));
 		forward_session_body_push(s);
+	} else {
+		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_DOT)); /* all sent, the dot too */
 	}
 }
 
@@ -1036,6 +1157,14 @@ static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int re
 		forward_session_free(s);
 		return;
 	}
+	if (s->state == FS_CONNECT && s->ai_next) { /* no answer from this address (a dead IPv6 path): the next */
+		ev_io_stop(forward_loop, &s->cio);
+		close(s->fd);
+		s->fd = -1;
+		snprintf(s->last_connect_error, sizeof(s->last_connect_error), "connect: timed out");
+		forward_session_connect_next(s);
+		return;
+	}
 	char why[64];
 	snprintf(why, sizeof(why), "timeout in state %s", forward_session_strstate(s->state));
 	forward_session_fail(s, why);
@@ -1044,11 +1173,10 @@ static void forward_session_timeout_cb(struct ev_loop *loop, ev_timer *w, int re
 
 /* --- the manager's calls ------------------------------------------------------------------ */
 
-/* forward_session_init - the reply timeout from timeout_idle, and the reaper */
+/* forward_session_init - the reaper */
 void forward_session_init(const struct config *cfg)
 {
-	if (cfg->timeout_idle && cfg->timeout_idle < FORWARD_TIMEOUT_REPLY)
-		forward_session_reply_timeout = cfg->timeout_idle < 10 ? 10. : (double)cfg->timeout_idle;
+	(void)cfg;
 	ev_init(&forward_session_reaper, forward_session_reaper_cb);
 }
 

@@ -7,7 +7,7 @@
 
 #include "forward_int.h"
 
-/* forward_session_init - at forward_init: reply timeout from cfg, reaper */
+/* forward_session_init - at forward_init: the reaper */
 void forward_session_init(const struct config *cfg);
 /* forward_session_new - a new connection to upstream u (resolve first); NULL when out of memory */
 struct forward_session *forward_session_new(struct forward_upstream *u);

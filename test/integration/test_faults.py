@@ -268,8 +268,8 @@ class BadUpstream:
 
 def bad_upstream_case(mode, fail_log):
     bad = BadUpstream(mode)
-    # timeout_idle also sets the forwarder's reply timeout (at least 10 s)
-    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{bad.port} tls=none\ntimeout_idle 10s\n" + RETRY)
+    # upstream_timeout: the forwarder's wait for each reply (RFC 5321's minutes by default)
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{bad.port} tls=none\nupstream_timeout 3s\n" + RETRY)
     relay.add_user(ALICE, ALICE_PW)
     relay.start()
     code, text = submit(relay, f"to a {mode} upstream")

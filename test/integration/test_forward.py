@@ -12,11 +12,15 @@ anchors and secrets they replace (RSS, relayctl stats credential_sets).
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
+import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -95,6 +99,102 @@ def done(relay, *sinks):
     relay.stop()
     for s in sinks:
         s.stop()
+
+
+class Upstream:
+    """a scripted SMTP upstream on 127.0.0.1 (asyncio, in a thread) that answers a pipelined
+    MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
+    transaction and answers the others with over; pad adds that many 1000-byte lines to every
+    RCPT reply (a big burst); ehlo: its EHLO keywords. messages: [(recipients, data)] it took,
+    mails: every MAIL command."""
+
+    def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0,
+                 ehlo=(b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES")):
+        self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
+        self.ehlo = b"250-up.test\r\n" + b"".join(b"250-" + k + b"\r\n" for k in ehlo[:-1]) + b"250 " + ehlo[-1] + b"\r\n"
+        self.messages, self.connections, self.mails = [], 0, []
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.th.start()
+        if not ready.wait(10):
+            raise RuntimeError("upstream did not start")
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    def _rcpt_ok(self):
+        fill = b"".join(b"250-2.1.5 " + b"x" * 1000 + b"\r\n" for _ in range(self.pad))
+        return fill + b"250 2.1.5 ok\r\n"
+
+    async def _data(self, reader):
+        data = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 30)
+            if not line or line == b".\r\n":
+                return data if line else None
+            data += line[1:] if line.startswith(b".") else line
+
+    async def _client(self, reader, writer):
+        self.connections += 1
+        out, rcpts = [], []
+        try:
+            writer.write(b"220 up.test ESMTP\r\n")
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                verb = line[:4].upper()
+                if not line or verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    return
+                if verb == b"EHLO":
+                    out.append(self.ehlo)
+                elif verb == b"MAIL":
+                    rcpts = []
+                    self.mails.append(line.rstrip(b"\r\n"))
+                    out.append(b"250 2.1.0 ok\r\n")
+                elif verb == b"RCPT" and len(rcpts) < self.rcpt_limit:
+                    rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
+                    out.append(self._rcpt_ok())
+                elif verb == b"RCPT":
+                    out.append(self.over + b"\r\n")
+                elif verb == b"DATA" and rcpts:
+                    writer.write(b"".join(out) + b"354 go ahead\r\n")  # the whole group's replies at once
+                    out = []
+                    data = await self._data(reader)
+                    if data is None:
+                        return
+                    self.messages.append((rcpts, data))
+                    out.append(b"250 2.0.0 queued\r\n")
+                elif verb == b"DATA":
+                    out.append(b"554 5.5.1 no valid recipients\r\n")
+                else:
+                    out.append(b"250 2.0.0 ok\r\n")
+                if verb in (b"EHLO", b"DATA", b"RSET", b"NOOP"):
+                    writer.write(b"".join(out))
+                    out = []
+                await writer.drain()
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def rcpts(self):
+        return sorted(r for m in self.messages for r in m[0])
+
+    def stop(self):
+        async def _stop():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.1)
+            self.loop.stop()
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
+        self.th.join(5)
 
 
 @t.test("STARTTLS + AUTH upstream: a message from swaks arrives byte for byte")
@@ -432,22 +532,66 @@ def _():
     t.like(relay.log(), r"forward event=stopped", "forwarder stopped")
 
 
-@t.test("a message over the upstream's SIZE fails for good (no retry loop); its bounce too (dropped)")
+# a bounce's returned part with the original's header section only (Received: first)
+HDRS_ONLY = rb"Content-Type: text/rfc822-headers\r\n\r\nReceived: [^\r]*\r\n(?:\t[^\r]*\r\n)*From: <alice@example\.org>"
+
+
+@t.test("a message over the upstream's SIZE fails for good (no retry loop); its bounce returns the headers only")
 def _():
-    sink = t.Sink(["--max-size", "300"])
+    sink = t.Sink(["--max-size", "3000"])
     relay = make_relay([f"127.0.0.1:{sink.port} tls=none"])
-    code, qid, _ = submit(relay, ["judy@example.net"], body="x" * 400 + "\r\n")
+    code, qid, _ = submit(relay, ["judy@example.net"], subject=marker("too big"),
+                          body=("x" * 70 + "\r\n") * 60)
     t.is_(code, 250, "accepted (relayd's own limit is larger)")
     t.ok(wait_log(relay, rf"{qid} forward event=failed upstream=\S+ rcpt=<judy@example\.net> "
-                  r"reply=\"552 5\.3\.4 Message size \d+ exceeds the upstream's limit of 300", 10),
+                  r"reply=\"552 5\.3\.4 Message size \d+ exceeds the upstream's limit of 3000", 10),
          "failed permanently with 552 5.3.4, without sending it")
     t.ok(wait_log(relay, rf"{qid} forward event=bounced", 10), "bounced")
-    t.ok(wait_log(relay, r"forward event=dropped reason=bounce-undeliverable", 10),
-         "the bounce (also too big) is dropped, never bounced")
+    msgs = wait_msgs(sink, 1)
+    t.is_([m[0]["rcpt_tos"] for m in msgs], [[ALICE]], "the bounce (too big whole) reached the sender")
+    eml = msgs[0][1] if msgs else b""
+    t.like(eml, HDRS_ONLY, "with the headers only")
+    t.unlike(eml, rb"xxxxxxxxxx", "not the message's body")
+    t.like(eml, rb"Status: 5\.3\.4", "and the reason")
     t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
-    t.unlike(relay.log(), r"event=deferred", "no retries")
-    t.is_(sink.messages(), [], "nothing sent")
+    t.unlike(relay.log(), r"event=deferred|event=dropped", "no retries, nothing dropped")
     done(relay, sink)
+
+
+@t.test("an 8-bit message to an upstream without 8BITMIME: its bounce returns the headers only (7-bit), not dropped")
+def _():
+    up = Upstream(ehlo=(b"PIPELINING", b"ENHANCEDSTATUSCODES"))
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["BODY=8BITMIME"])
+    c.rcpt("ursula@example.net")
+    code, resp = c.data(t.make_message(ALICE, "ursula@example.net", subject=marker("8bit")) +
+                        "d\u00e9j\u00e0 vu\r\n".encode())
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed .*554 5\.6\.3", 10), "failed: 554 5.6.3")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the bounce reached the upstream")
+    rc, data = up.messages[0] if up.messages else ([], b"")
+    t.is_(rc, [ALICE], "to the sender")
+    t.like(data, HDRS_ONLY, "with the headers only")
+    t.ok(not any(b & 0x80 for b in data), "7-bit: the 8-bit body is not in it")
+    t.unlike(relay.log(), r"event=dropped", "nothing dropped")
+    done(relay, up)
+
+
+@t.test("an upstream whose SIZE is too small for a message: the next upstream takes it")
+def _():
+    small, big = t.Sink(["--max-size", "300"]), t.Sink([])
+    relay = make_relay([f"127.0.0.1:{small.port} tls=none", f"127.0.0.1:{big.port} tls=none"])
+    code, qid, _ = submit(relay, ["vera@example.net"], subject=marker("next upstream"), body="x" * 400 + "\r\n")
+    t.is_(code, 250, "accepted")
+    t.is_(len(wait_msgs(big, 1)), 1, "delivered by the second upstream")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered upstream=127\.0\.0\.1:{big.port} ", 5), "logged there")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "no failure, no bounce")
+    t.is_(small.messages(), [], "nothing sent to the first")
+    done(relay, small, big)
 
 
 @t.test("a mute upstream times out (no greeting) and the message is deferred")
@@ -456,10 +600,10 @@ def _():
     mute = socket.socket()
     mute.bind(("127.0.0.1", 0))
     mute.listen(5)   # never accepted: the connection is made, nothing is ever said
-    relay = make_relay([f"127.0.0.1:{mute.getsockname()[1]} tls=none"], extra=RETRY + "timeout_idle 10s\n")
+    relay = make_relay([f"127.0.0.1:{mute.getsockname()[1]} tls=none"], extra=RETRY + "upstream_timeout 2s\n")
     code, qid, _ = submit(relay, ["kim@example.net"])
-    t.ok(wait_log(relay, r"upstream-failed upstream=\S+ state=greeting reason=\"timeout in state greeting\"", 20),
-         "greeting timeout")
+    t.ok(wait_log(relay, r"upstream-failed upstream=\S+ state=greeting reason=\"timeout in state greeting\"", 10),
+         "greeting timeout (upstream_timeout 2s)")
     t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 5), "deferred")
     relay.stop()
     mute.close()
@@ -763,5 +907,175 @@ def _():
     t.is_(relay.stop(), 0, "clean exit (under valgrind: nothing leaked, the secrets freed)")
     sink.stop()
 
+
+
+@t.test("a burst of replies over 64 KiB (a pipelined group of 20 recipients) is read to the end")
+def _():
+    up = Upstream(pad=10)  # about 10 KB a RCPT reply, 200 KB in one write
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    rcpts = [f"burst{i:02}@example.net" for i in range(20)]
+    code, qid, _ = submit(relay, rcpts, subject=marker("burst"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "delivered in one transaction (no stall after 64 KiB)")
+    t.is_(up.rcpts(), rcpts, "to every recipient")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "removed from the queue")
+    t.unlike(relay.log(), r"upstream-failed", "no timeout")
+    done(relay, up)
+
+
+@t.test("timeout_idle does not shorten the wait for the upstream's reply to the final dot (RFC 5321: 10 minutes)")
+def _():
+    slow = t.Sink(["--data-delay", "21"])  # past the old 2 x timeout_idle (at least 10 s)
+    relay = make_relay([f"127.0.0.1:{slow.port} tls=none"], extra=RETRY + "timeout_idle 10s\n")
+    code, qid, _ = submit(relay, ["slowdot@example.net"], subject=marker("slow dot"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered ", 30), "delivered once the upstream answered")
+    t.unlike(relay.log(), r"upstream-failed|event=deferred", "no timeout, no retry")
+    t.is_(len(slow.messages()), 1, "one copy at the upstream, not one per timeout")
+    done(relay, slow)
+
+
+# an LD_PRELOAD shim: getaddrinfo("dual.test") gives 127.0.0.2 then 127.0.0.1, as a host name
+# with a dead first address (an AAAA record over a broken IPv6 path) does; glibc's freeaddrinfo
+# frees node by node, so the two lists can be chained
+GAI_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <string.h>
+int getaddrinfo(const char *node, const char *serv, const struct addrinfo *hints, struct addrinfo **res)
+{
+	int (*real)(const char *, const char *, const struct addrinfo *, struct addrinfo **) =
+		(int (*)(const char *, const char *, const struct addrinfo *, struct addrinfo **))dlsym(RTLD_NEXT, "getaddrinfo");
+	if (!node || strcmp(node, "dual.test"))
+		return real(node, serv, hints, res);
+	struct addrinfo h = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST };
+	struct addrinfo *a = NULL, *b = NULL;
+	int rc = real("127.0.0.2", serv, &h, &a);
+	if (rc || (rc = real("127.0.0.1", serv, &h, &b)))
+		return rc;
+	a->ai_next = b;
+	*res = a;
+	return 0;
+}
+"""
+
+
+def gai_shim(d):
+    """the shim built in d, or None without a C compiler"""
+    cc = os.environ.get("CC", "cc").split()
+    if not shutil.which(cc[0]):
+        return None
+    src, so = os.path.join(d, "gai_shim.c"), os.path.join(d, "gai_shim.so")
+    with open(src, "w") as f:
+        f.write(GAI_SHIM)
+    r = subprocess.run(cc + ["-shared", "-fPIC", "-o", so, src, "-ldl"], capture_output=True, timeout=60)
+    return so if r.returncode == 0 else None
+
+
+@t.test("a connect timeout on the upstream's first address moves on to its next address")
+def _():
+    sink = t.Sink([])
+    hole = socket.socket()
+    hole.bind(("127.0.0.2", sink.port))
+    hole.listen(0)
+    filler = socket.create_connection(("127.0.0.2", sink.port), timeout=5)  # backlog full: SYNs dropped
+    probe = socket.socket()
+    probe.settimeout(1)
+    try:
+        probe.connect(("127.0.0.2", sink.port))
+        blackhole = False
+    except socket.timeout:
+        blackhole = True
+    except OSError:
+        blackhole = False
+    probe.close()
+    relay = make_relay([f"dual.test:{sink.port} tls=none"], extra=RETRY + "upstream_timeout 2s\n", start=False)
+    shim = gai_shim(relay.dir)
+    if not shim or not blackhole:
+        t.skip("connect timeout, next address", "no C compiler for the getaddrinfo shim" if not shim else
+               "127.0.0.2 with a full backlog does not drop SYNs here")
+        done(relay, sink)
+        hole.close(), filler.close()
+        return
+    env = {k: os.environ.get(k) for k in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    os.environ["LD_PRELOAD"] = shim
+    os.environ["ASAN_OPTIONS"] = (env["ASAN_OPTIONS"] + ":" if env["ASAN_OPTIONS"] else "") + "verify_asan_link_order=0"
+    try:
+        relay.start()
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    code, qid, _ = submit(relay, ["dual@example.net"], subject=marker("dual"))
+    t.is_(code, 250, "accepted")
+    t.is_(len(wait_msgs(sink, 1, 10)), 1, "delivered through the second address")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered ", 5), "logged delivered")
+    t.unlike(relay.log(), r"event=deferred|upstream-failed", "in the first attempt: no failure, no deferral")
+    done(relay, sink)
+    hole.close(), filler.close()
+
+
+@t.test("552 to RCPT (RFC 821's 'too many recipients') is temporary: the rest is sent again, no bounce")
+def _():
+    up = Upstream(rcpt_limit=2, over=b"552 5.5.3 Too many recipients")
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    rcpts = ["m1@example.net", "m2@example.net", "m3@example.net"]
+    code, qid, _ = submit(relay, rcpts, subject=marker("552"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.rcpts() == rcpts, 10 * t.SLOW), "all three delivered", up.rcpts())
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty (no bounce waiting)")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "no recipient failed, no bounce")
+    t.is_([m[0] for m in up.messages], [rcpts[:2], rcpts[2:]], "two transactions at the upstream, no bounce")
+    done(relay, up)
+
+
+@t.test("recipients refused with 452 (too many) go out at once in the next transactions: no retry, no delay notice")
+def _():
+    up = Upstream(rcpt_limit=2)
+    # a deferral would wait retry_min (30 s) and send a "delayed" notice (delay_warning 1s)
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra="retry_min 30s\nretry_max 60s\ndelay_warning 1s\n")
+    rcpts = [f"chunk{i}@example.net" for i in range(7)]
+    code, qid, _ = submit(relay, rcpts, subject=marker("chunks"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.rcpts() == rcpts, 10 * t.SLOW), "all seven delivered at once", up.rcpts())
+    t.is_([len(m[0]) for m in up.messages], [2, 2, 2, 1], "in chunks of the upstream's limit, nothing else sent")
+    t.ok(t.wait_for(lambda: not relay.queue_ids(), 5 * t.SLOW), "queue empty")
+    t.unlike(relay.log(), rf"{qid} forward event=(deferred|attempt-failed|failed|notice)", "no deferral, no notice")
+    t.is_(up.connections, 1, "on the same connection")
+    done(relay, up)
+
+
+@t.test("SMTPUTF8 with ASCII envelope and headers and an 8-bit body: sent with BODY=8BITMIME alone to an "
+        "upstream without SMTPUTF8")
+def _():
+    up = Upstream()  # 8BITMIME, no SMTPUTF8
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["SMTPUTF8", "BODY=8BITMIME"])
+    c.rcpt("wanda@example.net")
+    body = "d\u00e9j\u00e0 vu\r\n".encode()
+    code, resp = c.data(t.make_message(ALICE, "wanda@example.net", subject=marker("utf8 body")) + body)
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW) and up.rcpts() == ["wanda@example.net"],
+         "delivered (RFC 6531 §3.4: SMTPUTF8 not needed)", up.rcpts())
+    t.ok(up.messages and up.messages[0][1].endswith(body), "the 8-bit body intact")
+    t.like(up.mails[0] if up.mails else b"", rb"^MAIL FROM:<alice@example\.org> [^\r]*BODY=8BITMIME", "BODY=8BITMIME")
+    t.unlike(up.mails[0] if up.mails else b"", rb"SMTPUTF8", "without SMTPUTF8")
+    t.unlike(relay.log(), rf"{qid} forward event=(failed|bounced)", "not bounced")
+    c = relay.smtp_starttls()  # non-ASCII in the header section still needs SMTPUTF8
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["SMTPUTF8", "BODY=8BITMIME"])
+    c.rcpt("xena@example.net")
+    code, resp = c.data(t.make_message(ALICE, "xena@example.net", subject="caf\u00e9 " + marker("utf8 hdr")))
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed .*553 5\.6\.7", 10), "a UTF-8 Subject: 553 5.6.7 as before")
+    done(relay, up)
 
 t.done()

@@ -84,6 +84,9 @@ int main(void)
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
 	   c.upstream[0].max_connections == 4, "connections=4: %s", err);
+	ok(load(BASE, &c, err, sizeof(err)) == 0 && c.upstream_timeout == 0, "upstream_timeout unset: RFC 5321's waits");
+	ok(load(BASE "upstream_timeout 2m\n", &c, err, sizeof(err)) == 0 && c.upstream_timeout == 120, "upstream_timeout 2m");
+	ok(load(BASE "upstream_timeout 2h\n", &c, err, sizeof(err)) < 0, "upstream_timeout above 1h refused");
 	ok(load(BASE "max_message_size lots\n", &c, err, sizeof(err)) < 0, "bad size refused");
 	ok(load(BASE "message_memory 64M\n", &c, err, sizeof(err)) == 0 && c.message_memory == 64u << 20, "message_memory 64M");
 	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&

@@ -155,6 +155,24 @@ int main(void)
 	   "8-bit original: Content-Transfer-Encoding: 8bit");
 	buf_free(&out);
 
+	/* a full bounce cut to the headers (for an upstream that cannot take it whole): byte for
+	 * byte what RET=HDRS makes, for a 7-bit and an 8-bit body, and for a message without body */
+	const char *originals[] = { msg, m8, "Subject: no body\r\n", "Subject: caf\xc3\xa9\r\n\r\nplain\r\n" };
+	for (size_t k = 0; k < sizeof(originals) / sizeof(*originals); k++) {
+		struct buf full = { 0 }, cut = { 0 }, want = { 0 };
+		const char *o = originals[k];
+		setup(&env);
+		dsn_build(&env, DSN_ACTION_FAILED, o, strlen(o), "relay.test", 1700000100, &full);
+		env.ret = "HDRS";
+		dsn_build(&env, DSN_ACTION_FAILED, o, strlen(o), "relay.test", 1700000100, &want);
+		ok(dsn_headers_only(full.data, full.len, &cut) == 0 && cut.len == want.len &&
+		   !memcmp(cut.data, want.data, want.len), "headers only %zu: as RET=HDRS makes it", k);
+		buf_free(&cut);
+		ok(dsn_headers_only(want.data, want.len, &cut) < 0, "headers only %zu: not again", k);
+		buf_free(&full), buf_free(&cut), buf_free(&want);
+	}
+	ok(dsn_headers_only(msg, strlen(msg), &out) < 0 && out.len == 0, "headers only: not a bounce, refused");
+
 	/* delayed: the pending recipients whose NOTIFY has DELAY or is not given */
 	setup(&env);
 	rcpts[1].done_code = 0;
