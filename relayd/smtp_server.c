@@ -827,11 +827,17 @@ static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
  * submission server enforce this); switched off with check_header_from no */
 static bool session_header_from_ok(struct session *s, size_t hlen)
 {
-	char addrs[8][256];
+	char addrs[SMTP_FROM_MAX][256];
+	const char *reply;
 	if (!smtp_cfg->check_header_from)
 		return true;
 	const char *p = s->msg.data ? s->msg.data : "";
-	int n = smtp_header_addresses(p, hlen, "From", addrs, 8);
+	int n = smtp_header_from(p, hlen, addrs, &reply);
+	if (n < 0) {
+		log_info("%s smtp event=reject reason=header-from-invalid user=%s", s->idstr, s->user);
+		session_reply(s, "%s", reply);
+		return false;
+	}
 	for (int i = 0; i < n; i++) {
 		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
 			policy_count(s->user, PC_REJECT_SENDER);
@@ -840,10 +846,6 @@ static bool session_header_from_ok(struct session *s, size_t hlen)
 			session_reply(s, "553 5.7.1 From: header address <%s> not allowed for user %s", addrs[i], s->user);
 			return false;
 		}
-	}
-	if (n < 0) {
-		session_reply(s, "550 5.6.0 From: header has no valid address");
-		return false;
 	}
 	return true;
 }
