@@ -42,6 +42,10 @@
 #include "userdb.h"
 
 #define SMTP_LINE_MAX       512     /* RFC 5321 §4.5.3.1.4, CRLF included */
+/* MAIL and RCPT, which the extensions we offer make longer (RFC 5321 §4.5.3.1.4): MAIL
+ * +26 SIZE (RFC 1870), +10 SMTPUTF8 (RFC 6531), +100 RET/ENVID (RFC 3461), +500 AUTH=
+ * (RFC 4954 §5), BODY=8BITMIME; RCPT +500 NOTIFY/ORCPT (RFC 3461). Rounded up. */
+#define SMTP_MAIL_LINE_MAX  2048
 #define SMTP_AUTH_LINE_MAX  12288   /* RFC 4954 §4 */
 #define SMTP_OUT_HIGH       (256 * 1024) /* stop reading while this much output waits */
 #define SMTP_BUCKETS        4096
@@ -998,9 +1002,19 @@ static void session_auth_abandon(struct session *s)
 	session_enter_state(s, SS_GREETED);
 }
 
+/* the longest command line (CRLF included) that line's verb may have */
+static size_t session_line_max(const char *line)
+{
+	if (!strncasecmp(line, "AUTH ", 5))
+		return SMTP_AUTH_LINE_MAX;
+	if (!strncasecmp(line, "MAIL ", 5) || !strncasecmp(line, "RCPT ", 5))
+		return SMTP_MAIL_LINE_MAX;
+	return SMTP_LINE_MAX;
+}
+
 /* one command line from the input; false when no complete line is there yet.
- * Lines up to SMTP_AUTH_LINE_MAX are buffered (AUTH initial responses are long); other
- * commands are limited to SMTP_LINE_MAX. A longer line is skipped up to its LF and
+ * Lines up to SMTP_AUTH_LINE_MAX are buffered (AUTH initial responses are long); MAIL and
+ * RCPT are limited to SMTP_MAIL_LINE_MAX, other commands to SMTP_LINE_MAX. A longer line is skipped up to its LF and
  * answered then, so the session stays in sync. */
 static bool session_command_input(struct session *s)
 {
@@ -1039,7 +1053,7 @@ static bool session_command_input(struct session *s)
 	} else if (in_auth) {
 		session_auth_response(s, line);
 		return true;
-	} else if (text + 2 > SMTP_LINE_MAX && strncasecmp(line, "AUTH ", 5)) {
+	} else if (text + 2 > session_line_max(line)) {
 		session_error(s, "500 5.5.2 Line too long");
 	} else {
 		session_command(s, line);

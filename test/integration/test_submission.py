@@ -257,6 +257,30 @@ def _():
     c.close()
 
 
+@t.test("MAIL and RCPT lines longer than 512 octets with extension parameters (RFC 3461, RFC 4954)")
+def _():
+    c = relay.session(ALICE)
+    addr = "l" * 64 + "@" + ".".join(["d" * 59] * 3) + ".example"  # 252 chars
+    xaddr = addr.replace("@", "+40")
+    xauth = "a+2B" * 60 + "+40" + addr.split("@")[1]  # xtext of a+a+...@<domain>
+    mail = (f"MAIL FROM:<{ALICE}> SIZE=1000 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID={'E' * 100}"
+            f" AUTH={xauth}")
+    t.ok(len(mail) + 2 > 512, f"MAIL line of {len(mail) + 2} octets")
+    code, text = c.cmd(mail)
+    t.like(text, r"^250 2\.1\.0 ", "MAIL with SIZE, BODY, SMTPUTF8, RET, ENVID and a long AUTH=: 250")
+    rcpt = f"RCPT TO:<{addr}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{xaddr}"
+    t.ok(len(rcpt) + 2 > 512, f"RCPT line of {len(rcpt) + 2} octets")
+    code, text = c.cmd(rcpt)
+    t.like(text, r"^250 2\.1\.5 ", "RCPT with NOTIFY and a long ORCPT: 250")
+    code, text = c.cmd(f"RCPT TO:<{addr}> NOTIFY=SUCCESS ORCPT=rfc822;{xaddr}" + " " * 1800)
+    t.like(text, r"^500 5\.5\.2 Line too long", "a RCPT line over 2048 octets: 500 5.5.2")
+    code, text = c.cmd("NOOP " + "x" * 600)
+    t.like(text, r"^500 5\.5\.2 Line too long", "other commands keep the 512-octet limit")
+    code, text = c.cmd("RSET")
+    t.is_(code, 250, "in sync afterwards")
+    c.close()
+
+
 @t.test("command line limits and CRLF strictness")
 def _():
     c = relay.session(ALICE)
