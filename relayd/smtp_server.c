@@ -1340,13 +1340,29 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
 			   smtp_body_mem, smtp_cfg->message_memory);
 }
 
-/* smtp_server_shutdown - close every session */
+/* close s now: RFC 5321 §3.8 allows that only after a 421, which may come at any point of
+ * the session (even in DATA). Best effort: what the socket takes at once goes out (the loop
+ * does not turn again to send the rest); nothing can go out in a TLS handshake */
+static void session_shutdown(struct session *s)
+{
+	uint64_t id = s->id;
+	struct conn *c = &s->conn;
+	if (s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE)
+		session_reply(s, "421 4.3.2 %s Service shutting down, try again later", smtp_cfg->hostname);
+	s->out_blocked = false; /* on_drain must not process more input */
+	if (c->out.len > 0 && !c->failed && !c->offloaded && !c->tls_handshaking && !c->tls_want)
+		ev_invoke(smtp_loop, &c->wio, EV_WRITE); /* conn's writer; its on_drain/on_error may free s */
+	if ((s = session_find(id)))
+		session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+}
+
+/* smtp_server_shutdown - close every session, each with a 421 */
 void smtp_server_shutdown(void)
 {
 	for (int i = 0; i < SMTP_BUCKETS; i++) {
 		for (struct session *s = smtp_registry[i], *next; s; s = next) {
 			next = s->hnext;
-			session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+			session_shutdown(s);
 		}
 	}
 }

@@ -655,6 +655,38 @@ def _():
     t.is_(rc, 0, "relayd exits 0 on SIGTERM")
 
 
+# --- drain deadline (its own relayd) ------------------------------------------------------------
+@t.test("drain deadline: sessions still in a transaction get 421 4.3.2 before the close (RFC 5321 3.8)")
+def _():
+    r3 = t.Relay(extra_config="drain_timeout 2s")
+    r3.add_user(ALICE, ALICE_PW)
+    r3.start()
+    rcpt = r3.session(ALICE)
+    rcpt.cmd(f"MAIL FROM:<{ALICE}>")
+    t.is_(rcpt.cmd("RCPT TO:<x@example.com>")[0], 250, "one session has a recipient")
+    data = r3.session(ALICE)
+    data.cmd(f"MAIL FROM:<{ALICE}>")
+    data.cmd("RCPT TO:<x@example.com>")
+    t.is_(data.cmd("DATA")[0], 354, "one is in DATA")
+    data.send(b"Subject: never finished\r\n\r\nhalf\r\n")
+    bdat = r3.session(ALICE)
+    bdat.cmd(f"MAIL FROM:<{ALICE}>")
+    bdat.cmd("RCPT TO:<x@example.com>")
+    bdat.send(b"BDAT 100 LAST\r\nonly part of the chunk")
+    t0 = time.monotonic()
+    r3.proc.terminate()
+    for name, c in (("RCPT", rcpt), ("DATA", data), ("BDAT", bdat)):
+        c.settimeout(8)
+        code, text = c.reply()
+        dt = time.monotonic() - t0
+        t.like(text, r"^421 4\.3\.2 .*shutting down", f"session in {name}: 421 4.3.2 at the deadline")
+        t.ok(1.5 <= dt <= 6, f"session in {name}: after about 2 s (took {dt:.1f} s)")
+        t.ok(c.eof(3), f"session in {name}: then closed")
+        c.close()
+    t.is_(r3.stop(), 0, "relayd exits 0")
+    t.like(r3.log(), r"event=drain-timeout sessions=3", "the drain timed out with the 3 sessions")
+
+
 t.is_(relay.running(), True, "relayd is still running after all this")
 t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
 t.done()
