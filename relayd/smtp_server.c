@@ -313,6 +313,22 @@ static void session_ehlo_reply(struct session *s)
 	session_reply(s, "250 HELP");
 }
 
+/* the EHLO/HELO name as it goes into our replies and the Received: header: any byte but
+ * [A-Za-z0-9.-_:[]] becomes '?'. Not refused (clients send bare names, underscores, worse),
+ * but it cannot put 8-bit bytes, a ';' (the end of Received's tokens, RFC 5322 §3.6.7),
+ * comments or a fake "by" clause into a header we sign (RFC 5321 §4.4) */
+static void session_set_helo(struct session *s, const char *name)
+{
+	size_t i;
+	for (i = 0; name[i] && i + 1 < sizeof(s->helo); i++) {
+		unsigned char ch = (unsigned char)name[i];
+		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+			  strchr(".-_:[]", ch) != NULL;
+		s->helo[i] = ok ? (char)ch : '?';
+	}
+	s->helo[i] = '\0';
+}
+
 static void cmd_helo(struct session *s, struct smtp_cmd *c, bool ehlo)
 {
 	if (!c->arg[0] || strlen(c->arg) >= sizeof(s->helo) || strchr(c->arg, ' ')) {
@@ -321,7 +337,7 @@ static void cmd_helo(struct session *s, struct smtp_cmd *c, bool ehlo)
 	}
 	/* RFC 5321 §4.1.4: EHLO/HELO also resets the transaction */
 	session_reset_transaction(s);
-	snprintf(s->helo, sizeof(s->helo), "%s", c->arg);
+	session_set_helo(s, c->arg);
 	s->esmtp = ehlo;
 	session_enter_state(s, SS_GREETED);
 	if (ehlo)

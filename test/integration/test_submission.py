@@ -257,6 +257,29 @@ def _():
     c.close()
 
 
+@t.test("the EHLO name goes into Received: with only [A-Za-z0-9.-_:[]] (the rest as '?')")
+def _():
+    c = relay.session(ALICE)
+    c.send(b"EHLO h\xc3\xa9llo(x);\tby\tfake.example\r\n")
+    code, text = c.reply()
+    t.is_(code, 250, "an odd EHLO name is still accepted (no client is refused for its name)")
+    t.ok("\ufffd" not in text and "(x)" not in text, "the EHLO reply echoes the cleaned name", text)
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+    qid = t.queued_id(text)
+    msg = (queued_message(qid) or b"") if qid else b""
+    first = msg.split(b"\r\n")[0]
+    t.is_(first, b"Received: from h??llo?x???by?fake.example ([127.0.0.1])", "cleaned name in Received:")
+    t.ok(all(b < 0x80 for b in msg.split(b"\r\n\r\n")[0]), "no 8-bit byte in the header section")
+    for name in ("[IPv6:2001:db8::1]", "[192.0.2.1]", "my_host.local-domain", "BareName"):
+        code, text = c.cmd(f"EHLO {name}")
+        code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+        qid = t.queued_id(text)
+        msg = (queued_message(qid) or b"") if qid else b""
+        t.ok(msg.startswith(f"Received: from {name} ([127.0.0.1])".encode()), f"EHLO {name} kept as is",
+             msg[:80])
+    c.close()
+
+
 @t.test("MAIL and RCPT lines longer than 512 octets with extension parameters (RFC 3461, RFC 4954)")
 def _():
     c = relay.session(ALICE)
