@@ -870,17 +870,25 @@ static bool session_header_from_ok(struct session *s, size_t hlen)
 	return true;
 }
 
+/* the body so far is flagged (too large, bad line syntax, no memory): refuse it, and the
+ * transaction is over */
+static bool session_body_refused(struct session *s)
+{
+	const char *reply = smtp_body_error(&s->body);
+	if (!reply)
+		return false;
+	stats_inc(ST_REJECTED, 1);
+	log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
+	session_reply(s, "%s", reply);
+	session_reset_transaction(s);
+	return true;
+}
+
 /* the end of DATA or BDAT LAST: refuse bad content or commit */
 static void session_end_body(struct session *s)
 {
-	const char *reply = smtp_body_error(&s->body);
-	if (reply) {
-		stats_inc(ST_REJECTED, 1);
-		log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
-		session_reply(s, "%s", reply);
-		session_reset_transaction(s);
+	if (session_body_refused(s))
 		return;
-	}
 	size_t hlen = session_header_len(s);
 	struct buf head = { 0 };
 	if (session_new_headers(s, hlen, &head) < 0) {
@@ -1005,6 +1013,10 @@ static void session_bdat_chunk_done(struct session *s)
 		session_end_body(s);
 		return;
 	}
+	/* RFC 3030 §2: 250 only to a successful chunk; a failed one ends the transaction (the
+	 * client sends no more BDAT, and one it sends anyway gets 503 and is discarded) */
+	if (session_body_refused(s))
+		return;
 	session_enter_state(s, SS_RCPT);
 	session_reply(s, "250 2.0.0 %zu octets received", s->msg.len);
 }

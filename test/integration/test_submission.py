@@ -558,6 +558,41 @@ def _():
     c.close()
 
 
+@t.test("BDAT: a chunk that makes the message too large or bad gets the 5xx at that chunk (RFC 3030 2)")
+def _():
+    c = relay.session(ALICE)
+    c.settimeout(20)
+    chunk = (b"y" * 78 + b"\r\n") * (600 * 1024 // 80)  # 600 KB; max_message_size is 1M
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
+    t.like(c.reply()[1], rf"^250 2\.0\.0 {len(chunk)} octets received", "first 600 KB chunk: 250")
+    c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
+    t.like(c.reply()[1], r"^552 5\.3\.4 ", "the chunk that passes 1M: 552 5.3.4 at once")
+    c.send(b"BDAT 10 LAST\r\n0123456789")
+    t.like(c.reply()[1], r"^503 5\.5\.1 ", "a BDAT after it: 503 5.5.1, the transaction is over")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync: its 10 octets were read and discarded")
+
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(b"BDAT 5\r\na\nbcd")
+    t.like(c.reply()[1], r"^554 5\.6\.0 .*bare LF", "a chunk with a bare LF: 554 5.6.0 at that chunk")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync")
+
+    msg = t.make_message(ALICE, "rcpt@example.com", body="ab\r\ncd\r\n")
+    cut = msg.index(b"ab\r\n") + 3  # the CR ends one chunk, its LF starts the next
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT {cut}\r\n".encode() + msg[:cut])
+    t.like(c.reply()[1], r"^250 ", "a chunk ending in CR (its LF in the next chunk): 250")
+    c.send(f"BDAT {len(msg) - cut} LAST\r\n".encode() + msg[cut:])
+    code, text = c.reply()
+    t.like(text, t.QUEUED_RE, "and the message is queued")
+    stored = queued_message(t.queued_id(text) or "") or b""
+    t.ok(stored.endswith(b"\r\n\r\nab\r\ncd\r\n"), "stored byte for byte", stored[-40:])
+    c.close()
+
+
 # --- real clients ------------------------------------------------------------------------------
 def swaks_args(port, user=ALICE, pw=ALICE_PW, subject="swaks"):
     return ["--server", "127.0.0.1", "--port", str(port), "--auth-user", user, "--auth-password", pw,
