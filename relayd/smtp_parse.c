@@ -8,6 +8,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -137,7 +138,7 @@ static int smtp_path(char *s, char **addr, char **rest)
 	/* RFC 5321 §4.1.2: a source route "@a,@b:" is accepted and ignored */
 	if (*s == '@') {
 		char *colon = strchr(s, ':');
-		if (!colon)
+		if (!colon || colon[1] == '\0') /* "<@a:>" is not the null sender */
 			return -1;
 		s = colon + 1;
 	}
@@ -169,17 +170,36 @@ static char *smtp_next_param(char **p, char **value)
 	return s;
 }
 
+/* RFC 1870: size-value = 1*20DIGIT; one too large for us is LLONG_MAX (552 later, not 501) */
+static int smtp_size_value(const char *val, long long *size)
+{
+	size_t n = val ? strspn(val, "0123456789") : 0;
+	if (n == 0 || n > 20 || val[n])
+		return -1;
+	errno = 0;
+	long long v = strtoll(val, NULL, 10);
+	*size = errno == ERANGE ? LLONG_MAX : v;
+	return 0;
+}
+
+/* a parameter given twice: RFC 5321 §4.1.2 lists each one once */
+static bool smtp_mail_param_dup(const struct smtp_mail_args *m, const char *key)
+{
+	return (!strcasecmp(key, "SIZE") && m->size >= 0) || (!strcasecmp(key, "BODY") && m->body != SMTP_BODY_NONE) ||
+	       (!strcasecmp(key, "SMTPUTF8") && m->smtputf8) || (!strcasecmp(key, "AUTH") && m->auth);
+}
+
 static int smtp_mail_param(struct smtp_mail_args *m, const char *key, char *val, const char **reply)
 {
+	if (smtp_mail_param_dup(m, key)) {
+		*reply = "501 5.5.4 Duplicate MAIL parameter";
+		return -1;
+	}
 	if (!strcasecmp(key, "SIZE")) {
-		char *end;
-		errno = 0;
-		long long v = val ? strtoll(val, &end, 10) : -1;
-		if (!val || errno || *end || end == val || v < 0) {
+		if (smtp_size_value(val, &m->size) < 0) {
 			*reply = "501 5.5.4 Bad SIZE parameter";
 			return -1;
 		}
-		m->size = v;
 	} else if (!strcasecmp(key, "BODY")) {
 		if (val && !strcasecmp(val, "7BIT"))
 			m->body = SMTP_BODY_7BIT;
@@ -206,7 +226,12 @@ static int smtp_mail_param(struct smtp_mail_args *m, const char *key, char *val,
 		}
 		m->envid = val;
 	} else if (!strcasecmp(key, "AUTH")) {
-		/* RFC 4954 §5: accepted; we trust only our own authentication */
+		/* RFC 4954 §5: AUTH=xtext or AUTH=<>, accepted; we trust only our own authentication */
+		if (!val || (strcmp(val, "<>") && (!*val || !smtp_xtext_valid(val)))) {
+			*reply = "501 5.5.4 Bad AUTH parameter";
+			return -1;
+		}
+		m->auth = true;
 	} else {
 		*reply = "555 5.5.4 Unsupported MAIL parameter";
 		return -1;
@@ -281,14 +306,14 @@ int smtp_parse_rcpt(char *arg, bool smtputf8, struct smtp_rcpt_args *r, const ch
 	}
 	char *key, *val;
 	while ((key = smtp_next_param(&rest, &val))) {
-		if (!strcasecmp(key, "NOTIFY") && val && !r->notify) {
-			if (smtp_notify(val, &r->notify) < 0) {
+		if (!strcasecmp(key, "NOTIFY")) {
+			if (!val || r->notify || smtp_notify(val, &r->notify) < 0) {
 				*reply = "501 5.5.4 Bad NOTIFY parameter";
 				return -1;
 			}
-		} else if (!strcasecmp(key, "ORCPT") && val && !r->orcpt) {
-			char *semi = strchr(val, ';');
-			if (!semi || semi == val || !smtp_xtext_valid(semi + 1) || strlen(val) > 500) {
+		} else if (!strcasecmp(key, "ORCPT")) {
+			char *semi = val ? strchr(val, ';') : NULL;
+			if (!semi || r->orcpt || semi == val || !smtp_xtext_valid(semi + 1) || strlen(val) > 500) {
 				*reply = "501 5.5.4 Bad ORCPT parameter";
 				return -1;
 			}
@@ -314,6 +339,10 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 	unsigned long long v = strtoull(arg, &end, 10);
 	if (errno || v > (1ULL << 40)) {
 		*reply = "501 5.5.4 Bad BDAT size";
+		return -1;
+	}
+	if (*end && *end != ' ') { /* "5LAST": chunk-size [SP end-marker] */
+		*reply = "501 5.5.4 Syntax: BDAT size [LAST]";
 		return -1;
 	}
 	while (*end == ' ')

@@ -26,11 +26,12 @@ enum smtp_body_type { SMTP_BODY_NONE, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME, SMTP_B
 
 struct smtp_mail_args {
 	char *addr;              /* reverse-path without <>; "" for the null sender */
-	long long size;          /* SIZE= or -1 */
+	long long size;          /* SIZE= (LLONG_MAX when over 19 digits) or -1 */
 	enum smtp_body_type body;
 	bool smtputf8;
 	char *ret;               /* "FULL" / "HDRS" or NULL */
 	char *envid;             /* xtext or NULL */
+	bool auth;               /* AUTH= was given (RFC 4954 §5; not used further) */
 };
 
 struct smtp_rcpt_args {

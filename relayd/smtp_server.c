@@ -79,6 +79,7 @@ struct session {
 	bool busy;                      /* waiting for an AUTH step or a commit */
 	bool out_blocked;               /* waiting for the client to read its replies */
 	bool discard_line;              /* skipping the rest of an overlong command line */
+	bool discard_auth;              /* ... which is part of an AUTH exchange */
 	char user[256];
 	char **senders;
 	size_t nsenders;
@@ -379,7 +380,8 @@ static void session_auth_submit(struct session *s)
 	auth_submit(s->auth);
 }
 
-/* decode a base64 client response; "=" is the empty initial response (RFC 4954 §4) */
+/* decode a base64 client response; "=" is the empty initial response and an empty line an
+ * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])) */
 static int session_auth_decode(struct session *s, const char *b64, bool initial)
 {
 	size_t blen = strlen(b64);
@@ -387,7 +389,7 @@ static int session_auth_decode(struct session *s, const char *b64, bool initial)
 	char *out = malloc(blen + 1);
 	if (!out)
 		return -1;
-	if (initial && !strcmp(b64, "=")) {
+	if ((initial && !strcmp(b64, "=")) || (!initial && blen == 0)) {
 		out[0] = '\0';
 	} else if (blen == 0 || sasl_decode64(b64, (unsigned)blen, out, (unsigned)blen + 1, &outlen) != SASL_OK) {
 		free(out);
@@ -752,8 +754,11 @@ static void cmd_simple(struct session *s, struct smtp_cmd *c)
 	case SMTP_HELP:
 		session_reply(s, "214 2.0.0 relayd: EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT");
 		break;
-	case SMTP_VRFY:
-		session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+	case SMTP_VRFY: /* RFC 5321 §4.1.1.6: "VRFY" SP String */
+		if (!c->arg[0])
+			session_error(s, "501 5.5.4 Syntax: VRFY string");
+		else
+			session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
 		break;
 	case SMTP_EXPN:
 		session_error(s, "502 5.5.1 EXPN not supported");
@@ -1048,8 +1053,12 @@ static bool session_command_input(struct session *s)
 {
 	struct buf *in = &s->conn.in;
 	char *nl = in->len ? memchr(in->data, '\n', in->len) : NULL; /* data is NULL when empty */
+	bool in_auth = s->state == SS_AUTH;
+	bool auth_line = in_auth || (in->len >= 5 && !strncasecmp(in->data, "AUTH ", 5));
 	if (!nl) {
 		if (in->len > SMTP_AUTH_LINE_MAX) {
+			if (!s->discard_line)
+				s->discard_auth = auth_line;
 			s->discard_line = true;
 			buf_consume(in, in->len);
 		}
@@ -1057,6 +1066,8 @@ static bool session_command_input(struct session *s)
 	}
 	size_t len = (size_t)(nl - in->data);
 	bool too_long = s->discard_line || len + 1 > SMTP_AUTH_LINE_MAX;
+	if (s->discard_line)
+		auth_line = s->discard_auth;
 	bool bare_lf = len == 0 || in->data[len - 1] != '\r';
 	size_t text = bare_lf ? len : len - 1;
 	bool nul = !too_long && memchr(in->data, '\0', text) != NULL;
@@ -1069,9 +1080,8 @@ static bool session_command_input(struct session *s)
 	}
 	s->discard_line = false;
 	buf_consume(in, len + 1);
-	bool in_auth = s->state == SS_AUTH;
-	if (too_long) {
-		session_error(s, in_auth ? "500 5.5.6 Authentication exchange line is too long" : "500 5.5.2 Line too long");
+	if (too_long) { /* RFC 4954 §6: 5.5.6 for an AUTH command or response line */
+		session_error(s, auth_line ? "500 5.5.6 Authentication exchange line is too long" : "500 5.5.2 Line too long");
 	} else if (bare_lf) {
 		session_error(s, "500 5.5.2 Line must end with CRLF");
 	} else if (nul) {

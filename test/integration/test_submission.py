@@ -548,6 +548,7 @@ def _():
     t.like(c.cmd("NOOP")[1], r"^250 ", "NOOP: 250")
     t.like(c.cmd("HELP")[1], r"^214", "HELP: 214")
     t.like(c.cmd("VRFY postmaster")[1], r"^252 ", "VRFY: 252")
+    t.like(c.cmd("VRFY")[1], r"^501 5\.5\.4 ", "VRFY without an argument: 501 5.5.4 (RFC 5321 4.1.1.6)")
     t.like(c.cmd("RCPT TO:<a@example.com>")[1], r"^503 5\.5\.1 ", "RCPT before MAIL: 503 5.5.1")
     t.like(c.cmd("DATA")[1], r"^503 5\.5\.1 ", "DATA before MAIL: 503 5.5.1")
     c.cmd(f"MAIL FROM:<{ALICE}>")
@@ -590,6 +591,22 @@ def _():
     t.like(text, t.QUEUED_RE, "and the message is queued")
     stored = queued_message(t.queued_id(text) or "") or b""
     t.ok(stored.endswith(b"\r\n\r\nab\r\ncd\r\n"), "stored byte for byte", stored[-40:])
+    c.close()
+
+
+@t.test("parameter corners: known parameters used wrongly get 501, a 20-digit SIZE 552")
+def _():
+    c = relay.session(ALICE)
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(c.cmd("RCPT TO:<rcpt@example.com> NOTIFY=FAILURE NOTIFY=DELAY")[1], r"^501 5\.5\.4 ",
+           "NOTIFY twice: 501 5.5.4 (known parameter, used wrongly)")
+    t.is_(c.cmd("RSET")[0], 250, "RSET")
+    t.like(c.cmd(f"MAIL FROM:<{ALICE}> SIZE=99999999999999999999")[1], r"^552 5\.3\.4 ",
+           "a 20-digit SIZE is valid (RFC 1870) and too big: 552 5.3.4")
+    t.like(c.cmd(f"MAIL FROM:<{ALICE}> AUTH")[1], r"^501 5\.5\.4 ", "AUTH without a value: 501 5.5.4")
+    c.send(b"BDAT 3LAST\r\n")
+    t.like(c.reply()[1], r"^501 5\.5\.4 ", "BDAT 3LAST: 501 5.5.4")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync")
     c.close()
 
 

@@ -1,6 +1,8 @@
 /*
  * smtp_parse-t - unit tests of the pure command and parameter parser.
  */
+#include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../../relayd/queue.h"
@@ -85,6 +87,54 @@ static void test_rcpt(void)
 	ok(smtp_parse_rcpt(a6, false, &r, &reply) < 0, "empty domain label refused");
 	char a7[] = "TO:<bob@[192.0.2.1]>";
 	ok(smtp_parse_rcpt(a7, false, &r, &reply) == 0, "address literal accepted");
+}
+
+/* reply and syntax corners (audit F5): known parameters used wrongly are 501, not 555 */
+static void test_param_corners(void)
+{
+	struct smtp_mail_args m;
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	static const char *mail_501[] = {
+		"FROM:<a@b.org> SIZE=10 SIZE=99999", "FROM:<a@b.org> BODY=8BITMIME BODY=7BIT",
+		"FROM:<a@b.org> SMTPUTF8 SMTPUTF8", "FROM:<a@b.org> AUTH", "FROM:<a@b.org> AUTH=",
+		"FROM:<a@b.org> AUTH=a@b AUTH=<>", "FROM:<a@b.org> AUTH=a=b", "FROM:<a@b.org> SIZE=123456789012345678901",
+		"FROM:<a@b.org> SIZE=+5",
+	};
+	for (size_t i = 0; i < sizeof(mail_501) / sizeof(mail_501[0]); i++) {
+		char a[200];
+		snprintf(a, sizeof(a), "%s", mail_501[i]);
+		reply = NULL;
+		ok(smtp_parse_mail(a, &m, &reply) < 0 && reply && !strncmp(reply, "501 5.5.4", 9), "MAIL %s: 501 5.5.4",
+		   mail_501[i]);
+	}
+	char a1[] = "FROM:<a@b.org> AUTH=<>";
+	ok(smtp_parse_mail(a1, &m, &reply) == 0 && m.auth, "AUTH=<> accepted");
+	char a2[] = "FROM:<a@b.org> AUTH=a+40b.org";
+	ok(smtp_parse_mail(a2, &m, &reply) == 0, "AUTH=xtext accepted");
+	char a3[] = "FROM:<a@b.org> SIZE=99999999999999999999";
+	ok(smtp_parse_mail(a3, &m, &reply) == 0 && m.size == LLONG_MAX, "20-digit SIZE is valid, and huge");
+	char a4[] = "FROM:<@a:>";
+	ok(smtp_parse_mail(a4, &m, &reply) < 0 && !strncmp(reply, "501 5.1.7", 9), "<@a:> is not the null sender");
+
+	static const char *rcpt_501[] = {
+		"TO:<a@b.org> NOTIFY=FAILURE NOTIFY=DELAY", "TO:<a@b.org> NOTIFY", "TO:<a@b.org> ORCPT",
+		"TO:<a@b.org> ORCPT=rfc822;a@b.org ORCPT=rfc822;a@b.org",
+	};
+	for (size_t i = 0; i < sizeof(rcpt_501) / sizeof(rcpt_501[0]); i++) {
+		char a[200];
+		snprintf(a, sizeof(a), "%s", rcpt_501[i]);
+		reply = NULL;
+		ok(smtp_parse_rcpt(a, false, &r, &reply) < 0 && reply && !strncmp(reply, "501 5.5.4", 9), "RCPT %s: 501 5.5.4",
+		   rcpt_501[i]);
+	}
+	char a5[] = "TO:<a@b.org> FOO=1";
+	ok(smtp_parse_rcpt(a5, false, &r, &reply) < 0 && !strncmp(reply, "555 5.5.4", 9), "unknown RCPT parameter: 555");
+
+	size_t n;
+	bool last;
+	ok(smtp_parse_bdat("5LAST", &n, &last, &reply) < 0, "BDAT 5LAST refused");
+	ok(smtp_parse_bdat("5 LAST", &n, &last, &reply) == 0 && n == 5 && last, "BDAT 5 LAST");
 }
 
 static void test_bdat(void)
@@ -207,6 +257,7 @@ int main(void)
 	test_mail();
 	test_rcpt();
 	test_bdat();
+	test_param_corners();
 	test_xtext();
 	return done_testing();
 }
