@@ -8,11 +8,15 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "queue.h"
+
+#define SMTP_STR_(x) #x
+#define SMTP_STR(x) SMTP_STR_(x)
 
 static const struct {
 	const char *name;
@@ -134,7 +138,7 @@ static int smtp_path(char *s, char **addr, char **rest)
 	/* RFC 5321 §4.1.2: a source route "@a,@b:" is accepted and ignored */
 	if (*s == '@') {
 		char *colon = strchr(s, ':');
-		if (!colon)
+		if (!colon || colon[1] == '\0') /* "<@a:>" is not the null sender */
 			return -1;
 		s = colon + 1;
 	}
@@ -166,17 +170,36 @@ static char *smtp_next_param(char **p, char **value)
 	return s;
 }
 
+/* RFC 1870: size-value = 1*20DIGIT; one too large for us is LLONG_MAX (552 later, not 501) */
+static int smtp_size_value(const char *val, long long *size)
+{
+	size_t n = val ? strspn(val, "0123456789") : 0;
+	if (n == 0 || n > 20 || val[n])
+		return -1;
+	errno = 0;
+	long long v = strtoll(val, NULL, 10);
+	*size = errno == ERANGE ? LLONG_MAX : v;
+	return 0;
+}
+
+/* a parameter given twice: RFC 5321 §4.1.2 lists each one once */
+static bool smtp_mail_param_dup(const struct smtp_mail_args *m, const char *key)
+{
+	return (!strcasecmp(key, "SIZE") && m->size >= 0) || (!strcasecmp(key, "BODY") && m->body != SMTP_BODY_NONE) ||
+	       (!strcasecmp(key, "SMTPUTF8") && m->smtputf8) || (!strcasecmp(key, "AUTH") && m->auth);
+}
+
 static int smtp_mail_param(struct smtp_mail_args *m, const char *key, char *val, const char **reply)
 {
+	if (smtp_mail_param_dup(m, key)) {
+		*reply = "501 5.5.4 Duplicate MAIL parameter";
+		return -1;
+	}
 	if (!strcasecmp(key, "SIZE")) {
-		char *end;
-		errno = 0;
-		long long v = val ? strtoll(val, &end, 10) : -1;
-		if (!val || errno || *end || end == val || v < 0) {
+		if (smtp_size_value(val, &m->size) < 0) {
 			*reply = "501 5.5.4 Bad SIZE parameter";
 			return -1;
 		}
-		m->size = v;
 	} else if (!strcasecmp(key, "BODY")) {
 		if (val && !strcasecmp(val, "7BIT"))
 			m->body = SMTP_BODY_7BIT;
@@ -203,7 +226,12 @@ static int smtp_mail_param(struct smtp_mail_args *m, const char *key, char *val,
 		}
 		m->envid = val;
 	} else if (!strcasecmp(key, "AUTH")) {
-		/* RFC 4954 §5: accepted; we trust only our own authentication */
+		/* RFC 4954 §5: AUTH=xtext or AUTH=<>, accepted; we trust only our own authentication */
+		if (!val || (strcmp(val, "<>") && (!*val || !smtp_xtext_valid(val)))) {
+			*reply = "501 5.5.4 Bad AUTH parameter";
+			return -1;
+		}
+		m->auth = true;
 	} else {
 		*reply = "555 5.5.4 Unsupported MAIL parameter";
 		return -1;
@@ -278,14 +306,14 @@ int smtp_parse_rcpt(char *arg, bool smtputf8, struct smtp_rcpt_args *r, const ch
 	}
 	char *key, *val;
 	while ((key = smtp_next_param(&rest, &val))) {
-		if (!strcasecmp(key, "NOTIFY") && val && !r->notify) {
-			if (smtp_notify(val, &r->notify) < 0) {
+		if (!strcasecmp(key, "NOTIFY")) {
+			if (!val || r->notify || smtp_notify(val, &r->notify) < 0) {
 				*reply = "501 5.5.4 Bad NOTIFY parameter";
 				return -1;
 			}
-		} else if (!strcasecmp(key, "ORCPT") && val && !r->orcpt) {
-			char *semi = strchr(val, ';');
-			if (!semi || semi == val || !smtp_xtext_valid(semi + 1) || strlen(val) > 500) {
+		} else if (!strcasecmp(key, "ORCPT")) {
+			char *semi = val ? strchr(val, ';') : NULL;
+			if (!semi || r->orcpt || semi == val || !smtp_xtext_valid(semi + 1) || strlen(val) > 500) {
 				*reply = "501 5.5.4 Bad ORCPT parameter";
 				return -1;
 			}
@@ -313,6 +341,10 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 		*reply = "501 5.5.4 Bad BDAT size";
 		return -1;
 	}
+	if (*end && *end != ' ') { /* "5LAST": chunk-size [SP end-marker] */
+		*reply = "501 5.5.4 Syntax: BDAT size [LAST]";
+		return -1;
+	}
 	while (*end == ' ')
 		end++;
 	if (!strcasecmp(end, "LAST"))
@@ -325,73 +357,133 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 	return 0;
 }
 
-/* the unfolded value of the first header `name`, into out; false if absent */
-static bool smtp_header_value(const char *h, size_t len, const char *name, char *out, size_t outlen)
+/* the index of the LF ending the line that holds h[i], or len */
+static size_t smtp_line_end(const char *h, size_t len, size_t i)
 {
-	size_t nl = strlen(name), o = 0;
+	const char *eol = memchr(h + i, '\n', len - i);
+	return eol ? (size_t)(eol - h) : len;
+}
+
+/* is the line at h[i] a From: field? "From" *WSP ":" (RFC 5322 §3.6.2, and the obsolete
+ * form of §4.5.2); *vs is then where its value begins */
+static bool smtp_header_is_from(const char *h, size_t len, size_t i, size_t *vs)
+{
+	if (len - i < 5 || strncasecmp(h + i, "From", 4))
+		return false;
+	size_t j = i + 4;
+	while (j < len && (h[j] == ' ' || h[j] == '\t'))
+		j++;
+	if (j >= len || h[j] != ':')
+		return false;
+	*vs = j + 1;
+	return true;
+}
+
+/* the end of the field whose value begins at h[vs]: its continuation lines included
+ * (RFC 5322 §2.2.3) */
+static size_t smtp_field_end(const char *h, size_t len, size_t vs)
+{
+	size_t end = smtp_line_end(h, len, vs);
+	while (end + 1 < len && (h[end + 1] == ' ' || h[end + 1] == '\t'))
+		end = smtp_line_end(h, len, end + 1);
+	return end;
+}
+
+/* one mailbox of a folded From: value v[i..n): up to a ',' or ';' outside quotes, comments
+ * and <>. Its address (the part in <> when there is one) goes to item; returns the index
+ * after it. *il is the address's length, -1 when it is too long or the mailbox is not one
+ * address (a second <>, a group name after <>): nothing that is not checked gets through */
+static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], int *il)
+{
+	size_t l = 0;
+	int depth = 0, angles = 0;
+	bool quoted = false, angle = false, bad = false;
+	for (; i < n; i++) {
+		char ch = v[i];
+		if (quoted || depth) { /* quoted-pair in both (RFC 5322 §3.2.1) */
+			if (ch == '\\')
+				i++;
+			else if (quoted && ch == '"')
+				quoted = false;
+			else if (!quoted && ch == '(')
+				depth++;
+			else if (!quoted && ch == ')')
+				depth--;
+			continue;
+		}
+		if (ch == '"') {
+			quoted = true;
+		} else if (ch == '(') {
+			depth = 1;
+		} else if (ch == '<') {
+			bad |= angles++ > 0;
+			angle = true;
+			l = 0;
+		} else if (ch == '>' && angle) {
+			angle = false;
+		} else if ((ch == ',' || ch == ';') && !angle) {
+			i++;
+			break;
+		} else if (ch == ':' && !angle) { /* a group name */
+			bad |= angles > 0;
+			l = 0;
+		} else if (ch != ' ' && ch != '\t' && ch != '\r' && ch != '\n') {
+			if (l < 255)
+				item[l++] = ch;
+			else
+				bad = true;
+		}
+	}
+	item[l] = '\0';
+	*il = bad ? -1 : (int)l;
+	return i;
+}
+
+/* the addresses of one From: value v[0..n) into out; -1 with *reply set */
+static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char **reply)
+{
+	int count = 0;
+	for (size_t i = 0; i < n;) {
+		char item[256];
+		int il;
+		i = smtp_mailbox(v, n, i, item, &il);
+		if (il == 0)
+			continue;
+		if (il < 0 || !strchr(item, '@')) {
+			*reply = "550 5.6.0 From: header has an address that cannot be parsed";
+			return -1;
+		}
+		if (count == SMTP_FROM_MAX) {
+			*reply = "550 5.6.0 From: header has more than " SMTP_STR(SMTP_FROM_MAX) " addresses";
+			return -1;
+		}
+		memcpy(out[count++], item, (size_t)il + 1);
+	}
+	return count;
+}
+
+/* smtp_header_from - the addresses of the From: field */
+int smtp_header_from(const char *hdrs, size_t len, char out[][256], const char **reply)
+{
+	int n = 0;
+	bool seen = false;
 	for (size_t i = 0; i < len;) {
-		const char *eol = memchr(h + i, '\n', len - i);
-		size_t end = eol ? (size_t)(eol - h) : len;
-		if (end - i > nl && !strncasecmp(h + i, name, nl) && h[i + nl] == ':') {
-			size_t j = i + nl + 1;
-			for (;;) { /* the value and its continuation lines (RFC 5322 §2.2.3) */
-				for (; j < end && o + 1 < outlen; j++)
-					if (h[j] != '\r')
-						out[o++] = h[j];
-				if (end + 1 >= len || (h[end + 1] != ' ' && h[end + 1] != '\t'))
-					break;
-				j = end + 1;
-				eol = memchr(h + j, '\n', len - j);
-				end = eol ? (size_t)(eol - h) : len;
+		size_t vs, end = smtp_line_end(hdrs, len, i);
+		if (hdrs[i] != ' ' && hdrs[i] != '\t' && smtp_header_is_from(hdrs, len, i, &vs)) {
+			if (seen) { /* RFC 5322 §3.6: exactly one */
+				*reply = "550 5.6.0 Message has more than one From: header";
+				return -1;
 			}
-			out[o] = '\0';
-			return true;
+			seen = true;
+			end = smtp_field_end(hdrs, len, vs);
+			if ((n = smtp_mailboxes(hdrs + vs, end - vs, out, reply)) < 0)
+				return -1;
 		}
 		i = end + 1;
 	}
-	return false;
-}
-
-/* smtp_header_addresses - addresses of From:, Sender: ... */
-int smtp_header_addresses(const char *hdrs, size_t len, const char *name, char out[][256], int max)
-{
-	char v[4096];
-	if (!smtp_header_value(hdrs, len, name, v, sizeof(v)))
-		return 0;
-	int n = 0;
-	char *p = v;
-	while (*p && n < max) {
-		/* one mailbox: up to a comma or semicolon outside quotes, comments and <> */
-		char item[1024];
-		size_t il = 0;
-		int depth = 0;
-		bool quoted = false, angle = false;
-		for (; *p; p++) {
-			if (quoted) {
-				if (*p == '\\' && p[1])
-					p++;
-				else if (*p == '"')
-					quoted = false;
-				continue;
-			}
-			if (*p == '"') { quoted = true; continue; }
-			if (*p == '(') { depth++; continue; }
-			if (*p == ')' && depth) { depth--; continue; }
-			if (depth)
-				continue;
-			if (*p == '<') { angle = true; il = 0; continue; }
-			if (*p == '>' && angle) { angle = false; continue; }
-			if ((*p == ',' || *p == ';') && !angle) { p++; break; }
-			if (*p == ':' && !angle) { il = 0; continue; } /* group name */
-			if (*p != ' ' && *p != '\t' && il + 1 < sizeof(item))
-				item[il++] = *p;
-		}
-		item[il] = '\0';
-		if (il == 0)
-			continue;
-		if (!strchr(item, '@') || il > 255)
-			return -1;
-		memcpy(out[n++], item, il + 1);
+	if (seen && n == 0) {
+		*reply = "550 5.6.0 From: header has no valid address";
+		return -1;
 	}
-	return n ? n : -1;
+	return n;
 }

@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#define SMTP_FROM_MAX 32        /* mailboxes in a From: header */
+
 enum smtp_verb {
 	SMTP_UNKNOWN, SMTP_HELO, SMTP_EHLO, SMTP_MAIL, SMTP_RCPT, SMTP_DATA, SMTP_BDAT, SMTP_RSET,
 	SMTP_NOOP, SMTP_QUIT, SMTP_HELP, SMTP_VRFY, SMTP_EXPN, SMTP_STARTTLS, SMTP_AUTH
@@ -24,11 +26,12 @@ enum smtp_body_type { SMTP_BODY_NONE, SMTP_BODY_7BIT, SMTP_BODY_8BITMIME, SMTP_B
 
 struct smtp_mail_args {
 	char *addr;              /* reverse-path without <>; "" for the null sender */
-	long long size;          /* SIZE= or -1 */
+	long long size;          /* SIZE= (LLONG_MAX when over 19 digits) or -1 */
 	enum smtp_body_type body;
 	bool smtputf8;
 	char *ret;               /* "FULL" / "HDRS" or NULL */
 	char *envid;             /* xtext or NULL */
+	bool auth;               /* AUTH= was given (RFC 4954 §5; not used further) */
 };
 
 struct smtp_rcpt_args {
@@ -50,11 +53,13 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 bool smtp_addr_valid(const char *addr, bool utf8);
 /* smtp_xtext_valid - RFC 3461 §4 xtext */
 bool smtp_xtext_valid(const char *s);
-/* smtp_header_addresses - the addr-specs of the first header `name` (e.g. "From") in the
- * header section hdrs[0..len): unfolded, display names and comments skipped, group syntax
- * tolerated. Writes up to max addresses of up to 255 chars; returns the count, 0 if the
- * header is absent, -1 if it is present but holds no parsable address. */
-int smtp_header_addresses(const char *hdrs, size_t len, const char *name, char out[][256], int max);
+/* smtp_header_from - the addr-specs of the From: field (RFC 5322 §3.6.2, also the obsolete
+ * "From :" of §4.5.2) in the header section hdrs[0..len): unfolded, display names and
+ * comments skipped, group syntax tolerated, every mailbox of any length looked at. Writes
+ * up to SMTP_FROM_MAX addresses of up to 255 chars; returns the count, 0 if there is no
+ * From:, or -1 with *reply set ("550 5.6.0 ...") when there is more than one From:, more
+ * than SMTP_FROM_MAX mailboxes, or a mailbox that is not one parsable address. */
+int smtp_header_from(const char *hdrs, size_t len, char out[][256], const char **reply);
 /* smtp_verb_name - "MAIL", "RCPT", ... for logs */
 const char *smtp_verb_name(enum smtp_verb v);
 

@@ -42,6 +42,10 @@
 #include "userdb.h"
 
 #define SMTP_LINE_MAX       512     /* RFC 5321 §4.5.3.1.4, CRLF included */
+/* MAIL and RCPT, which the extensions we offer make longer (RFC 5321 §4.5.3.1.4): MAIL
+ * +26 SIZE (RFC 1870), +10 SMTPUTF8 (RFC 6531), +100 RET/ENVID (RFC 3461), +500 AUTH=
+ * (RFC 4954 §5), BODY=8BITMIME; RCPT +500 NOTIFY/ORCPT (RFC 3461). Rounded up. */
+#define SMTP_MAIL_LINE_MAX  2048
 #define SMTP_AUTH_LINE_MAX  12288   /* RFC 4954 §4 */
 #define SMTP_OUT_HIGH       (256 * 1024) /* stop reading while this much output waits */
 #define SMTP_BUCKETS        4096
@@ -75,6 +79,7 @@ struct session {
 	bool busy;                      /* waiting for an AUTH step or a commit */
 	bool out_blocked;               /* waiting for the client to read its replies */
 	bool discard_line;              /* skipping the rest of an overlong command line */
+	bool discard_auth;              /* ... which is part of an AUTH exchange */
 	char user[256];
 	char **senders;
 	size_t nsenders;
@@ -309,6 +314,22 @@ static void session_ehlo_reply(struct session *s)
 	session_reply(s, "250 HELP");
 }
 
+/* the EHLO/HELO name as it goes into our replies and the Received: header: any byte but
+ * [A-Za-z0-9.-_:[]] becomes '?'. Not refused (clients send bare names, underscores, worse),
+ * but it cannot put 8-bit bytes, a ';' (the end of Received's tokens, RFC 5322 §3.6.7),
+ * comments or a fake "by" clause into a header we sign (RFC 5321 §4.4) */
+static void session_set_helo(struct session *s, const char *name)
+{
+	size_t i;
+	for (i = 0; name[i] && i + 1 < sizeof(s->helo); i++) {
+		unsigned char ch = (unsigned char)name[i];
+		bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+			  strchr(".-_:[]", ch) != NULL;
+		s->helo[i] = ok ? (char)ch : '?';
+	}
+	s->helo[i] = '\0';
+}
+
 static void cmd_helo(struct session *s, struct smtp_cmd *c, bool ehlo)
 {
 	if (!c->arg[0] || strlen(c->arg) >= sizeof(s->helo) || strchr(c->arg, ' ')) {
@@ -317,7 +338,7 @@ static void cmd_helo(struct session *s, struct smtp_cmd *c, bool ehlo)
 	}
 	/* RFC 5321 §4.1.4: EHLO/HELO also resets the transaction */
 	session_reset_transaction(s);
-	snprintf(s->helo, sizeof(s->helo), "%s", c->arg);
+	session_set_helo(s, c->arg);
 	s->esmtp = ehlo;
 	session_enter_state(s, SS_GREETED);
 	if (ehlo)
@@ -359,7 +380,8 @@ static void session_auth_submit(struct session *s)
 	auth_submit(s->auth);
 }
 
-/* decode a base64 client response; "=" is the empty initial response (RFC 4954 §4) */
+/* decode a base64 client response; "=" is the empty initial response and an empty line an
+ * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])) */
 static int session_auth_decode(struct session *s, const char *b64, bool initial)
 {
 	size_t blen = strlen(b64);
@@ -367,7 +389,7 @@ static int session_auth_decode(struct session *s, const char *b64, bool initial)
 	char *out = malloc(blen + 1);
 	if (!out)
 		return -1;
-	if (initial && !strcmp(b64, "=")) {
+	if ((initial && !strcmp(b64, "=")) || (!initial && blen == 0)) {
 		out[0] = '\0';
 	} else if (blen == 0 || sasl_decode64(b64, (unsigned)blen, out, (unsigned)blen + 1, &outlen) != SASL_OK) {
 		free(out);
@@ -732,8 +754,11 @@ static void cmd_simple(struct session *s, struct smtp_cmd *c)
 	case SMTP_HELP:
 		session_reply(s, "214 2.0.0 relayd: EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT");
 		break;
-	case SMTP_VRFY:
-		session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
+	case SMTP_VRFY: /* RFC 5321 §4.1.1.6: "VRFY" SP String */
+		if (!c->arg[0])
+			session_error(s, "501 5.5.4 Syntax: VRFY string");
+		else
+			session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery");
 		break;
 	case SMTP_EXPN:
 		session_error(s, "502 5.5.1 EXPN not supported");
@@ -827,11 +852,17 @@ static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
  * submission server enforce this); switched off with check_header_from no */
 static bool session_header_from_ok(struct session *s, size_t hlen)
 {
-	char addrs[8][256];
+	char addrs[SMTP_FROM_MAX][256];
+	const char *reply;
 	if (!smtp_cfg->check_header_from)
 		return true;
 	const char *p = s->msg.data ? s->msg.data : "";
-	int n = smtp_header_addresses(p, hlen, "From", addrs, 8);
+	int n = smtp_header_from(p, hlen, addrs, &reply);
+	if (n < 0) {
+		log_info("%s smtp event=reject reason=header-from-invalid user=%s", s->idstr, s->user);
+		session_reply(s, "%s", reply);
+		return false;
+	}
 	for (int i = 0; i < n; i++) {
 		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
 			policy_count(s->user, PC_REJECT_SENDER);
@@ -841,24 +872,28 @@ static bool session_header_from_ok(struct session *s, size_t hlen)
 			return false;
 		}
 	}
-	if (n < 0) {
-		session_reply(s, "550 5.6.0 From: header has no valid address");
+	return true;
+}
+
+/* the body so far is flagged (too large, bad line syntax, no memory): refuse it, and the
+ * transaction is over */
+static bool session_body_refused(struct session *s)
+{
+	const char *reply = smtp_body_error(&s->body);
+	if (!reply)
 		return false;
-	}
+	stats_inc(ST_REJECTED, 1);
+	log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
+	session_reply(s, "%s", reply);
+	session_reset_transaction(s);
 	return true;
 }
 
 /* the end of DATA or BDAT LAST: refuse bad content or commit */
 static void session_end_body(struct session *s)
 {
-	const char *reply = smtp_body_error(&s->body);
-	if (reply) {
-		stats_inc(ST_REJECTED, 1);
-		log_info("%s smtp event=reject reason=\"%s\" user=%s", s->idstr, reply + 10, s->user);
-		session_reply(s, "%s", reply);
-		session_reset_transaction(s);
+	if (session_body_refused(s))
 		return;
-	}
 	size_t hlen = session_header_len(s);
 	struct buf head = { 0 };
 	if (session_new_headers(s, hlen, &head) < 0) {
@@ -983,6 +1018,10 @@ static void session_bdat_chunk_done(struct session *s)
 		session_end_body(s);
 		return;
 	}
+	/* RFC 3030 §2: 250 only to a successful chunk; a failed one ends the transaction (the
+	 * client sends no more BDAT, and one it sends anyway gets 503 and is discarded) */
+	if (session_body_refused(s))
+		return;
 	session_enter_state(s, SS_RCPT);
 	session_reply(s, "250 2.0.0 %zu octets received", s->msg.len);
 }
@@ -996,16 +1035,30 @@ static void session_auth_abandon(struct session *s)
 	session_enter_state(s, SS_GREETED);
 }
 
+/* the longest command line (CRLF included) that line's verb may have */
+static size_t session_line_max(const char *line)
+{
+	if (!strncasecmp(line, "AUTH ", 5))
+		return SMTP_AUTH_LINE_MAX;
+	if (!strncasecmp(line, "MAIL ", 5) || !strncasecmp(line, "RCPT ", 5))
+		return SMTP_MAIL_LINE_MAX;
+	return SMTP_LINE_MAX;
+}
+
 /* one command line from the input; false when no complete line is there yet.
- * Lines up to SMTP_AUTH_LINE_MAX are buffered (AUTH initial responses are long); other
- * commands are limited to SMTP_LINE_MAX. A longer line is skipped up to its LF and
+ * Lines up to SMTP_AUTH_LINE_MAX are buffered (AUTH initial responses are long); MAIL and
+ * RCPT are limited to SMTP_MAIL_LINE_MAX, other commands to SMTP_LINE_MAX. A longer line is skipped up to its LF and
  * answered then, so the session stays in sync. */
 static bool session_command_input(struct session *s)
 {
 	struct buf *in = &s->conn.in;
 	char *nl = in->len ? memchr(in->data, '\n', in->len) : NULL; /* data is NULL when empty */
+	bool in_auth = s->state == SS_AUTH;
+	bool auth_line = in_auth || (in->len >= 5 && !strncasecmp(in->data, "AUTH ", 5));
 	if (!nl) {
 		if (in->len > SMTP_AUTH_LINE_MAX) {
+			if (!s->discard_line)
+				s->discard_auth = auth_line;
 			s->discard_line = true;
 			buf_consume(in, in->len);
 		}
@@ -1013,6 +1066,8 @@ static bool session_command_input(struct session *s)
 	}
 	size_t len = (size_t)(nl - in->data);
 	bool too_long = s->discard_line || len + 1 > SMTP_AUTH_LINE_MAX;
+	if (s->discard_line)
+		auth_line = s->discard_auth;
 	bool bare_lf = len == 0 || in->data[len - 1] != '\r';
 	size_t text = bare_lf ? len : len - 1;
 	bool nul = !too_long && memchr(in->data, '\0', text) != NULL;
@@ -1025,9 +1080,8 @@ static bool session_command_input(struct session *s)
 	}
 	s->discard_line = false;
 	buf_consume(in, len + 1);
-	bool in_auth = s->state == SS_AUTH;
-	if (too_long) {
-		session_error(s, in_auth ? "500 5.5.6 Authentication exchange line is too long" : "500 5.5.2 Line too long");
+	if (too_long) { /* RFC 4954 §6: 5.5.6 for an AUTH command or response line */
+		session_error(s, auth_line ? "500 5.5.6 Authentication exchange line is too long" : "500 5.5.2 Line too long");
 	} else if (bare_lf) {
 		session_error(s, "500 5.5.2 Line must end with CRLF");
 	} else if (nul) {
@@ -1037,7 +1091,7 @@ static bool session_command_input(struct session *s)
 	} else if (in_auth) {
 		session_auth_response(s, line);
 		return true;
-	} else if (text + 2 > SMTP_LINE_MAX && strncasecmp(line, "AUTH ", 5)) {
+	} else if (text + 2 > session_line_max(line)) {
 		session_error(s, "500 5.5.2 Line too long");
 	} else {
 		session_command(s, line);
@@ -1324,13 +1378,29 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
 			   smtp_body_mem, smtp_cfg->message_memory);
 }
 
-/* smtp_server_shutdown - close every session */
+/* close s now: RFC 5321 §3.8 allows that only after a 421, which may come at any point of
+ * the session (even in DATA). Best effort: what the socket takes at once goes out (the loop
+ * does not turn again to send the rest); nothing can go out in a TLS handshake */
+static void session_shutdown(struct session *s)
+{
+	uint64_t id = s->id;
+	struct conn *c = &s->conn;
+	if (s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE)
+		session_reply(s, "421 4.3.2 %s Service shutting down, try again later", smtp_cfg->hostname);
+	s->out_blocked = false; /* on_drain must not process more input */
+	if (c->out.len > 0 && !c->failed && !c->offloaded && !c->tls_handshaking && !c->tls_want)
+		ev_invoke(smtp_loop, &c->wio, EV_WRITE); /* conn's writer; its on_drain/on_error may free s */
+	if ((s = session_find(id)))
+		session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+}
+
+/* smtp_server_shutdown - close every session, each with a 421 */
 void smtp_server_shutdown(void)
 {
 	for (int i = 0; i < SMTP_BUCKETS; i++) {
 		for (struct session *s = smtp_registry[i], *next; s; s = next) {
 			next = s->hnext;
-			session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+			session_shutdown(s);
 		}
 	}
 }

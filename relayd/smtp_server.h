@@ -26,7 +26,7 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 unsigned smtp_server_count(void);
 /* smtp_server_drain - SIGTERM: idle sessions get 421 4.3.2, others when their transaction ends */
 void smtp_server_drain(void);
-/* smtp_server_shutdown - close every session now */
+/* smtp_server_shutdown - close every session now, after a 421 4.3.2 (RFC 5321 §3.8) */
 void smtp_server_shutdown(void);
 
 #endif

@@ -2,7 +2,7 @@
  * fuzz_smtp_parse - libFuzzer target for relayd/smtp_parse.c: the input is one command line
  * (cut at the first CR/LF, NUL-terminated, as the session hands it over) and goes through
  * smtp_parse_command, then smtp_parse_mail / smtp_parse_rcpt / smtp_parse_bdat on its
- * argument whatever the verb, and smtp_header_addresses over the whole input as a header
+ * argument whatever the verb, and smtp_header_from over the whole input as a header
  * section. Invariants checked: results point into the line; replies are complete SMTP
  * replies ("5xx x.y.z ..."); header addresses are NUL-terminated and at most 255 chars.
  */
@@ -80,15 +80,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* the whole input as a header section, in an exactly sized heap copy */
 	char *hdrs = malloc(size ? size : 1);
 	memcpy(hdrs, data, size);
-	static const char *names[] = { "From", "Sender", "To", "" };
-	for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
-		char out[4][256];
-		memset(out, 0x55, sizeof(out));
-		int got = smtp_header_addresses(hdrs, size, names[k], out, 4);
-		assert(got >= -1 && got <= 4);
-		for (int i = 0; i < got; i++)
-			assert(memchr(out[i], '\0', 256) != NULL);
-	}
+	char out[SMTP_FROM_MAX][256];
+	memset(out, 0x55, sizeof(out));
+	reply = NULL;
+	int got = smtp_header_from(hdrs, size, out, &reply);
+	assert(got >= -1 && got <= SMTP_FROM_MAX);
+	if (got < 0)
+		check_reply(reply);
+	for (int i = 0; i < got; i++)
+		assert(memchr(out[i], '\0', 256) != NULL && strchr(out[i], '@') != NULL);
 	free(hdrs);
 	free(arg1);
 	free(arg2);

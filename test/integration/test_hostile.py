@@ -356,6 +356,31 @@ def _():
     c.close()
 
 
+@t.test("AUTH: an overlong AUTH line gets 500 5.5.6; an empty response line is an empty response")
+def _():
+    c = relay.raw()
+    c.settimeout(5 * SLOW)
+    c.reply()
+    c.ehlo()
+    c.cmd("STARTTLS")
+    c.starttls()
+    c.ehlo()
+    code, text = c.cmd("AUTH PLAIN " + "A" * 13000)
+    t.like(text, r"^500 5\.5\.6 ", "AUTH PLAIN with a 13000-char initial response: 500 5.5.6 (RFC 4954 6)")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync afterwards")
+    t.is_(c.cmd("AUTH LOGIN")[0], 334, "AUTH LOGIN: 334")
+    code, text = c.cmd("")
+    t.is_(code, 334, "an empty line (the empty response, RFC 4954 *(CRLF [base64])) goes to SASL: next 334")
+    code, text = c.cmd("*")
+    t.like(text, r"^501 ", "then '*' cancels")
+    t.is_(c.cmd("AUTH PLAIN")[0], 334, "AUTH PLAIN: 334")
+    code, text = c.cmd("")
+    t.like(text, r"^501 5\.5\.2 Malformed", "an empty PLAIN response is judged by SASL, not refused as undecodable")
+    code, text = c.auth_plain("alice@example.org", "alice-pw")
+    t.is_(code, 235, "AUTH still succeeds on the same session")
+    c.close()
+
+
 @t.test("idle sessions past the timeout")
 def _():
     cases = [("after the greeting", lambda c: None),

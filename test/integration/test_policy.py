@@ -122,6 +122,29 @@ def _():
     t.is_(code, 250, "own address with a display name accepted")
 
 
+# each way around the From: check that an audit found: all refused after the final dot (a
+# refused message is not counted, so they do not use relay2's budget)
+FROM_BYPASSES = [
+    ("a second From: header", b"From: <alice@example.org>\r\nFROM: <ceo@bank.example>\r\n",
+     r"^550 5\.6\.0 Message has more than one From: header"),
+    ("obsolete 'From :' (RFC 5322 4.5.2)", b"From : <ceo@bank.example>\r\n",
+     r"^553 5\.7\.1 From: header address <ceo@bank\.example>"),
+    ("a 33rd mailbox", b"From:" + b"".join(b" <alice@example.org>,\r\n" for _ in range(32))
+     + b" <ceo@bank.example>\r\n", r"^550 5\.6\.0 From: header has more than 32 addresses"),
+    ("a 9th mailbox (the old cap)", b"From:" + b"".join(b" <alice@example.org>,\r\n" for _ in range(8))
+     + b" <ceo@bank.example>\r\n", r"^553 5\.7\.1 From: header address <ceo@bank\.example>"),
+    ("an address after 4.5 kB of folded comment", b"From: <alice@example.org>\r\n"
+     + b"".join(b" (" + b"x" * 900 + b")\r\n" for _ in range(5)) + b" , <ceo@bank.example>\r\n",
+     r"^553 5\.7\.1 From: header address <ceo@bank\.example>"),
+]
+for label, head, want in FROM_BYPASSES:
+    @t.test(f"From: check: {label} is refused")
+    def _(head=head, want=want, label=label):
+        stage, code, text = send(relay2, msg=head + b"To: <bob@example.net>\r\nSubject: t\r\n\r\nbody\r\n")
+        t.is_(stage, "dot", f"{label}: refused after the final dot")
+        t.like(text, want, f"{label}: the reply says why")
+
+
 @t.test("bytes limit: 3k/hour refuses a message that would pass it")
 def _():
     big = b"x" * 70 + b"\r\n"

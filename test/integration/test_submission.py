@@ -257,6 +257,53 @@ def _():
     c.close()
 
 
+@t.test("the EHLO name goes into Received: with only [A-Za-z0-9.-_:[]] (the rest as '?')")
+def _():
+    c = relay.session(ALICE)
+    c.send(b"EHLO h\xc3\xa9llo(x);\tby\tfake.example\r\n")
+    code, text = c.reply()
+    t.is_(code, 250, "an odd EHLO name is still accepted (no client is refused for its name)")
+    t.ok("\ufffd" not in text and "(x)" not in text, "the EHLO reply echoes the cleaned name", text)
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+    qid = t.queued_id(text)
+    msg = (queued_message(qid) or b"") if qid else b""
+    first = msg.split(b"\r\n")[0]
+    t.is_(first, b"Received: from h??llo?x???by?fake.example ([127.0.0.1])", "cleaned name in Received:")
+    t.ok(all(b < 0x80 for b in msg.split(b"\r\n\r\n")[0]), "no 8-bit byte in the header section")
+    for name in ("[IPv6:2001:db8::1]", "[192.0.2.1]", "my_host.local-domain", "BareName"):
+        code, text = c.cmd(f"EHLO {name}")
+        code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+        qid = t.queued_id(text)
+        msg = (queued_message(qid) or b"") if qid else b""
+        t.ok(msg.startswith(f"Received: from {name} ([127.0.0.1])".encode()), f"EHLO {name} kept as is",
+             msg[:80])
+    c.close()
+
+
+@t.test("MAIL and RCPT lines longer than 512 octets with extension parameters (RFC 3461, RFC 4954)")
+def _():
+    c = relay.session(ALICE)
+    addr = "l" * 64 + "@" + ".".join(["d" * 59] * 3) + ".example"  # 252 chars
+    xaddr = addr.replace("@", "+40")
+    xauth = "a+2B" * 60 + "+40" + addr.split("@")[1]  # xtext of a+a+...@<domain>
+    mail = (f"MAIL FROM:<{ALICE}> SIZE=1000 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID={'E' * 100}"
+            f" AUTH={xauth}")
+    t.ok(len(mail) + 2 > 512, f"MAIL line of {len(mail) + 2} octets")
+    code, text = c.cmd(mail)
+    t.like(text, r"^250 2\.1\.0 ", "MAIL with SIZE, BODY, SMTPUTF8, RET, ENVID and a long AUTH=: 250")
+    rcpt = f"RCPT TO:<{addr}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{xaddr}"
+    t.ok(len(rcpt) + 2 > 512, f"RCPT line of {len(rcpt) + 2} octets")
+    code, text = c.cmd(rcpt)
+    t.like(text, r"^250 2\.1\.5 ", "RCPT with NOTIFY and a long ORCPT: 250")
+    code, text = c.cmd(f"RCPT TO:<{addr}> NOTIFY=SUCCESS ORCPT=rfc822;{xaddr}" + " " * 1800)
+    t.like(text, r"^500 5\.5\.2 Line too long", "a RCPT line over 2048 octets: 500 5.5.2")
+    code, text = c.cmd("NOOP " + "x" * 600)
+    t.like(text, r"^500 5\.5\.2 Line too long", "other commands keep the 512-octet limit")
+    code, text = c.cmd("RSET")
+    t.is_(code, 250, "in sync afterwards")
+    c.close()
+
+
 @t.test("command line limits and CRLF strictness")
 def _():
     c = relay.session(ALICE)
@@ -501,6 +548,7 @@ def _():
     t.like(c.cmd("NOOP")[1], r"^250 ", "NOOP: 250")
     t.like(c.cmd("HELP")[1], r"^214", "HELP: 214")
     t.like(c.cmd("VRFY postmaster")[1], r"^252 ", "VRFY: 252")
+    t.like(c.cmd("VRFY")[1], r"^501 5\.5\.4 ", "VRFY without an argument: 501 5.5.4 (RFC 5321 4.1.1.6)")
     t.like(c.cmd("RCPT TO:<a@example.com>")[1], r"^503 5\.5\.1 ", "RCPT before MAIL: 503 5.5.1")
     t.like(c.cmd("DATA")[1], r"^503 5\.5\.1 ", "DATA before MAIL: 503 5.5.1")
     c.cmd(f"MAIL FROM:<{ALICE}>")
@@ -508,6 +556,57 @@ def _():
     t.like(c.cmd("DATA")[1], r"^(503|554) 5\.5\.1 ", "DATA before RCPT: 503 or 554 5.5.1 (RFC 5321 3.3)")
     t.like(c.cmd("FROB")[1], r"^50[02] 5\.5\.[12] ", "unknown command: 500/502 5.5.x")
     t.like(c.cmd("QUIT")[1], r"^221 ", "QUIT: 221")
+    c.close()
+
+
+@t.test("BDAT: a chunk that makes the message too large or bad gets the 5xx at that chunk (RFC 3030 2)")
+def _():
+    c = relay.session(ALICE)
+    c.settimeout(20)
+    chunk = (b"y" * 78 + b"\r\n") * (600 * 1024 // 80)  # 600 KB; max_message_size is 1M
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
+    t.like(c.reply()[1], rf"^250 2\.0\.0 {len(chunk)} octets received", "first 600 KB chunk: 250")
+    c.send(f"BDAT {len(chunk)}\r\n".encode() + chunk)
+    t.like(c.reply()[1], r"^552 5\.3\.4 ", "the chunk that passes 1M: 552 5.3.4 at once")
+    c.send(b"BDAT 10 LAST\r\n0123456789")
+    t.like(c.reply()[1], r"^503 5\.5\.1 ", "a BDAT after it: 503 5.5.1, the transaction is over")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync: its 10 octets were read and discarded")
+
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(b"BDAT 5\r\na\nbcd")
+    t.like(c.reply()[1], r"^554 5\.6\.0 .*bare LF", "a chunk with a bare LF: 554 5.6.0 at that chunk")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync")
+
+    msg = t.make_message(ALICE, "rcpt@example.com", body="ab\r\ncd\r\n")
+    cut = msg.index(b"ab\r\n") + 3  # the CR ends one chunk, its LF starts the next
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<rcpt@example.com>")
+    c.send(f"BDAT {cut}\r\n".encode() + msg[:cut])
+    t.like(c.reply()[1], r"^250 ", "a chunk ending in CR (its LF in the next chunk): 250")
+    c.send(f"BDAT {len(msg) - cut} LAST\r\n".encode() + msg[cut:])
+    code, text = c.reply()
+    t.like(text, t.QUEUED_RE, "and the message is queued")
+    stored = queued_message(t.queued_id(text) or "") or b""
+    t.ok(stored.endswith(b"\r\n\r\nab\r\ncd\r\n"), "stored byte for byte", stored[-40:])
+    c.close()
+
+
+@t.test("parameter corners: known parameters used wrongly get 501, a 20-digit SIZE 552")
+def _():
+    c = relay.session(ALICE)
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.like(c.cmd("RCPT TO:<rcpt@example.com> NOTIFY=FAILURE NOTIFY=DELAY")[1], r"^501 5\.5\.4 ",
+           "NOTIFY twice: 501 5.5.4 (known parameter, used wrongly)")
+    t.is_(c.cmd("RSET")[0], 250, "RSET")
+    t.like(c.cmd(f"MAIL FROM:<{ALICE}> SIZE=99999999999999999999")[1], r"^552 5\.3\.4 ",
+           "a 20-digit SIZE is valid (RFC 1870) and too big: 552 5.3.4")
+    t.like(c.cmd(f"MAIL FROM:<{ALICE}> AUTH")[1], r"^501 5\.5\.4 ", "AUTH without a value: 501 5.5.4")
+    c.send(b"BDAT 3LAST\r\n")
+    t.like(c.reply()[1], r"^501 5\.5\.4 ", "BDAT 3LAST: 501 5.5.4")
+    t.is_(c.cmd("NOOP")[0], 250, "in sync")
     c.close()
 
 
@@ -629,6 +728,38 @@ def _():
     c.close()
     rc = r2.stop()
     t.is_(rc, 0, "relayd exits 0 on SIGTERM")
+
+
+# --- drain deadline (its own relayd) ------------------------------------------------------------
+@t.test("drain deadline: sessions still in a transaction get 421 4.3.2 before the close (RFC 5321 3.8)")
+def _():
+    r3 = t.Relay(extra_config="drain_timeout 2s")
+    r3.add_user(ALICE, ALICE_PW)
+    r3.start()
+    rcpt = r3.session(ALICE)
+    rcpt.cmd(f"MAIL FROM:<{ALICE}>")
+    t.is_(rcpt.cmd("RCPT TO:<x@example.com>")[0], 250, "one session has a recipient")
+    data = r3.session(ALICE)
+    data.cmd(f"MAIL FROM:<{ALICE}>")
+    data.cmd("RCPT TO:<x@example.com>")
+    t.is_(data.cmd("DATA")[0], 354, "one is in DATA")
+    data.send(b"Subject: never finished\r\n\r\nhalf\r\n")
+    bdat = r3.session(ALICE)
+    bdat.cmd(f"MAIL FROM:<{ALICE}>")
+    bdat.cmd("RCPT TO:<x@example.com>")
+    bdat.send(b"BDAT 100 LAST\r\nonly part of the chunk")
+    t0 = time.monotonic()
+    r3.proc.terminate()
+    for name, c in (("RCPT", rcpt), ("DATA", data), ("BDAT", bdat)):
+        c.settimeout(8)
+        code, text = c.reply()
+        dt = time.monotonic() - t0
+        t.like(text, r"^421 4\.3\.2 .*shutting down", f"session in {name}: 421 4.3.2 at the deadline")
+        t.ok(1.5 <= dt <= 6, f"session in {name}: after about 2 s (took {dt:.1f} s)")
+        t.ok(c.eof(3), f"session in {name}: then closed")
+        c.close()
+    t.is_(r3.stop(), 0, "relayd exits 0")
+    t.like(r3.log(), r"event=drain-timeout sessions=3", "the drain timed out with the 3 sessions")
 
 
 t.is_(relay.running(), True, "relayd is still running after all this")

@@ -1,6 +1,8 @@
 /*
  * smtp_parse-t - unit tests of the pure command and parameter parser.
  */
+#include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../../relayd/queue.h"
@@ -87,6 +89,54 @@ static void test_rcpt(void)
 	ok(smtp_parse_rcpt(a7, false, &r, &reply) == 0, "address literal accepted");
 }
 
+/* reply and syntax corners (audit F5): known parameters used wrongly are 501, not 555 */
+static void test_param_corners(void)
+{
+	struct smtp_mail_args m;
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	static const char *mail_501[] = {
+		"FROM:<a@b.org> SIZE=10 SIZE=99999", "FROM:<a@b.org> BODY=8BITMIME BODY=7BIT",
+		"FROM:<a@b.org> SMTPUTF8 SMTPUTF8", "FROM:<a@b.org> AUTH", "FROM:<a@b.org> AUTH=",
+		"FROM:<a@b.org> AUTH=a@b AUTH=<>", "FROM:<a@b.org> AUTH=a=b", "FROM:<a@b.org> SIZE=123456789012345678901",
+		"FROM:<a@b.org> SIZE=+5",
+	};
+	for (size_t i = 0; i < sizeof(mail_501) / sizeof(mail_501[0]); i++) {
+		char a[200];
+		snprintf(a, sizeof(a), "%s", mail_501[i]);
+		reply = NULL;
+		ok(smtp_parse_mail(a, &m, &reply) < 0 && reply && !strncmp(reply, "501 5.5.4", 9), "MAIL %s: 501 5.5.4",
+		   mail_501[i]);
+	}
+	char a1[] = "FROM:<a@b.org> AUTH=<>";
+	ok(smtp_parse_mail(a1, &m, &reply) == 0 && m.auth, "AUTH=<> accepted");
+	char a2[] = "FROM:<a@b.org> AUTH=a+40b.org";
+	ok(smtp_parse_mail(a2, &m, &reply) == 0, "AUTH=xtext accepted");
+	char a3[] = "FROM:<a@b.org> SIZE=99999999999999999999";
+	ok(smtp_parse_mail(a3, &m, &reply) == 0 && m.size == LLONG_MAX, "20-digit SIZE is valid, and huge");
+	char a4[] = "FROM:<@a:>";
+	ok(smtp_parse_mail(a4, &m, &reply) < 0 && !strncmp(reply, "501 5.1.7", 9), "<@a:> is not the null sender");
+
+	static const char *rcpt_501[] = {
+		"TO:<a@b.org> NOTIFY=FAILURE NOTIFY=DELAY", "TO:<a@b.org> NOTIFY", "TO:<a@b.org> ORCPT",
+		"TO:<a@b.org> ORCPT=rfc822;a@b.org ORCPT=rfc822;a@b.org",
+	};
+	for (size_t i = 0; i < sizeof(rcpt_501) / sizeof(rcpt_501[0]); i++) {
+		char a[200];
+		snprintf(a, sizeof(a), "%s", rcpt_501[i]);
+		reply = NULL;
+		ok(smtp_parse_rcpt(a, false, &r, &reply) < 0 && reply && !strncmp(reply, "501 5.5.4", 9), "RCPT %s: 501 5.5.4",
+		   rcpt_501[i]);
+	}
+	char a5[] = "TO:<a@b.org> FOO=1";
+	ok(smtp_parse_rcpt(a5, false, &r, &reply) < 0 && !strncmp(reply, "555 5.5.4", 9), "unknown RCPT parameter: 555");
+
+	size_t n;
+	bool last;
+	ok(smtp_parse_bdat("5LAST", &n, &last, &reply) < 0, "BDAT 5LAST refused");
+	ok(smtp_parse_bdat("5 LAST", &n, &last, &reply) == 0 && n == 5 && last, "BDAT 5 LAST");
+}
+
 static void test_bdat(void)
 {
 	size_t n;
@@ -112,30 +162,102 @@ static void test_xtext(void)
 
 static void test_header_from(void)
 {
-	char a[4][256];
+	char a[SMTP_FROM_MAX][256];
+	const char *reply = NULL;
 	const char *h1 = "Subject: x\r\nFrom: \"Alice, A.\" <alice@example.org>\r\nTo: b@c.d\r\n";
-	ok(smtp_header_addresses(h1, strlen(h1), "From", a, 4) == 1 && !strcmp(a[0], "alice@example.org"),
+	ok(smtp_header_from(h1, strlen(h1), a, &reply) == 1 && !strcmp(a[0], "alice@example.org"),
 	   "display name with a quoted comma");
 	const char *h2 = "from: bob@example.net (Bob),\r\n\tcarol@example.net\r\n";
-	int n = smtp_header_addresses(h2, strlen(h2), "From", a, 4);
+	int n = smtp_header_from(h2, strlen(h2), a, &reply);
 	ok(n == 2 && !strcmp(a[0], "bob@example.net") && !strcmp(a[1], "carol@example.net"),
 	   "two mailboxes, a comment and a folded line (%d)", n);
 	const char *h3 = "To: x@y.z\r\n";
-	ok(smtp_header_addresses(h3, strlen(h3), "From", a, 4) == 0, "absent From: gives 0");
+	ok(smtp_header_from(h3, strlen(h3), a, &reply) == 0, "absent From: gives 0");
 	const char *h4 = "From: undisclosed\r\n";
-	ok(smtp_header_addresses(h4, strlen(h4), "From", a, 4) == -1, "From: without an address gives -1");
+	reply = NULL;
+	ok(smtp_header_from(h4, strlen(h4), a, &reply) == -1 && reply && !strncmp(reply, "550 5.6.0", 9),
+	   "From: without an address gives -1 and 550 5.6.0");
 	const char *h5 = "From-Extra: e@x.y\r\nFrom: <d@example.com>\r\n";
-	ok(smtp_header_addresses(h5, strlen(h5), "From", a, 4) == 1 && !strcmp(a[0], "d@example.com"),
+	ok(smtp_header_from(h5, strlen(h5), a, &reply) == 1 && !strcmp(a[0], "d@example.com"),
 	   "From-Extra: is not From:");
+}
+
+/* the ways around the From: check that the audit found (F1), each closed */
+static void test_header_from_bypass(void)
+{
+	char a[SMTP_FROM_MAX][256];
+	const char *reply = NULL;
+	const char *h1 = "From: <alice@example.org>\r\nSubject: x\r\nFROM: <ceo@bank.example>\r\n";
+	ok(smtp_header_from(h1, strlen(h1), a, &reply) == -1 && reply && strstr(reply, "more than one From:"),
+	   "a second From: header is refused");
+	const char *h2 = "Subject: x\r\nFrom : <ceo@bank.example>\r\n";
+	ok(smtp_header_from(h2, strlen(h2), a, &reply) == 1 && !strcmp(a[0], "ceo@bank.example"),
+	   "obsolete 'From :' is a From: field");
+	const char *h3 = "From\t \t:ceo@bank.example\r\n";
+	ok(smtp_header_from(h3, strlen(h3), a, &reply) == 1 && !strcmp(a[0], "ceo@bank.example"),
+	   "tabs before the colon too");
+	const char *h4 = "From: <alice@example.org>\r\nFrom : <ceo@bank.example>\r\n";
+	ok(smtp_header_from(h4, strlen(h4), a, &reply) == -1, "'From:' and 'From :' are two From: fields");
+
+	/* exactly SMTP_FROM_MAX mailboxes: all returned; one more: refused */
+	char h[8192] = "From:";
+	for (int i = 0; i < SMTP_FROM_MAX; i++)
+		snprintf(h + strlen(h), sizeof(h) - strlen(h), " <u%d@example.org>,\r\n", i);
+	strcat(h, " (end)\r\n");
+	int n = smtp_header_from(h, strlen(h), a, &reply);
+	ok(n == SMTP_FROM_MAX && !strcmp(a[SMTP_FROM_MAX - 1], "u31@example.org"), "%d mailboxes all returned (%d)",
+	   SMTP_FROM_MAX, n);
+	strcat(h, " , <ceo@bank.example>\r\n");
+	reply = NULL;
+	ok(smtp_header_from(h, strlen(h), a, &reply) == -1 && reply && !strncmp(reply, "550 5.6.0", 9),
+	   "one mailbox over the cap is refused, not dropped");
+
+	/* a mailbox after 10 kB of folded comment is still found */
+	static char big[16384];
+	strcpy(big, "From: <alice@example.org>\r\n");
+	size_t bl = strlen(big);
+	for (int i = 0; i < 10; i++) {
+		big[bl++] = ' ';
+		big[bl++] = '(';
+		memset(big + bl, 'x', 900);
+		bl += 900;
+		memcpy(big + bl, ")\r\n", 3);
+		bl += 3;
+	}
+	const char *tail = " , <ceo@bank.example>\r\nSubject: x\r\n";
+	memcpy(big + bl, tail, strlen(tail) + 1);
+	bl += strlen(tail);
+	n = smtp_header_from(big, bl, a, &reply);
+	ok(n == 2 && !strcmp(a[1], "ceo@bank.example"), "the mailbox after 9 kB of comment is returned (%d)", n);
+
+	/* one mailbox that hides a second address */
+	const char *h6 = "From: <ceo@bank.example> <alice@example.org>\r\n";
+	ok(smtp_header_from(h6, strlen(h6), a, &reply) == -1, "two <> in one mailbox refused");
+	const char *h7 = "From: <ceo@bank.example>: alice@example.org;\r\n";
+	ok(smtp_header_from(h7, strlen(h7), a, &reply) == -1, "a group name after <> refused");
+	char h8[400] = "From: <";
+	memset(h8 + strlen(h8), 'a', 300);
+	strcat(h8, "@example.org>\r\n");
+	ok(smtp_header_from(h8, strlen(h8), a, &reply) == -1, "an address over 255 chars refused, not cut");
+	const char *h9 = "From: (a \\) <ceo@bank.example> ) alice@example.org\r\n";
+	ok(smtp_header_from(h9, strlen(h9), a, &reply) == 1 && !strcmp(a[0], "alice@example.org"),
+	   "quoted-pair inside a comment (RFC 5322 3.2.2)");
+	const char *h10 = "Subject: x\r\n From: <ceo@bank.example>\r\n";
+	ok(smtp_header_from(h10, strlen(h10), a, &reply) == 0, "a continuation line is not a field");
+	const char *h11 = "From: \"Group\": <a@example.org>, b@example.org;\r\n";
+	n = smtp_header_from(h11, strlen(h11), a, &reply);
+	ok(n == 2 && !strcmp(a[0], "a@example.org") && !strcmp(a[1], "b@example.org"), "group syntax (%d)", n);
 }
 
 int main(void)
 {
 	test_header_from();
+	test_header_from_bypass();
 	test_command();
 	test_mail();
 	test_rcpt();
 	test_bdat();
+	test_param_corners();
 	test_xtext();
 	return done_testing();
 }
