@@ -250,7 +250,7 @@ int policy_check(const char *user, const struct policy_limits *l, uint64_t msgs,
 		w->limit = l->limit[m];
 		if (!ratelimit_allows(w, now, want[m])) {
 			*metric = (enum policy_metric)m;
-			*wait = ratelimit_wait(w, now, want[m]);
+			*wait = want[m] > w->limit ? 0 : ratelimit_wait(w, now, want[m]);
 			return -1;
 		}
 	}

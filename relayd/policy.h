@@ -36,7 +36,8 @@ void policy_shutdown(void);
 void policy_default_limits(struct policy_limits *l);
 
 /* policy_check - may user send (msgs more messages, rcpts more recipients, bytes more bytes)
- * under limits l? 0 yes; -1 no, with the metric and the seconds until room in *metric and *wait */
+ * under limits l? 0 yes; -1 no, with the metric and the seconds until room in *metric and *wait
+ * (0: never, it is more than the whole limit) */
 int policy_check(const char *user, const struct policy_limits *l, uint64_t msgs, uint64_t rcpts, uint64_t bytes,
 		 enum policy_metric *metric, uint32_t *wait);
 /* policy_record - count an accepted message (and journal it) */

@@ -569,7 +569,8 @@ static bool session_need_greeting(struct session *s)
 	return false;
 }
 
-/* a per-user limit reached: 450 4.7.1 with the wait (RFC 6409 §8: the client retries later) */
+/* a per-user limit reached: 450 4.7.1 with the wait (RFC 6409 §8: the client retries later);
+ * a message larger than the whole byte limit could never go: 552 5.3.4 (RFC 1870), for good */
 static bool session_over_limit(struct session *s, uint64_t msgs, uint64_t rcpts, uint64_t bytes)
 {
 	enum policy_metric metric;
@@ -581,8 +582,12 @@ static bool session_over_limit(struct session *s, uint64_t msgs, uint64_t rcpts,
 	policy_count(s->user, PC_REJECT_LIMIT);
 	log_info("%s smtp event=reject reason=rate-limit user=%s metric=%s limit=%s wait=%u", s->idstr, s->user,
 		 policy_metric_name(metric), lim, wait);
-	session_reply(s, "450 4.7.1 Limit of %s %s reached for %s, try again in %u seconds", lim,
-		      policy_metric_name(metric), s->user, wait);
+	if (wait == 0 && metric == POLICY_BYTES)
+		session_reply(s, "552 5.3.4 A message of %llu bytes is larger than the limit of %s bytes for %s",
+			      (unsigned long long)bytes, lim, s->user);
+	else
+		session_reply(s, "450 4.7.1 Limit of %s %s reached for %s, try again in %u seconds", lim,
+			      policy_metric_name(metric), s->user, wait ? wait : s->limits.window[metric]);
 	return true;
 }
 

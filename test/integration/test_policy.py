@@ -145,12 +145,20 @@ for label, head, want in FROM_BYPASSES:
         t.like(text, want, f"{label}: the reply says why")
 
 
-@t.test("bytes limit: 3k/hour refuses a message that would pass it")
+@t.test("bytes limit: 3k/hour defers a message that would pass it, refuses for good one larger than it")
 def _():
+    c = relay2.session(USER, PW)
+    code, text = c.cmd(f"MAIL FROM:<{USER}> SIZE=3000")  # fits 3k alone, not with what was sent above
+    t.is_(code, 450, "SIZE=3000 on top of this hour's bytes: 450 at MAIL (try later)")
+    t.like(text, r"^450 4\.7\.1 Limit of 3072/hour bytes .*try again in \d+ seconds", "names the bytes limit and the wait")
+    code, text = c.cmd(f"MAIL FROM:<{USER}> SIZE=4000")
+    t.is_(code, 552, "SIZE=4000, more than the whole limit: 552 at MAIL (RFC 1870), not a retry that cannot succeed")
+    t.like(text, r"^552 5\.3\.4 A message of 4000 bytes is larger than the limit of 3072/hour bytes", "says why")
+    c.close()
     big = b"x" * 70 + b"\r\n"
-    stage, code, text = send(relay2, body=big * 60)  # ~4.3 kB
-    t.is_((stage, code), ("dot", 450), "refused at the end of DATA")
-    t.like(text, r"^450 4\.7\.1 .*bytes", "names the bytes limit")
+    stage, code, text = send(relay2, body=big * 60)  # ~4.3 kB, no SIZE=
+    t.is_((stage, code), ("dot", 552), "4.3 kB without SIZE=: refused for good at the end of DATA")
+    t.like(text, r"^552 5\.3\.4 .*larger than the limit of 3072/hour bytes", "names the bytes limit")
 
 
 @t.test("sliding window: the minute limit frees up after the window, not before")
