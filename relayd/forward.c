@@ -932,7 +932,11 @@ void forward_tx_done(struct forward_session *s, const char *why)
 			transient = m->last_error;
 		}
 	}
+	/* a 421 after this connection delivered others: the upstream's cap of messages per
+	 * connection (Gmail, Microsoft 365 ...), not a failure of this message */
+	bool conn_cap = s->closed_by_421 && s->ndelivered > 0 && !any_ok;
 	if (any_ok) {
+		s->ndelivered++;
 		u->stat_msgs++;
 		u->stat_lat_last = now - s->tx_started;
 		u->stat_lat_sum += u->stat_lat_last;
@@ -956,6 +960,13 @@ void forward_tx_done(struct forward_session *s, const char *why)
 		 * that failed). Bounded: each one delivered at least one recipient. Whatever ends this
 		 * transaction (ready, close, fail) dispatches u next: the same connection when it can */
 		log_info("%s forward event=next-chunk upstream=%s pending=%zu", m->id, u->name, ntoo_many);
+		forward_msg_enqueue(m, u);
+		return;
+	}
+	if (conn_cap && ntransient && !forward_switching) {
+		/* at once on a new connection; bounded: that one must deliver a message before its 421
+		 * counts as a cap again */
+		log_info("%s forward event=connection-cap upstream=%s delivered_before=%u", m->id, u->name, s->ndelivered);
 		forward_msg_enqueue(m, u);
 		return;
 	}

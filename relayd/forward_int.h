@@ -104,6 +104,8 @@ struct forward_session {
 	int *rcode;                     /* final result per pending recipient, 0 = none */
 	char **rreply;
 	bool pipelined, mail_refused, body_abort, must_close;
+	bool closed_by_421;             /* the upstream said 421 in a transaction (RFC 5321 §3.8) */
+	unsigned ndelivered;            /* transactions on this connection that delivered someone */
 	char *body;                     /* dot-stuffed message + ".\r\n" */
 	size_t body_len, body_off;
 	bool body_8bit;

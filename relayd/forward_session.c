@@ -913,6 +913,7 @@ static void forward_session_response(struct forward_session *s, int code)
 	/* RFC 5321 §3.8: 421 means the server closes; the transaction, if any, is transient */
 	if (code == 421 && s->state >= FS_READY && s->state != FS_QUIT) {
 		s->must_close = true;
+		s->closed_by_421 = true;
 		if (s->msg) {
 			for (size_t j = 0; j < s->nrcpts; j++)
 				if (s->accepted[j])

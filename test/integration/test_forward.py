@@ -478,6 +478,46 @@ def _():
     done(relay, sink)
 
 
+@t.test("an upstream's cap of messages per connection (421 at MAIL): the next goes at once on a new connection")
+def _():
+    sink = t.Sink(["--messages-per-connection", "2"])
+    relay = make_relay([f"127.0.0.1:{sink.port} tls=none connections=1"], extra="retry_min 30s\nretry_max 60s\n")
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    for n in range(5):
+        code, _, _ = submit(relay, [f"cap{n}@example.net"], subject=marker(f"cap{n}"), conn=c)
+        t.is_(code, 250, f"message {n + 1} accepted")
+    c.quit()
+    msgs = wait_msgs(sink, 5, 10)
+    t.is_(len(msgs), 5, "all five delivered within seconds, not after retry_min (30 s)")
+    t.is_(sorted(m[0]["connection"] for m in msgs), [1, 1, 2, 2, 3], "two per upstream connection")
+    t.unlike(relay.log(), r"forward event=(deferred|attempt-failed)", "no deferral, no failed attempt")
+    t.like(relay.log(), r"forward event=connection-cap upstream=\S+ delivered_before=2", "the cap is logged")
+    done(relay, sink)
+
+
+@t.test("a 421 at the first MAIL of a connection is still a failed attempt (the cap needs a delivery first)")
+def _():
+    port = t.free_port()
+    relay = make_relay([f"127.0.0.1:{port} tls=none"], extra="retry_min 30s\nretry_max 60s\n")
+    script = os.path.join(relay.dir, "say421.py")
+    with open(script, "w") as f:
+        f.write("import socket,sys\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('127.0.0.1', {port})); s.listen(8); s.settimeout(20)\n"
+                "c, _ = s.accept(); c.settimeout(10); f = c.makefile('rwb')\n"
+                "f.write(b'220 x ESMTP\\r\\n'); f.flush(); f.readline()\n"
+                "f.write(b'250-x\\r\\n250 PIPELINING\\r\\n'); f.flush(); f.readline()\n"
+                "f.write(b'421 4.7.0 busy\\r\\n'); f.flush(); c.close()\n")
+    up = subprocess.Popen([t.PYTHON, script])
+    time.sleep(0.3)
+    code, qid, _ = submit(relay, ["first421@example.net"], subject=marker("first421"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1", 10), "deferred: a 421 without a delivery first")
+    t.unlike(relay.log(), r"connection-cap", "not taken for a cap")
+    up.wait(timeout=20)
+    done(relay)
+
+
 @t.test("5xx for one of three recipients: that one bounces, the others are delivered")
 def _():
     sink = t.Sink(["--reply-rcpt", "bad@example.net=550"])
