@@ -13,7 +13,8 @@
  * through userdb, the same code relayd uses. The queue is read directly (queue_scan,
  * queue_load); whatever changes a running relayd's state (flush, delete, stats) goes
  * through its control socket (relayd.conf `control`, default QUEUE/control.sock, see
- * relayd/control.h), and delete falls back to removing the file when relayd is not running.
+ * relayd/control.h), and delete falls back to removing the file when relayd is not running
+ * (no relayd holds QUEUE/lock).
  * Contract (DESIGN.md, "Interfaces other tools rely on"): exit 0 on success; otherwise
  * one line "relayctl: what went wrong" on stderr and exit 1; usage errors print the
  * usage to stderr and exit 1. Passwords are wiped from memory after use.
@@ -24,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -845,7 +848,14 @@ static int relayctl_queue_delete(const struct config *c, const char *arg)
 		free(body);
 		return 0;
 	}
-	/* relayd is not running: nothing else is using the file */
+	/* no control socket: the file may go only if no relayd holds the queue (its lock),
+	 * and none may start meanwhile: held until exit */
+	char lockpath[PATH_MAX + 8];
+	snprintf(lockpath, sizeof(lockpath), "%s/lock", c->queue);
+	int lock = open(lockpath, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (lock >= 0 && flock(lock, LOCK_EX | LOCK_NB) < 0)
+		relayctl_die("relayd runs on %s but its control socket %s does not answer: not deleting", c->queue,
+			     c->control);
 	if (queue_path(c->queue, id, path, sizeof(path)) < 0 || stat(path, &st) < 0)
 		relayctl_die("no such message in the queue: %s", id);
 	if (queue_remove(c->queue, id, true) < 0)

@@ -261,6 +261,19 @@ def _():
         t.skip("stats via the control socket", "control socket not wired into relayd yet")
 
 
+@t.test("queue delete with relayd running but its control socket gone: refused, the message stays")
+def _():
+    moved = CONTROL + ".moved"
+    os.rename(CONTROL, moved)  # relayd still runs and holds QUEUE/lock
+    try:
+        rc, out = ctl("queue", "delete", ids["two"])
+        t.is_(rc, 1, "exit 1")
+        one_error_line(out, r"relayd runs on .* but its control socket .* does not answer: not deleting", "says why")
+        t.ok(ids["two"] in relay.queue_ids(), "the file is still there")
+    finally:
+        os.rename(moved, CONTROL)
+
+
 def control_request(line):
     """one request on relayd's control socket, as relayctl sends it; the whole reply"""
     import socket
