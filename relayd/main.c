@@ -181,6 +181,26 @@ static void main_raise_nofile(const struct config *cfg)
 			 (unsigned long long)rl.rlim_cur, cfg->max_sessions);
 }
 
+/* after the drop: a SIGHUP re-reads these files as the user, so say now which it cannot */
+static void main_check_reloadable(const struct config *cfg)
+{
+	const char *paths[2 + 2 * CONFIG_MAX_CERTS + CONFIG_MAX_UPSTREAM];
+	size_t n = 0;
+	paths[n++] = cfg->path;
+	for (int i = 0; i < cfg->ncert; i++) {
+		paths[n++] = cfg->tls_cert[i];
+		paths[n++] = cfg->tls_key[i];
+	}
+	for (int i = 0; i < cfg->nupstream; i++)
+		if (cfg->upstream[i].auth_file[0])
+			paths[n++] = cfg->upstream[i].auth_file;
+	for (size_t i = 0; i < n; i++)
+		if (access(paths[i], R_OK) < 0)
+			log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
+				 "make it readable by that user or one of its groups (e.g. ssl-cert, mode 0640)\"", paths[i],
+				 strerror(errno), cfg->user);
+}
+
 static void main_drop_privileges(const struct config *cfg)
 {
 	if (!cfg->user[0]) {
@@ -197,11 +217,13 @@ static void main_drop_privileges(const struct config *cfg)
 		return;
 	}
 	main_chown_state(cfg, pw->pw_uid, pw->pw_gid);
-	if (setgroups(1, &pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 || setuid(pw->pw_uid) < 0)
+	/* the user's groups too (not just its own): a key readable by a group such as ssl-cert */
+	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 || setuid(pw->pw_uid) < 0)
 		fatal("cannot drop privileges to %s: %s", cfg->user, strerror(errno));
 	if (setuid(0) == 0)
 		fatal("privileges could be regained after dropping them");
 	log_info("main event=privileges-dropped user=%s uid=%u", cfg->user, (unsigned)pw->pw_uid);
+	main_check_reloadable(cfg);
 }
 
 /* every 100 ms while draining: done when no session is left, or at the deadline */

@@ -3,12 +3,14 @@ SIGTERM during a DATA transfer (the message still gets its 250), a second SIGTER
 scraped with curl and parsed, relayctl stats/reload through the control socket, and the
 privilege drop seen on the running process (when the tests run as root).
 """
+import grp
 import os
 import pwd
 import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -193,7 +195,38 @@ def _():
     st = os.stat(os.path.join(r.queue_dir, "msg"))
     t.is_(st.st_mode & 0o077, 0, "queue folder not readable by others")
     t.is_(os.stat(os.path.join(r.dir, "relayd.db")).st_mode & 0o077, 0, "database not readable by others")
+    t.like(r.log(), r"main event=reload-will-fail path=\S+/server-key\.pem .*make it readable by that user",
+           "the root-only key is named at start: a SIGHUP could not re-read it")
     r.stop()
+
+
+@t.test("privilege drop keeps the user's groups: a key readable by its group reloads on SIGHUP")
+def _():
+    if os.geteuid() != 0:
+        t.skip("supplementary groups", "not root")
+        return
+    group = f"rlyt{os.getpid() % 100000}"
+    subprocess.run(["groupadd", group], check=True, capture_output=True)
+    try:
+        subprocess.run(["gpasswd", "-a", "nobody", group], check=True, capture_output=True)
+        gid = grp.getgrnam(group).gr_gid
+        r = t.Relay(extra_config="user nobody\n")
+        os.chmod(r.dir, 0o755)
+        key = os.path.join(r.dir, "server-key.pem")
+        os.chown(key, 0, gid)
+        os.chmod(key, 0o640)  # root:group 0640, the ssl-cert way
+        r.add_user(USER, PW)
+        r.start()
+        with open(f"/proc/{r.proc.pid}/status") as f:
+            groups = re.search(r"^Groups:\s*(.*)$", f.read(), re.M).group(1).split()
+        t.ok(str(gid) in groups, f"relayd keeps nobody's group {group} after the drop ({groups})")
+        t.unlike(r.log(), r"reload-will-fail", "no warning: every file it re-reads is readable")
+        r.proc.send_signal(signal.SIGHUP)
+        t.ok(t.wait_for(lambda: re.search(r"main event=reloaded", r.log()), 10 * t.SLOW), "SIGHUP reloads")
+        t.unlike(r.log(), r"reload-failed", "without a failure to read the key")
+        r.stop()
+    finally:
+        subprocess.run(["groupdel", group], capture_output=True)
 
 
 
