@@ -234,6 +234,50 @@ def _():
     c.close()
 
 
+def stored_after(c, raw, bdat=False):
+    """submit raw (DATA, dot-stuffed here; or one BDAT LAST) on session c: the stored message"""
+    if bdat:
+        c.cmd(f"MAIL FROM:<{ALICE}>")
+        c.cmd("RCPT TO:<rcpt@example.com>")
+        c.send(f"BDAT {len(raw)} LAST\r\n".encode() + raw)
+        code, text = c.reply()
+    else:
+        code, text = data_raw(c, t.dot_stuff(raw))
+    qid = t.queued_id(text)
+    return text, ((queued_message(qid) or b"") if qid else b"")
+
+
+@t.test("no empty line after the header section: the added fields and an empty line go before the "
+        "first line that is not a field (RFC 5322 2.2, 3.5)")
+def _():
+    import email
+    import email.policy
+    c = relay.session(ALICE)
+    cases = (
+        ("no header section at all", b"", b"hello world\r\nsecond line\r\n"),
+        ("fields then text", f"From: <{ALICE}>\r\nSubject: nb\r\n".encode(), b"body text here\r\n"),
+        ("a first line that starts with a space", b"", b" continued-by-client; fake\r\nSubject: x\r\n"),
+        ("a quoted From: line in the text", f"From: <{ALICE}>\r\nSubject: q\r\n".encode(),
+         b"Bob wrote:\r\nFrom: Bob <bob@example.net>\r\n"),
+        ("text only, with a From: line", b"", b"Dear all,\r\nFrom: the committee\r\n"),
+    )
+    for name, hdrs, text in cases:
+        for bdat in (False, True):
+            how = f"{name} ({'BDAT' if bdat else 'DATA'})"
+            reply, msg = stored_after(c, hdrs + text, bdat)
+            t.like(reply, t.QUEUED_RE, f"{how}: queued")
+            head, sep, body = msg.partition(b"\r\n\r\n")
+            t.is_(body, text, f"{how}: the client's text is the body, byte for byte, after the one empty line")
+            t.ok(hdrs in head + b"\r\n", f"{how}: the client's fields kept", head)
+            t.like(head, r";\r\n\t[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]{8} [-+]\d{4}\r\n"
+                         r"(?![ \t])", f"{how}: the Received: field ends with its date-time")
+            m = email.message_from_bytes(msg, policy=email.policy.default)
+            t.is_([type(d).__name__ for d in m.defects], [], f"{how}: Python's email parser finds no defect")
+            t.ok(m["Message-ID"] is not None and m["Date"] is not None, f"{how}: Message-ID and Date in the "
+                 "header section", head)
+    c.close()
+
+
 @t.test("message size limit (max_message_size 1M)")
 def _():
     c = relay.session(ALICE)

@@ -249,8 +249,37 @@ static void test_header_from_bypass(void)
 	ok(n == 2 && !strcmp(a[0], "a@example.org") && !strcmp(a[1], "b@example.org"), "group syntax (%d)", n);
 }
 
+/* where the header section ends (RFC 5322 §2.2, §3.5), with and without the empty line */
+static void test_header_section(void)
+{
+	static const struct {
+		const char *msg;
+		size_t hlen;
+		bool nosep;
+		const char *name;
+	} cases[] = {
+		{ "Subject: x\r\n\tfolded\r\nTo: a@b.c\r\n\r\nbody\r\n", 32, false, "fields, a continuation, the empty line" },
+		{ "Subject: x\r\n", 12, false, "a header section and no body" },
+		{ "", 0, false, "an empty message" },
+		{ "\r\nbody\r\n", 0, false, "a message that starts with the empty line" },
+		{ "hello world\r\nsecond line\r\n", 0, true, "text and no header section" },
+		{ "From: <a@b.c>\r\nSubject: nb\r\nbody text\r\n", 28, true, "fields, then text without the empty line" },
+		{ " continued; fake\r\nSubject: x\r\n", 0, true, "a first line that starts with a space" },
+		{ "Subject : obs\r\nX-A\t:b\r\nno colon here\r\n", 23, true, "WSP before the colon is a field" },
+		{ "Subject: x\r\n: no name\r\n", 12, true, "a line that starts with a colon is not a field" },
+		{ "Subject: x\r\nS\xc3\xbc" "bject: y\r\n", 12, true, "an 8-bit field name is not a field" },
+		{ "Subject: x\r\nFrom: <a@b.c>", 25, false, "the last field without its CRLF (BDAT)" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		bool nosep = !cases[i].nosep;
+		size_t hlen = smtp_header_section(cases[i].msg, strlen(cases[i].msg), &nosep);
+		ok(hlen == cases[i].hlen && nosep == cases[i].nosep, "%s (%zu, %d)", cases[i].name, hlen, nosep);
+	}
+}
+
 int main(void)
 {
+	test_header_section();
 	test_header_from();
 	test_header_from_bypass();
 	test_command();
