@@ -9,6 +9,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -355,6 +356,17 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 	}
 	*size = (size_t)v;
 	return 0;
+}
+
+/* smtp_addr_literal - an address literal's content */
+void smtp_addr_literal(const char *ip, char *out, size_t outlen)
+{
+	if (!strchr(ip, ':'))
+		snprintf(out, outlen, "%s", ip);
+	else if (!strncasecmp(ip, "::ffff:", 7) && strchr(ip + 7, '.') && !strchr(ip + 7, ':'))
+		snprintf(out, outlen, "%s", ip + 7); /* v4-mapped: the IPv4 client it is */
+	else
+		snprintf(out, outlen, "IPv6:%.*s", (int)strcspn(ip, "%"), ip); /* no zone index */
 }
 
 /* the index of the LF ending the line that holds h[i], or len */

@@ -834,7 +834,9 @@ static int session_new_headers(struct session *s, size_t hlen, bool nosep, struc
 	const char *with = s->tls ? (s->authed ? "ESMTPSA" : "ESMTPS") : (s->authed ? "ESMTPA" : "ESMTP");
 	if (s->env.smtputf8)
 		with = s->tls ? "UTF8SMTPSA" : "UTF8SMTPA";
-	int rc = buf_printf(head, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, s->peer,
+	char literal[sizeof(s->peer) + 8];
+	smtp_addr_literal(s->peer, literal, sizeof(literal));
+	int rc = buf_printf(head, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, literal,
 			    smtp_cfg->hostname, with, s->env.id);
 	if (tlsinfo[0])
 		rc |= buf_printf(head, "\r\n\t(%s)", tlsinfo);

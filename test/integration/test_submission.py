@@ -743,6 +743,13 @@ def _():
           "smtplib over [::1] (STARTTLS, bob as someone@example.net)")
     s.quit()
     t.is_(len(find_in_queue(m)), 1, "IPv6 message queued")
+    # RFC 5321 4.1.3, 4.4: the client's IPv6 address in Received: is an IPv6 address literal
+    c = relay.session(ALICE, port=relay.port_v6, host="::1")
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+    c.close()
+    qid = t.queued_id(text)
+    msg = (queued_message(qid) or b"") if qid else b""
+    t.is_(msg.split(b"\r\n")[0], b"Received: from client.test ([IPv6:::1])", "Received: names [IPv6:::1]")
 
 
 # --- idle timeout (its own relayd) ---------------------------------------------------------------

@@ -277,8 +277,24 @@ static void test_header_section(void)
 	}
 }
 
+/* the client's address in Received: (RFC 5321 §4.1.3 address literals) */
+static void test_addr_literal(void)
+{
+	static const char *cases[][2] = {
+		{ "127.0.0.1", "127.0.0.1" }, { "::1", "IPv6:::1" }, { "2001:db8::25", "IPv6:2001:db8::25" },
+		{ "::ffff:192.0.2.1", "192.0.2.1" }, { "::FFFF:192.0.2.1", "192.0.2.1" },
+		{ "fe80::1%eth0", "IPv6:fe80::1" }, { "::ffff:1:2", "IPv6:::ffff:1:2" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char out[64];
+		smtp_addr_literal(cases[i][0], out, sizeof(out));
+		is_str(out, cases[i][1], cases[i][0]);
+	}
+}
+
 int main(void)
 {
+	test_addr_literal();
 	test_header_section();
 	test_header_from();
 	test_header_from_bypass();
