@@ -421,6 +421,17 @@ size_t smtp_header_section(const char *msg, size_t len, bool *nosep)
 	return i;
 }
 
+/* smtp_header_present - is there a field of this name */
+bool smtp_header_present(const char *hdrs, size_t len, const char *name)
+{
+	for (size_t i = 0; i < len; i = smtp_line_end(hdrs, len, i) + 1) {
+		size_t vs;
+		if (smtp_header_named(hdrs, len, i, name, &vs))
+			return true;
+	}
+	return false;
+}
+
 /* the end of the field whose value begins at h[vs]: its continuation lines included
  * (RFC 5322 §2.2.3) */
 static size_t smtp_field_end(const char *h, size_t len, size_t vs)

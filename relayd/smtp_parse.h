@@ -71,6 +71,9 @@ void smtp_addr_literal(const char *ip, char *out, size_t outlen);
  * *nosep is true in that second case (a body follows with no separator). A first line
  * that starts with WSP is not a continuation: the section is then empty. */
 size_t smtp_header_section(const char *msg, size_t len, bool *nosep);
+/* smtp_header_present - does the header section hdrs[0..len) hold a field of this name (no
+ * colon; any case, also the obsolete "Name :" of RFC 5322 §4.5)? */
+bool smtp_header_present(const char *hdrs, size_t len, const char *name);
 /* smtp_verb_name - "MAIL", "RCPT", ... for logs */
 const char *smtp_verb_name(enum smtp_verb v);
 

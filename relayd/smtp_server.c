@@ -798,20 +798,6 @@ static void session_command(struct session *s, char *line)
 
 static void session_commit_done(uint64_t owner, const char *id, int qerrno);
 
-static bool session_has_header(const char *hdrs, size_t len, const char *name)
-{
-	size_t nl = strlen(name);
-	for (size_t i = 0; i + nl < len;) {
-		if (!strncasecmp(hdrs + i, name, nl))
-			return true;
-		const char *eol = memchr(hdrs + i, '\n', len - i);
-		if (!eol)
-			break;
-		i = (size_t)(eol - hdrs) + 1;
-	}
-	return false;
-}
-
 /* the length of the received message's header section (RFC 5322 §2.2, §3.5: up to the
  * empty line, or to the first line that is not a header field when there is none: *nosep) */
 static size_t session_header_len(const struct session *s, bool *nosep)
@@ -845,9 +831,9 @@ static int session_new_headers(struct session *s, size_t hlen, bool nosep, struc
 	rc |= buf_printf(head, ";\r\n\t%s\r\n", date);
 	const char *p = s->msg.data ? s->msg.data : "";
 	rc |= buf_append(head, p, hlen);
-	if (!session_has_header(p, hlen, "Message-ID:"))
+	if (!smtp_header_present(p, hlen, "Message-ID"))
 		rc |= buf_printf(head, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
-	if (!session_has_header(p, hlen, "Date:"))
+	if (!smtp_header_present(p, hlen, "Date"))
 		rc |= buf_printf(head, "Date: %s\r\n", date);
 	if (nosep)
 		rc |= buf_append(head, "\r\n", 2);

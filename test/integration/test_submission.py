@@ -231,6 +231,17 @@ def _():
     t.ok(mid.encode() in stored, "client's Message-ID kept", stored[:600])
     t.ok(b"Mon, 1 Jan 2024 10:00:00 +0000" in stored, "client's Date kept", stored[:600])
     t.is_(t.header_count(stored, "Received"), 1, "one Received: header")
+
+    # the obsolete "Name :" form (RFC 5322 4.5.1, 4.5.4) counts as present too
+    mid = f"<{marker('obs')}@client.example>"
+    msg3 = t.make_message(ALICE, "rcpt@example.com", subject="obs ids",
+                          extra_headers=[f"Message-ID : {mid}", "Date\t: Mon, 1 Jan 2024 10:00:00 +0000"])
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], msg3)
+    qid3 = t.queued_id(text)
+    stored = (queued_message(qid3) or b"") if qid3 else b""
+    t.is_(t.header_count(stored, "Message-ID"), 1, "'Message-ID :' kept, no second Message-ID added")
+    t.is_(t.header_count(stored, "Date"), 1, "'Date\\t:' kept, no second Date added")
+    t.ok(mid.encode() in stored, "the client's obsolete-form Message-ID kept", stored[:600])
     c.close()
 
 

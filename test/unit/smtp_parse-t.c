@@ -292,8 +292,21 @@ static void test_addr_literal(void)
 	}
 }
 
+/* is a field there, in any case and in the obsolete "Name :" form (RFC 5322 §4.5) */
+static void test_header_present(void)
+{
+	const char *h = "message-id : <a@b>\r\nDATE\t:Mon, 1 Jan 2024 10:00:00 +0000\r\n X-Date: y\r\nDated: z\r\n";
+	ok(smtp_header_present(h, strlen(h), "Message-ID"), "'message-id :' is a Message-ID field");
+	ok(smtp_header_present(h, strlen(h), "Date"), "'DATE\\t:' is a Date field");
+	const char *h2 = "Dated: z\r\nSubject: x\r\n\tDate: folded\r\nX-Message-ID: <c@d>\r\n";
+	ok(!smtp_header_present(h2, strlen(h2), "Date"), "Dated: and a continuation line are not Date");
+	ok(!smtp_header_present(h2, strlen(h2), "Message-ID"), "X-Message-ID: is not Message-ID");
+	ok(!smtp_header_present("Date", 4, "Date"), "a name without a colon is not a field");
+}
+
 int main(void)
 {
+	test_header_present();
 	test_addr_literal();
 	test_header_section();
 	test_header_from();
