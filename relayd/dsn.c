@@ -17,6 +17,8 @@
 #include <string.h>
 
 #define DSN_TEXT_MAX 700 /* reply text kept per recipient, well under 998 with the field name */
+#define DSN_BOUNDARY_MAX 70 /* RFC 2046 §5.1.1: boundary := 0*69<bchars> bcharsnospace */
+#define DSN_CTE_8BIT "Content-Transfer-Encoding: 8bit\r\n"
 
 /* dsn_rcpt_wanted - failed, and NOTIFY not NEVER and (not given or includes FAILURE) */
 bool dsn_rcpt_wanted(const struct queue_rcpt *r)
@@ -163,7 +165,7 @@ static int dsn_human_part(const struct queue_envelope *env, enum dsn_action acti
 			    "Content-Type: text/plain; charset=%s\r\n%s\r\n"
 			    "This is the mail system at host %s.\r\n\r\n%s"
 			    "The mail system\r\n\r\n", boundary, utf8 ? "utf-8" : "us-ascii",
-			    utf8 ? "Content-Transfer-Encoding: 8bit\r\n" : "", hostname, intro[action]);
+			    utf8 ? DSN_CTE_8BIT : "", hostname, intro[action]);
 	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
 		const struct queue_rcpt *r = &env->rcpt[i];
 		if (!dsn_rcpt_reported(r, action))
@@ -272,9 +274,10 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 	bool hdrs_only = action != DSN_ACTION_FAILED || (env->ret && !strcmp(env->ret, "HDRS"));
 	size_t part_len = hdrs_only ? dsn_header_len(body, len) : len;
 	bool body8 = dsn_has_8bit(body, part_len);
-	char date[64], boundary[128];
+	char date[64], boundary[DSN_BOUNDARY_MAX + 1];
 	dsn_date(now, date, sizeof(date));
-	snprintf(boundary, sizeof(boundary), "=_%s/%lld/%.60s", env->id, (long long)now, hostname);
+	int bl = snprintf(boundary, sizeof(boundary), "=_%s/%lld/", env->id, (long long)now);
+	snprintf(boundary + bl, sizeof(boundary) - (size_t)bl, "%.*s", DSN_BOUNDARY_MAX - bl, hostname);
 
 	int rc = buf_printf(out, "From: Mail Delivery System <MAILER-DAEMON@%s>\r\n"
 			    "To: <%s>\r\n"
@@ -285,11 +288,12 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 			    "MIME-Version: 1.0\r\n"
 			    "Content-Type: multipart/report; report-type=delivery-status;\r\n"
 			    "\tboundary=\"%s\"\r\n"
+			    "%s"
 			    "\r\n"
 			    "This is a MIME-encapsulated message.\r\n\r\n",
 			    hostname, env->from, subject[action], date, env->id, (long long)now,
 			    action == DSN_ACTION_FAILED ? "dsn" : action == DSN_ACTION_DELAYED ? "delay" : "relay", hostname,
-			    boundary);
+			    boundary, utf8 || body8 ? DSN_CTE_8BIT : ""); /* RFC 2045 §6.4: the multipart's too */
 	rc |= dsn_human_part(env, action, hostname, boundary, utf8, out);
 	rc |= dsn_status_part(env, action, hostname, boundary, out);
 	rc |= buf_printf(out, "\r\n--%s\r\nContent-Description: %s\r\nContent-Type: %s\r\n%s\r\n", boundary,
@@ -308,7 +312,7 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 int dsn_headers_only(const char *in, size_t len, struct buf *out)
 {
 	static const char part[] = "\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n";
-	static const char cte[] = "Content-Transfer-Encoding: 8bit\r\n";
+	static const char cte[] = DSN_CTE_8BIT;
 	size_t hlen = dsn_header_len(in, len);
 	const char *b = memmem(in, hlen, "\tboundary=\"", 11);
 	const char *bend = b ? memchr(b + 11, '"', hlen - (size_t)(b + 11 - in)) : NULL;
@@ -328,7 +332,11 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	/* the returned message's headers, up to the bounce's closing boundary when it has no body */
 	const char *stop = memmem(msg, (size_t)(end - msg), marker, (size_t)(4 + (bend - (b + 11))));
 	size_t mlen = dsn_header_len(msg, (size_t)((stop ? stop : end) - msg));
-	int rc = buf_append(out, in, (size_t)(m - in));
+	/* the top-level 8bit label stays only if the cut bounce is still 8-bit */
+	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
+	size_t top = top8 ? hlen - (sizeof(cte) - 1) : hlen;
+	int rc = buf_append(out, in, top);
+	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
 	rc |= buf_printf(out, "\r\n--%.*s\r\nContent-Description: Undelivered Message Headers\r\n"
 			 "Content-Type: text/rfc822-headers\r\n%s\r\n", (int)(bend - (b + 11)), b + 11,
 			 dsn_has_8bit(msg, mlen) ? cte : "");
@@ -336,5 +344,7 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
 	rc |= buf_printf(out, "\r\n--%.*s--\r\n", (int)(bend - (b + 11)), b + 11);
+	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
+		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
 	return rc ? -1 : 0;
 }
