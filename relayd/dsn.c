@@ -1,6 +1,7 @@
 /*
  * dsn - bounces, delay warnings and relayed notices: RFC 3464 (delivery-status), RFC 3462/6522 (multipart/report),
- * RFC 3461 (NOTIFY, RET, ENVID, ORCPT), RFC 3834 (Auto-Submitted), RFC 3463 (status codes).
+ * RFC 3461 (NOTIFY, RET, ENVID, ORCPT), RFC 3834 (Auto-Submitted), RFC 3463 (status codes),
+ * RFC 6532/6533 (message/global, message/global-delivery-status), RFC 2046 (boundary).
  *
  * Invariants:
  *  - pure: no I/O, no clock (now is passed in), so the output is unit-testable;
@@ -17,6 +18,8 @@
 #include <string.h>
 
 #define DSN_TEXT_MAX 700 /* reply text kept per recipient, well under 998 with the field name */
+#define DSN_BOUNDARY_MAX 70 /* RFC 2046 §5.1.1: boundary := 0*69<bchars> bcharsnospace */
+#define DSN_CTE_8BIT "Content-Transfer-Encoding: 8bit\r\n"
 
 /* dsn_rcpt_wanted - failed, and NOTIFY not NEVER and (not given or includes FAILURE) */
 bool dsn_rcpt_wanted(const struct queue_rcpt *r)
@@ -163,7 +166,7 @@ static int dsn_human_part(const struct queue_envelope *env, enum dsn_action acti
 			    "Content-Type: text/plain; charset=%s\r\n%s\r\n"
 			    "This is the mail system at host %s.\r\n\r\n%s"
 			    "The mail system\r\n\r\n", boundary, utf8 ? "utf-8" : "us-ascii",
-			    utf8 ? "Content-Transfer-Encoding: 8bit\r\n" : "", hostname, intro[action]);
+			    utf8 ? DSN_CTE_8BIT : "", hostname, intro[action]);
 	for (size_t i = 0; rc == 0 && i < env->nrcpt; i++) {
 		const struct queue_rcpt *r = &env->rcpt[i];
 		if (!dsn_rcpt_reported(r, action))
@@ -187,14 +190,17 @@ static int dsn_human_part(const struct queue_envelope *env, enum dsn_action acti
 	return rc;
 }
 
+/* RFC 6533 §6: UTF-8 (an address of the utf-8 type, a reply text) in the report fields makes
+ * it a message/global-delivery-status, 8bit; message/delivery-status stays 7-bit */
 static int dsn_status_part(const struct queue_envelope *env, enum dsn_action action, const char *hostname,
-			   const char *boundary, struct buf *out)
+			   const char *boundary, bool utf8, struct buf *out)
 {
 	char date[64];
 	dsn_date(env->created, date, sizeof(date));
 	int rc = buf_printf(out, "--%s\r\nContent-Description: Delivery report\r\n"
-			    "Content-Type: message/delivery-status\r\n\r\n"
-			    "Reporting-MTA: dns; %s\r\nX-Relayd-Queue-ID: %s\r\n", boundary, hostname, env->id);
+			    "Content-Type: message/%sdelivery-status\r\n%s\r\n"
+			    "Reporting-MTA: dns; %s\r\nX-Relayd-Queue-ID: %s\r\n", boundary, utf8 ? "global-" : "",
+			    utf8 ? DSN_CTE_8BIT : "", hostname, env->id);
 	if (env->envid) {
 		char envid[256], clean[256];
 		if (dsn_xtext_decode(env->envid, envid, sizeof(envid)) == 0) {
@@ -248,6 +254,14 @@ static int dsn_status_part(const struct queue_envelope *env, enum dsn_action act
 	return rc;
 }
 
+/* the media type of the returned message or its headers */
+static const char *dsn_returned_type(bool hdrs_only, bool global)
+{
+	if (hdrs_only)
+		return global ? "message/global-headers" : "text/rfc822-headers";
+	return global ? "message/global" : "message/rfc822";
+}
+
 /* dsn_build - the whole report */
 int dsn_build(const struct queue_envelope *env, enum dsn_action action, const char *body, size_t len,
 	      const char *hostname, time_t now, struct buf *out)
@@ -263,6 +277,8 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 		utf8 |= dsn_has_8bit(env->rcpt[i].addr, strlen(env->rcpt[i].addr));
 		if (env->rcpt[i].done_text)
 			utf8 |= dsn_has_8bit(env->rcpt[i].done_text, strlen(env->rcpt[i].done_text));
+		if (env->rcpt[i].orcpt) /* xtext: raw UTF-8 only when it came with SMTPUTF8 */
+			utf8 |= dsn_has_8bit(env->rcpt[i].orcpt, strlen(env->rcpt[i].orcpt));
 	}
 	if (n == 0)
 		return 0;
@@ -272,9 +288,13 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 	bool hdrs_only = action != DSN_ACTION_FAILED || (env->ret && !strcmp(env->ret, "HDRS"));
 	size_t part_len = hdrs_only ? dsn_header_len(body, len) : len;
 	bool body8 = dsn_has_8bit(body, part_len);
-	char date[64], boundary[128];
+	/* RFC 6532 §3.7, RFC 6533 §6: a message with UTF-8 in its header section is returned as
+	 * message/global (or its headers as message/global-headers), never as message/rfc822 */
+	bool global = dsn_has_8bit(body, dsn_header_len(body, len));
+	char date[64], boundary[DSN_BOUNDARY_MAX + 1];
 	dsn_date(now, date, sizeof(date));
-	snprintf(boundary, sizeof(boundary), "=_%s/%lld/%.60s", env->id, (long long)now, hostname);
+	int bl = snprintf(boundary, sizeof(boundary), "=_%s/%lld/", env->id, (long long)now);
+	snprintf(boundary + bl, sizeof(boundary) - (size_t)bl, "%.*s", DSN_BOUNDARY_MAX - bl, hostname);
 
 	int rc = buf_printf(out, "From: Mail Delivery System <MAILER-DAEMON@%s>\r\n"
 			    "To: <%s>\r\n"
@@ -285,18 +305,18 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 			    "MIME-Version: 1.0\r\n"
 			    "Content-Type: multipart/report; report-type=delivery-status;\r\n"
 			    "\tboundary=\"%s\"\r\n"
+			    "%s"
 			    "\r\n"
 			    "This is a MIME-encapsulated message.\r\n\r\n",
 			    hostname, env->from, subject[action], date, env->id, (long long)now,
 			    action == DSN_ACTION_FAILED ? "dsn" : action == DSN_ACTION_DELAYED ? "delay" : "relay", hostname,
-			    boundary);
+			    boundary, utf8 || body8 ? DSN_CTE_8BIT : ""); /* RFC 2045 §6.4: the multipart's too */
 	rc |= dsn_human_part(env, action, hostname, boundary, utf8, out);
-	rc |= dsn_status_part(env, action, hostname, boundary, out);
+	rc |= dsn_status_part(env, action, hostname, boundary, utf8, out);
 	rc |= buf_printf(out, "\r\n--%s\r\nContent-Description: %s\r\nContent-Type: %s\r\n%s\r\n", boundary,
 			 action != DSN_ACTION_FAILED ? "Message Headers"
 			 : hdrs_only ? "Undelivered Message Headers" : "Undelivered Message",
-			 hdrs_only ? "text/rfc822-headers" : "message/rfc822",
-			 body8 ? "Content-Transfer-Encoding: 8bit\r\n" : "");
+			 dsn_returned_type(hdrs_only, global), body8 ? DSN_CTE_8BIT : "");
 	rc |= buf_append(out, body, part_len);
 	if (part_len > 0 && !(part_len >= 2 && body[part_len - 2] == '\r' && body[part_len - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
@@ -304,19 +324,37 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
 	return rc ? -1 : n;
 }
 
+/* where the part of the returned whole message starts in the bounce in[0..len) whose boundary
+ * is b[0..blen): its "\r\n--boundary" line, *n bytes of part header up to its type's CRLF;
+ * *global for message/global. NULL if there is none */
+static const char *dsn_returned_part(const char *in, size_t len, const char *b, int blen, int *n, bool *global)
+{
+	static const char part[] = "\r\nContent-Description: Undelivered Message\r\nContent-Type: message/";
+	static const char *types[] = { "rfc822\r\n", "global\r\n" };
+	for (int g = 0; g < 2; g++) {
+		char marker[200];
+		*n = snprintf(marker, sizeof(marker), "\r\n--%.*s%s%s", blen, b, part, types[g]);
+		const char *m = memmem(in, len, marker, (size_t)*n);
+		if (m) {
+			*global = g == 1;
+			return m;
+		}
+	}
+	return NULL;
+}
+
 /* dsn_headers_only - a bounce that returns the whole message, cut to its header section */
 int dsn_headers_only(const char *in, size_t len, struct buf *out)
 {
-	static const char part[] = "\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n";
-	static const char cte[] = "Content-Transfer-Encoding: 8bit\r\n";
+	static const char cte[] = DSN_CTE_8BIT;
 	size_t hlen = dsn_header_len(in, len);
 	const char *b = memmem(in, hlen, "\tboundary=\"", 11);
 	const char *bend = b ? memchr(b + 11, '"', hlen - (size_t)(b + 11 - in)) : NULL;
 	if (!bend || bend - (b + 11) > 120)
 		return -1;
-	char marker[200];
-	int n = snprintf(marker, sizeof(marker), "\r\n--%.*s%s", (int)(bend - (b + 11)), b + 11, part);
-	const char *m = memmem(in, len, marker, (size_t)n);
+	int n;
+	bool global;
+	const char *m = dsn_returned_part(in, len, b + 11, (int)(bend - (b + 11)), &n, &global);
 	if (!m)
 		return -1;
 	const char *msg = m + n, *end = in + len;
@@ -326,15 +364,21 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 		return -1;
 	msg += 2;
 	/* the returned message's headers, up to the bounce's closing boundary when it has no body */
-	const char *stop = memmem(msg, (size_t)(end - msg), marker, (size_t)(4 + (bend - (b + 11))));
+	const char *stop = memmem(msg, (size_t)(end - msg), m, (size_t)(4 + (bend - (b + 11))));
 	size_t mlen = dsn_header_len(msg, (size_t)((stop ? stop : end) - msg));
-	int rc = buf_append(out, in, (size_t)(m - in));
+	/* the top-level 8bit label stays only if the cut bounce is still 8-bit */
+	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
+	size_t top = top8 ? hlen - (sizeof(cte) - 1) : hlen;
+	int rc = buf_append(out, in, top);
+	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
 	rc |= buf_printf(out, "\r\n--%.*s\r\nContent-Description: Undelivered Message Headers\r\n"
-			 "Content-Type: text/rfc822-headers\r\n%s\r\n", (int)(bend - (b + 11)), b + 11,
+			 "Content-Type: %s\r\n%s\r\n", (int)(bend - (b + 11)), b + 11, dsn_returned_type(true, global),
 			 dsn_has_8bit(msg, mlen) ? cte : "");
 	rc |= buf_append(out, msg, mlen);
 	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
 	rc |= buf_printf(out, "\r\n--%.*s--\r\n", (int)(bend - (b + 11)), b + 11);
+	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
+		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
 	return rc ? -1 : 0;
 }

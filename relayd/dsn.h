@@ -12,6 +12,10 @@
  * A delayed notice reports the pending recipients (done_code 0) whose NOTIFY has DELAY or
  * is not given, with env->last_error; a relayed notice the delivered ones (2xx) marked
  * relay_notice whose NOTIFY has SUCCESS. Both return the header section only.
+ * UTF-8 (RFC 6532, RFC 6533): a returned message with UTF-8 in its header section is
+ * message/global (message/global-headers), and report fields with UTF-8 (a utf-8 address, a
+ * reply text) make the report message/global-delivery-status; the notice's own header
+ * section stays ASCII, so it needs 8BITMIME but not SMTPUTF8.
  */
 #ifndef RELAYD_DSN_H
 #define RELAYD_DSN_H
@@ -39,8 +43,9 @@ bool dsn_rcpt_reported(const struct queue_rcpt *r, enum dsn_action action);
  * untouched), or -1 on allocation failure. */
 int dsn_build(const struct queue_envelope *env, enum dsn_action action, const char *body, size_t len,
 	      const char *hostname, time_t now, struct buf *out);
-/* dsn_headers_only - a bounce from dsn_build that returns the whole message (message/rfc822),
- * rewritten into out as RET=HDRS makes it (text/rfc822-headers: the header section only), for
+/* dsn_headers_only - a bounce from dsn_build that returns the whole message (message/rfc822 or
+ * message/global), rewritten into out as RET=HDRS makes it (text/rfc822-headers or
+ * message/global-headers: the header section only), for
  * an upstream that cannot take the whole (SIZE, 8BITMIME). -1 when in is not such a bounce, or
  * out of memory */
 int dsn_headers_only(const char *in, size_t len, struct buf *out);

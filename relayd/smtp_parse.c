@@ -9,6 +9,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -357,6 +358,17 @@ int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **repl
 	return 0;
 }
 
+/* smtp_addr_literal - an address literal's content */
+void smtp_addr_literal(const char *ip, char *out, size_t outlen)
+{
+	if (!strchr(ip, ':'))
+		snprintf(out, outlen, "%s", ip);
+	else if (!strncasecmp(ip, "::ffff:", 7) && strchr(ip + 7, '.') && !strchr(ip + 7, ':'))
+		snprintf(out, outlen, "%s", ip + 7); /* v4-mapped: the IPv4 client it is */
+	else
+		snprintf(out, outlen, "IPv6:%.*s", (int)strcspn(ip, "%"), ip); /* no zone index */
+}
+
 /* the index of the LF ending the line that holds h[i], or len */
 static size_t smtp_line_end(const char *h, size_t len, size_t i)
 {
@@ -364,19 +376,60 @@ static size_t smtp_line_end(const char *h, size_t len, size_t i)
 	return eol ? (size_t)(eol - h) : len;
 }
 
-/* is the line at h[i] a From: field? "From" *WSP ":" (RFC 5322 §3.6.2, and the obsolete
- * form of §4.5.2); *vs is then where its value begins */
-static bool smtp_header_is_from(const char *h, size_t len, size_t i, size_t *vs)
+/* is the line at h[i] a field of this name? name *WSP ":" (RFC 5322 §3.6, and the obsolete
+ * WSP before the colon of §4.5); *vs is then where its value begins */
+static bool smtp_header_named(const char *h, size_t len, size_t i, const char *name, size_t *vs)
 {
-	if (len - i < 5 || strncasecmp(h + i, "From", 4))
+	size_t nl = strlen(name);
+	if (len - i <= nl || strncasecmp(h + i, name, nl))
 		return false;
-	size_t j = i + 4;
+	size_t j = i + nl;
 	while (j < len && (h[j] == ' ' || h[j] == '\t'))
 		j++;
 	if (j >= len || h[j] != ':')
 		return false;
 	*vs = j + 1;
 	return true;
+}
+
+/* is the line at h[i] a header field? 1*ftext *WSP ":" (RFC 5322 §2.2, §3.6.8; ftext is
+ * printable US-ASCII but the colon; WSP before the colon is the obsolete form of §4.5) */
+static bool smtp_header_is_field(const char *h, size_t len, size_t i)
+{
+	size_t j = i;
+	while (j < len && (unsigned char)h[j] > ' ' && (unsigned char)h[j] < 0x7f && h[j] != ':')
+		j++;
+	if (j == i)
+		return false;
+	while (j < len && (h[j] == ' ' || h[j] == '\t'))
+		j++;
+	return j < len && h[j] == ':';
+}
+
+/* smtp_header_section - the header section: its fields and their continuation lines */
+size_t smtp_header_section(const char *msg, size_t len, bool *nosep)
+{
+	size_t i = 0;
+	while (i < len) {
+		bool cont = i > 0 && (msg[i] == ' ' || msg[i] == '\t'); /* not on the first line */
+		if (!cont && !smtp_header_is_field(msg, len, i))
+			break;
+		size_t end = smtp_line_end(msg, len, i);
+		i = end < len ? end + 1 : len;
+	}
+	*nosep = i < len && !(len - i >= 2 && msg[i] == '\r' && msg[i + 1] == '\n');
+	return i;
+}
+
+/* smtp_header_present - is there a field of this name */
+bool smtp_header_present(const char *hdrs, size_t len, const char *name)
+{
+	for (size_t i = 0; i < len; i = smtp_line_end(hdrs, len, i) + 1) {
+		size_t vs;
+		if (smtp_header_named(hdrs, len, i, name, &vs))
+			return true;
+	}
+	return false;
 }
 
 /* the end of the field whose value begins at h[vs]: its continuation lines included
@@ -469,7 +522,7 @@ int smtp_header_from(const char *hdrs, size_t len, char out[][256], const char *
 	bool seen = false;
 	for (size_t i = 0; i < len;) {
 		size_t vs, end = smtp_line_end(hdrs, len, i);
-		if (hdrs[i] != ' ' && hdrs[i] != '\t' && smtp_header_is_from(hdrs, len, i, &vs)) {
+		if (hdrs[i] != ' ' && hdrs[i] != '\t' && smtp_header_named(hdrs, len, i, "From", &vs)) {
 			if (seen) { /* RFC 5322 §3.6: exactly one */
 				*reply = "550 5.6.0 Message has more than one From: header";
 				return -1;

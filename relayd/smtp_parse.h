@@ -60,6 +60,20 @@ bool smtp_xtext_valid(const char *s);
  * From:, or -1 with *reply set ("550 5.6.0 ...") when there is more than one From:, more
  * than SMTP_FROM_MAX mailboxes, or a mailbox that is not one parsable address. */
 int smtp_header_from(const char *hdrs, size_t len, char out[][256], const char **reply);
+/* smtp_addr_literal - the text between the brackets of an address literal (RFC 5321
+ * §4.1.3) for a numeric address from getnameinfo: IPv4 as is, IPv6 as "IPv6:addr" (without
+ * a "%zone"), a v4-mapped ::ffff:a.b.c.d as the IPv4 address */
+void smtp_addr_literal(const char *ip, char *out, size_t outlen);
+/* smtp_header_section - the length of the header section at the start of msg[0..len)
+ * (RFC 5322 §2.2, §3.5): its header fields (1*ftext *WSP ":") and their continuation lines,
+ * up to and including the CRLF of the last one. It ends before the first line that is
+ * neither: the empty line, or a line of text when the client left the empty line out;
+ * *nosep is true in that second case (a body follows with no separator). A first line
+ * that starts with WSP is not a continuation: the section is then empty. */
+size_t smtp_header_section(const char *msg, size_t len, bool *nosep);
+/* smtp_header_present - does the header section hdrs[0..len) hold a field of this name (no
+ * colon; any case, also the obsolete "Name :" of RFC 5322 §4.5)? */
+bool smtp_header_present(const char *hdrs, size_t len, const char *name);
 /* smtp_verb_name - "MAIL", "RCPT", ... for logs */
 const char *smtp_verb_name(enum smtp_verb v);
 

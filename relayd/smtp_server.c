@@ -798,35 +798,18 @@ static void session_command(struct session *s, char *line)
 
 static void session_commit_done(uint64_t owner, const char *id, int qerrno);
 
-static bool session_has_header(const char *hdrs, size_t len, const char *name)
+/* the length of the received message's header section (RFC 5322 §2.2, §3.5: up to the
+ * empty line, or to the first line that is not a header field when there is none: *nosep) */
+static size_t session_header_len(const struct session *s, bool *nosep)
 {
-	size_t nl = strlen(name);
-	for (size_t i = 0; i + nl < len;) {
-		if (!strncasecmp(hdrs + i, name, nl))
-			return true;
-		const char *eol = memchr(hdrs + i, '\n', len - i);
-		if (!eol)
-			break;
-		i = (size_t)(eol - hdrs) + 1;
-	}
-	return false;
-}
-
-/* the length of the received message's header section: up to and including the CRLF of
- * its last header line (RFC 5322 §2.1: it ends at the first empty line) */
-static size_t session_header_len(const struct session *s)
-{
-	const char *p = s->msg.data;
-	if (!p || (s->msg.len >= 2 && p[0] == '\r' && p[1] == '\n'))
-		return 0;
-	const char *e = memmem(p, s->msg.len, "\r\n\r\n", 4);
-	return e ? (size_t)(e - p) + 2 : s->msg.len;
+	return smtp_header_section(s->msg.data ? s->msg.data : "", s->msg.len, nosep);
 }
 
 /* RFC 6409 §8: Received always; Message-ID and Date when missing. Builds the message's new
- * header block (Received, the client's hlen bytes of headers, what was missing) into head,
- * to take the place of those hlen bytes of s->msg */
-static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
+ * header block (Received, the client's hlen bytes of headers, what was missing, and the
+ * empty line when nosep: the client's text after it is the body) into head, to take the
+ * place of those hlen bytes of s->msg */
+static int session_new_headers(struct session *s, size_t hlen, bool nosep, struct buf *head)
 {
 	char date[64], tlsinfo[128];
 	time_t now = time(NULL);
@@ -837,7 +820,9 @@ static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
 	const char *with = s->tls ? (s->authed ? "ESMTPSA" : "ESMTPS") : (s->authed ? "ESMTPA" : "ESMTP");
 	if (s->env.smtputf8)
 		with = s->tls ? "UTF8SMTPSA" : "UTF8SMTPA";
-	int rc = buf_printf(head, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, s->peer,
+	char literal[sizeof(s->peer) + 8];
+	smtp_addr_literal(s->peer, literal, sizeof(literal));
+	int rc = buf_printf(head, "Received: from %s ([%s])\r\n\tby %s (relayd) with %s id %s", s->helo, literal,
 			    smtp_cfg->hostname, with, s->env.id);
 	if (tlsinfo[0])
 		rc |= buf_printf(head, "\r\n\t(%s)", tlsinfo);
@@ -846,10 +831,12 @@ static int session_new_headers(struct session *s, size_t hlen, struct buf *head)
 	rc |= buf_printf(head, ";\r\n\t%s\r\n", date);
 	const char *p = s->msg.data ? s->msg.data : "";
 	rc |= buf_append(head, p, hlen);
-	if (!session_has_header(p, hlen, "Message-ID:"))
+	if (!smtp_header_present(p, hlen, "Message-ID"))
 		rc |= buf_printf(head, "Message-ID: <%s.%lld@%s>\r\n", s->env.id, (long long)now, smtp_cfg->hostname);
-	if (!session_has_header(p, hlen, "Date:"))
+	if (!smtp_header_present(p, hlen, "Date"))
 		rc |= buf_printf(head, "Date: %s\r\n", date);
+	if (nosep)
+		rc |= buf_append(head, "\r\n", 2);
 	return rc ? -1 : 0;
 }
 
@@ -899,9 +886,10 @@ static void session_end_body(struct session *s)
 {
 	if (session_body_refused(s))
 		return;
-	size_t hlen = session_header_len(s);
+	bool nosep;
+	size_t hlen = session_header_len(s, &nosep);
 	struct buf head = { 0 };
-	if (session_new_headers(s, hlen, &head) < 0) {
+	if (session_new_headers(s, hlen, nosep, &head) < 0) {
 		buf_free(&head);
 		session_reply(s, "451 4.3.0 Out of memory");
 		session_reset_transaction(s);

@@ -1118,4 +1118,36 @@ def _():
     t.ok(wait_log(relay, rf"{qid} forward event=failed .*553 5\.6\.7", 10), "a UTF-8 Subject: 553 5.6.7 as before")
     done(relay, up)
 
+@t.test("the bounce of an SMTPUTF8 message: message/global-delivery-status with the utf-8 address and the "
+        "message as message/global (RFC 6533, RFC 6532 3.7); sent with BODY=8BITMIME, its own headers ASCII")
+def _():
+    import email
+    import email.policy
+    up = Upstream()  # 8BITMIME, no SMTPUTF8: the message fails with 5.6.7, its bounce goes there too
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["SMTPUTF8", "BODY=8BITMIME"])
+    c.rcpt("b\u00e4d@example.net")
+    subj = "caf\u00e9 " + marker("utf8 bounce")
+    code, resp = c.data(t.make_message(ALICE, "b\u00e4d@example.net", subject=subj))
+    c.quit()
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the bounce arrived", relay.log()[-2000:])
+    t.like(up.mails[0] if up.mails else b"", rb"^MAIL FROM:<> [^\r]*BODY=8BITMIME", "MAIL FROM:<> BODY=8BITMIME")
+    t.unlike(up.mails[0] if up.mails else b"", rb"SMTPUTF8", "no SMTPUTF8 needed: the bounce's own headers are ASCII")
+    eml = up.messages[0][1] if up.messages else b""
+    head = eml.split(b"\r\n\r\n")[0]
+    t.ok(all(b < 0x80 for b in head), "the bounce's header section is ASCII", head)
+    t.like(head, rb"(?m)^Content-Transfer-Encoding: 8bit\r?$", "labelled 8bit at the top")
+    m = email.message_from_bytes(eml, policy=email.policy.compat32)
+    types = [m.get_content_type()] + [p.get_content_type() for p in m.get_payload()]
+    t.is_(types, ["multipart/report", "text/plain", "message/global-delivery-status", "message/global"],
+          "the parts")
+    t.like(eml, "Final-Recipient: utf-8; b\u00e4d@example.net\r\n".encode(), "Final-Recipient: utf-8; the address")
+    t.ok(("Subject: " + subj).encode() in eml, "the returned message's UTF-8 Subject intact")
+    t.unlike(eml, rb"message/rfc822|message/delivery-status\r", "no legacy type holds UTF-8")
+    done(relay, up)
+
+
 t.done()

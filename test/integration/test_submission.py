@@ -231,6 +231,61 @@ def _():
     t.ok(mid.encode() in stored, "client's Message-ID kept", stored[:600])
     t.ok(b"Mon, 1 Jan 2024 10:00:00 +0000" in stored, "client's Date kept", stored[:600])
     t.is_(t.header_count(stored, "Received"), 1, "one Received: header")
+
+    # the obsolete "Name :" form (RFC 5322 4.5.1, 4.5.4) counts as present too
+    mid = f"<{marker('obs')}@client.example>"
+    msg3 = t.make_message(ALICE, "rcpt@example.com", subject="obs ids",
+                          extra_headers=[f"Message-ID : {mid}", "Date\t: Mon, 1 Jan 2024 10:00:00 +0000"])
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], msg3)
+    qid3 = t.queued_id(text)
+    stored = (queued_message(qid3) or b"") if qid3 else b""
+    t.is_(t.header_count(stored, "Message-ID"), 1, "'Message-ID :' kept, no second Message-ID added")
+    t.is_(t.header_count(stored, "Date"), 1, "'Date\\t:' kept, no second Date added")
+    t.ok(mid.encode() in stored, "the client's obsolete-form Message-ID kept", stored[:600])
+    c.close()
+
+
+def stored_after(c, raw, bdat=False):
+    """submit raw (DATA, dot-stuffed here; or one BDAT LAST) on session c: the stored message"""
+    if bdat:
+        c.cmd(f"MAIL FROM:<{ALICE}>")
+        c.cmd("RCPT TO:<rcpt@example.com>")
+        c.send(f"BDAT {len(raw)} LAST\r\n".encode() + raw)
+        code, text = c.reply()
+    else:
+        code, text = data_raw(c, t.dot_stuff(raw))
+    qid = t.queued_id(text)
+    return text, ((queued_message(qid) or b"") if qid else b"")
+
+
+@t.test("no empty line after the header section: the added fields and an empty line go before the "
+        "first line that is not a field (RFC 5322 2.2, 3.5)")
+def _():
+    import email
+    import email.policy
+    c = relay.session(ALICE)
+    cases = (
+        ("no header section at all", b"", b"hello world\r\nsecond line\r\n"),
+        ("fields then text", f"From: <{ALICE}>\r\nSubject: nb\r\n".encode(), b"body text here\r\n"),
+        ("a first line that starts with a space", b"", b" continued-by-client; fake\r\nSubject: x\r\n"),
+        ("a quoted From: line in the text", f"From: <{ALICE}>\r\nSubject: q\r\n".encode(),
+         b"Bob wrote:\r\nFrom: Bob <bob@example.net>\r\n"),
+        ("text only, with a From: line", b"", b"Dear all,\r\nFrom: the committee\r\n"),
+    )
+    for name, hdrs, text in cases:
+        for bdat in (False, True):
+            how = f"{name} ({'BDAT' if bdat else 'DATA'})"
+            reply, msg = stored_after(c, hdrs + text, bdat)
+            t.like(reply, t.QUEUED_RE, f"{how}: queued")
+            head, sep, body = msg.partition(b"\r\n\r\n")
+            t.is_(body, text, f"{how}: the client's text is the body, byte for byte, after the one empty line")
+            t.ok(hdrs in head + b"\r\n", f"{how}: the client's fields kept", head)
+            t.like(head, r";\r\n\t[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]{8} [-+]\d{4}\r\n"
+                         r"(?![ \t])", f"{how}: the Received: field ends with its date-time")
+            m = email.message_from_bytes(msg, policy=email.policy.default)
+            t.is_([type(d).__name__ for d in m.defects], [], f"{how}: Python's email parser finds no defect")
+            t.ok(m["Message-ID"] is not None and m["Date"] is not None, f"{how}: Message-ID and Date in the "
+                 "header section", head)
     c.close()
 
 
@@ -699,6 +754,13 @@ def _():
           "smtplib over [::1] (STARTTLS, bob as someone@example.net)")
     s.quit()
     t.is_(len(find_in_queue(m)), 1, "IPv6 message queued")
+    # RFC 5321 4.1.3, 4.4: the client's IPv6 address in Received: is an IPv6 address literal
+    c = relay.session(ALICE, port=relay.port_v6, host="::1")
+    code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+    c.close()
+    qid = t.queued_id(text)
+    msg = (queued_message(qid) or b"") if qid else b""
+    t.is_(msg.split(b"\r\n")[0], b"Received: from client.test ([IPv6:::1])", "Received: names [IPv6:::1]")
 
 
 # --- idle timeout (its own relayd) ---------------------------------------------------------------

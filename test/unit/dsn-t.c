@@ -70,6 +70,14 @@ static bool lines_ok(const char *s, size_t n)
 	return true;
 }
 
+/* the top-level header (up to the first empty line) labels the report 8bit */
+static bool top_cte(const char *dsn)
+{
+	const char *e = strstr(dsn, "\r\n\r\n");
+	const char *c = strstr(dsn, "\r\nContent-Transfer-Encoding: 8bit\r\n");
+	return e && c && c < e;
+}
+
 int main(void)
 {
 	struct queue_envelope env;
@@ -151,13 +159,59 @@ int main(void)
 	setup(&env);
 	const char m8[] = "Subject: caf\xc3\xa9\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n";
 	n = dsn_build(&env, DSN_ACTION_FAILED, m8, strlen(m8), "relay.test", 1700000100, &out);
-	ok(n == 2 && strstr(out.data, "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n") != NULL,
-	   "8-bit original: Content-Transfer-Encoding: 8bit");
+	ok(n == 2 && strstr(out.data, "Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n") != NULL,
+	   "UTF-8 in the original's headers: returned as message/global, 8bit (RFC 6532 3.7)");
+	ok(n == 2 && !strstr(out.data, "message/rfc822"), "UTF-8 in the original's headers: not message/rfc822");
+	ok(n == 2 && top_cte(out.data), "8-bit original: the multipart/report is labelled 8bit too (RFC 2045 6.4)");
+	buf_free(&out);
+	dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
+	ok(out.data && !strstr(out.data, "Content-Transfer-Encoding"), "7-bit bounce: no Content-Transfer-Encoding");
+	ok(out.data && strstr(out.data, "Content-Type: message/delivery-status\r\n\r\n"), "7-bit bounce: "
+	   "message/delivery-status");
+	buf_free(&out);
+	const char b8[] = "Subject: ascii\r\n\r\nd\xc3\xa9" "j\xc3\xa0\r\n";
+	dsn_build(&env, DSN_ACTION_FAILED, b8, strlen(b8), "relay.test", 1700000100, &out);
+	ok(out.data && strstr(out.data, "Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n"),
+	   "8-bit body, ASCII headers: message/rfc822, 8bit");
+	buf_free(&out);
+	/* RFC 6533: a UTF-8 address (utf-8 type) goes in message/global-delivery-status, 8bit */
+	rcpts[1].addr = "b\xc3\xa4" "d@example.net";
+	dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), "relay.test", 1700000100, &out);
+	ok(out.data && top_cte(out.data), "8-bit recipient address: the multipart/report is labelled 8bit");
+	ok(out.data && strstr(out.data, "Content-Type: message/global-delivery-status\r\n"
+				      "Content-Transfer-Encoding: 8bit\r\n\r\n") != NULL,
+	   "8-bit recipient address: message/global-delivery-status, 8bit");
+	ok(out.data && strstr(out.data, "Final-Recipient: utf-8; b\xc3\xa4" "d@example.net\r\n") != NULL,
+	   "8-bit recipient address: Final-Recipient: utf-8; the address");
+	ok(out.data && strstr(out.data, "Content-Type: message/rfc822\r\n\r\n") != NULL,
+	   "8-bit recipient address, ASCII message: message/rfc822, 7bit");
+	buf_free(&out);
+	env.ret = "HDRS";
+	dsn_build(&env, DSN_ACTION_FAILED, m8, strlen(m8), "relay.test", 1700000100, &out);
+	ok(out.data && strstr(out.data, "Content-Type: message/global-headers\r\nContent-Transfer-Encoding: 8bit\r\n"),
+	   "RET=HDRS, UTF-8 headers: message/global-headers");
+	buf_free(&out);
+
+	/* RFC 2046 5.1.1: the boundary is at most 70 characters, whatever the hostname */
+	const char *longhost = "mail-submission-relay-01.eu-west-1.corp.example.com.very-long-name";
+	setup(&env);
+	dsn_build(&env, DSN_ACTION_FAILED, msg, strlen(msg), longhost, 1700000100, &out);
+	const char *bp = out.data ? strstr(out.data, "boundary=\"") : NULL;
+	size_t blen = bp ? strcspn(bp + 10, "\"") : 0;
+	ok(bp && blen > 0 && blen <= 70, "long hostname: boundary of %zu characters", blen);
+	char delim[128];
+	snprintf(delim, sizeof(delim), "\r\n--%.*s--\r\n", (int)blen, bp ? bp + 10 : "");
+	ok(bp && out.len > strlen(delim) && !strcmp(out.data + out.len - strlen(delim), delim),
+	   "long hostname: the closing delimiter uses that boundary");
+	struct buf cut0 = { 0 };
+	ok(out.data && dsn_headers_only(out.data, out.len, &cut0) == 0, "long hostname: headers only still works");
+	buf_free(&cut0);
 	buf_free(&out);
 
 	/* a full bounce cut to the headers (for an upstream that cannot take it whole): byte for
 	 * byte what RET=HDRS makes, for a 7-bit and an 8-bit body, and for a message without body */
-	const char *originals[] = { msg, m8, "Subject: no body\r\n", "Subject: caf\xc3\xa9\r\n\r\nplain\r\n" };
+	const char *originals[] = { msg, m8, "Subject: no body\r\n", "Subject: caf\xc3\xa9\r\n\r\nplain\r\n",
+				    "Subject: ascii\r\n\r\nd\xc3\xa9j\xc3\xa0\r\n" };
 	for (size_t k = 0; k < sizeof(originals) / sizeof(*originals); k++) {
 		struct buf full = { 0 }, cut = { 0 }, want = { 0 };
 		const char *o = originals[k];

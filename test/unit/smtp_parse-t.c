@@ -249,8 +249,66 @@ static void test_header_from_bypass(void)
 	ok(n == 2 && !strcmp(a[0], "a@example.org") && !strcmp(a[1], "b@example.org"), "group syntax (%d)", n);
 }
 
+/* where the header section ends (RFC 5322 §2.2, §3.5), with and without the empty line */
+static void test_header_section(void)
+{
+	static const struct {
+		const char *msg;
+		size_t hlen;
+		bool nosep;
+		const char *name;
+	} cases[] = {
+		{ "Subject: x\r\n\tfolded\r\nTo: a@b.c\r\n\r\nbody\r\n", 32, false, "fields, a continuation, the empty line" },
+		{ "Subject: x\r\n", 12, false, "a header section and no body" },
+		{ "", 0, false, "an empty message" },
+		{ "\r\nbody\r\n", 0, false, "a message that starts with the empty line" },
+		{ "hello world\r\nsecond line\r\n", 0, true, "text and no header section" },
+		{ "From: <a@b.c>\r\nSubject: nb\r\nbody text\r\n", 28, true, "fields, then text without the empty line" },
+		{ " continued; fake\r\nSubject: x\r\n", 0, true, "a first line that starts with a space" },
+		{ "Subject : obs\r\nX-A\t:b\r\nno colon here\r\n", 23, true, "WSP before the colon is a field" },
+		{ "Subject: x\r\n: no name\r\n", 12, true, "a line that starts with a colon is not a field" },
+		{ "Subject: x\r\nS\xc3\xbc" "bject: y\r\n", 12, true, "an 8-bit field name is not a field" },
+		{ "Subject: x\r\nFrom: <a@b.c>", 25, false, "the last field without its CRLF (BDAT)" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		bool nosep = !cases[i].nosep;
+		size_t hlen = smtp_header_section(cases[i].msg, strlen(cases[i].msg), &nosep);
+		ok(hlen == cases[i].hlen && nosep == cases[i].nosep, "%s (%zu, %d)", cases[i].name, hlen, nosep);
+	}
+}
+
+/* the client's address in Received: (RFC 5321 §4.1.3 address literals) */
+static void test_addr_literal(void)
+{
+	static const char *cases[][2] = {
+		{ "127.0.0.1", "127.0.0.1" }, { "::1", "IPv6:::1" }, { "2001:db8::25", "IPv6:2001:db8::25" },
+		{ "::ffff:192.0.2.1", "192.0.2.1" }, { "::FFFF:192.0.2.1", "192.0.2.1" },
+		{ "fe80::1%eth0", "IPv6:fe80::1" }, { "::ffff:1:2", "IPv6:::ffff:1:2" },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char out[64];
+		smtp_addr_literal(cases[i][0], out, sizeof(out));
+		is_str(out, cases[i][1], cases[i][0]);
+	}
+}
+
+/* is a field there, in any case and in the obsolete "Name :" form (RFC 5322 §4.5) */
+static void test_header_present(void)
+{
+	const char *h = "message-id : <a@b>\r\nDATE\t:Mon, 1 Jan 2024 10:00:00 +0000\r\n X-Date: y\r\nDated: z\r\n";
+	ok(smtp_header_present(h, strlen(h), "Message-ID"), "'message-id :' is a Message-ID field");
+	ok(smtp_header_present(h, strlen(h), "Date"), "'DATE\\t:' is a Date field");
+	const char *h2 = "Dated: z\r\nSubject: x\r\n\tDate: folded\r\nX-Message-ID: <c@d>\r\n";
+	ok(!smtp_header_present(h2, strlen(h2), "Date"), "Dated: and a continuation line are not Date");
+	ok(!smtp_header_present(h2, strlen(h2), "Message-ID"), "X-Message-ID: is not Message-ID");
+	ok(!smtp_header_present("Date", 4, "Date"), "a name without a colon is not a field");
+}
+
 int main(void)
 {
+	test_header_present();
+	test_addr_literal();
+	test_header_section();
 	test_header_from();
 	test_header_from_bypass();
 	test_command();
