@@ -165,6 +165,45 @@ def _():
     c.close()
 
 
+def auth_fresh(mech, user, password):
+    """(code, text) of AUTH PLAIN or LOGIN on a new session after STARTTLS"""
+    c = relay.raw()
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        return c.auth_plain(user, password) if mech == "PLAIN" else c.auth_login(user, password)
+    finally:
+        c.close()
+
+
+def set_disabled(name, value):
+    import sqlite3
+    db = sqlite3.connect(os.path.join(relay.dir, "relayd.db"))
+    try:
+        db.execute("UPDATE users SET disabled = ? WHERE name = ?", (value, name))
+        db.commit()
+    finally:
+        db.close()
+
+
+@t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
+def _():
+    dave, dave_pw = "dave@example.org", "dave-secret-4"
+    relay.add_user(dave, dave_pw)
+    t.is_(auth_fresh("PLAIN", dave, dave_pw)[0], 235, "dave logs in: 235 (the cache is filled)")
+    before = relay.stat("auth_cached")
+    t.is_(auth_fresh("PLAIN", dave, dave_pw)[0], 235, "again: 235")
+    t.is_(relay.stat("auth_cached"), before + 1 if before is not None else None,
+          "the second login was a credential-cache hit")
+    set_disabled(dave, 1)
+    for mech in ("PLAIN", "LOGIN"):  # PLAIN is tried from the cache on the loop, LOGIN on a worker
+        code, text = auth_fresh(mech, dave, dave_pw)
+        t.like(text, r"^535 5\.7\.8 ", f"disabled, AUTH {mech} with the cached password: 535 5.7.8")
+    t.like(relay.log(), r"event=auth result=fail mech=PLAIN client=\S+ user=- reason=bad-credentials",
+           "logged like an unknown name")
+    set_disabled(dave, 0)
+    t.is_(auth_fresh("LOGIN", dave, dave_pw)[0], 235, "enabled again: 235")
+
+
 @t.test("sender policy")
 def _():
     c = relay.session(ALICE)
