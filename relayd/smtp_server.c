@@ -383,7 +383,8 @@ static void session_auth_submit(struct session *s)
 }
 
 /* decode a base64 client response; "=" is the empty initial response and an empty line an
- * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])) */
+ * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])). -1 undecodable, -2 a
+ * LOGIN user name or password with a NUL (Cyrus would cut it there; PLAIN refuses it too) */
 static int session_auth_decode(struct session *s, const char *b64, bool initial)
 {
 	size_t blen = strlen(b64);
@@ -394,8 +395,13 @@ static int session_auth_decode(struct session *s, const char *b64, bool initial)
 	if ((initial && !strcmp(b64, "=")) || (!initial && blen == 0)) {
 		out[0] = '\0';
 	} else if (blen == 0 || sasl_decode64(b64, (unsigned)blen, out, (unsigned)blen + 1, &outlen) != SASL_OK) {
+		explicit_bzero(out, blen + 1);
 		free(out);
 		return -1;
+	} else if (!strcasecmp(s->auth->mech, "LOGIN") && memchr(out, '\0', outlen)) {
+		explicit_bzero(out, blen + 1);
+		free(out);
+		return -2;
 	}
 	s->auth->input = out;
 	s->auth->inlen = outlen;
@@ -444,10 +450,12 @@ static void cmd_auth(struct session *s, struct smtp_cmd *c)
 	}
 	s->auth->start = true;
 	snprintf(s->auth->mech, sizeof(s->auth->mech), "%s", mech);
-	if (initial && session_auth_decode(s, initial, true) < 0) {
+	int drc = initial ? session_auth_decode(s, initial, true) : 0;
+	if (drc < 0) {
 		auth_req_free(s->auth);
 		s->auth = NULL;
-		session_error(s, "501 5.5.2 Cannot decode the initial response");
+		session_error(s, drc == -2 ? "501 5.5.2 NUL in the user name or password" :
+					     "501 5.5.2 Cannot decode the initial response");
 		return;
 	}
 	session_enter_state(s, SS_AUTH);
@@ -463,9 +471,11 @@ static void session_auth_response(struct session *s, char *line)
 		return;
 	}
 	s->auth->start = false;
-	if (session_auth_decode(s, line, false) < 0) {
+	int drc = session_auth_decode(s, line, false);
+	if (drc < 0) {
 		session_auth_abandon(s);
-		session_error(s, "501 5.5.2 Cannot decode the response");
+		session_error(s, drc == -2 ? "501 5.5.2 NUL in the user name or password" :
+					     "501 5.5.2 Cannot decode the response");
 		return;
 	}
 	session_auth_submit(s);
