@@ -522,6 +522,64 @@ def _():
     s.close()
 
 
+def tls_hello(version, ciphers="DEFAULT:@SECLEVEL=0", starttls=False, r=relay):
+    """("ok", version, cipher name) of a handshake limited to one TLS version (an ssl.TLSVersion
+    name) and an OpenSSL cipher list, or ("error", text) when it fails"""
+    import socket
+    import ssl
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1_1 is deprecated, on purpose
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    try:
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError as e:
+        return "error", f"client: {e}"
+    if starttls:
+        c = r.raw()
+        c.reply(); c.ehlo(); c.cmd("STARTTLS")
+        sock = c.sock
+    else:
+        sock = socket.create_connection(("127.0.0.1", r.port_tls), timeout=t.SOCK_TIMEOUT)
+    try:
+        with ctx.wrap_socket(sock) as ss:
+            return "ok", ss.version(), ss.cipher()[0]
+    except (ssl.SSLError, OSError) as e:
+        return "error", f"{type(e).__name__}: {e}"
+    finally:
+        sock.close()
+
+
+# the client could not even send such a hello (its OpenSSL has no TLS 1.1 at all)
+CLIENT_CANNOT = re.compile(r"NO_PROTOCOLS_AVAILABLE|UNSUPPORTED_PROTOCOL|NO_CIPHERS_AVAILABLE|^client:", re.I)
+
+
+@t.test("a TLS 1.1 or 1.0 hello gets a protocol_version alert (RFC 8996 5), no shared suite handshake_failure")
+def _():
+    for version in ("TLSv1_1", "TLSv1"):
+        for starttls in (False, True):
+            where = "after STARTTLS" if starttls else "on the implicit-TLS port"
+            got = tls_hello(version, starttls=starttls)
+            if got[0] == "error" and CLIENT_CANNOT.search(got[1]):
+                t.skip(f"{version} {where}: protocol_version alert", f"this client cannot: {got[1]}")
+                continue
+            t.like(got[-1], r"ALERT_PROTOCOL_VERSION", f"{version} {where}: refused with a protocol_version alert")
+    got = tls_hello("TLSv1_2", "CAMELLIA128-SHA:@SECLEVEL=0")
+    t.like(got[-1], r"ALERT_HANDSHAKE_FAILURE", "TLS 1.2 with no suite in common: a handshake_failure alert")
+    t.like(relay.log(), r"event=disconnect reason=\"tls-handshake: ", "the failed handshakes are logged")
+    t.is_(tls_hello("TLSv1_2")[0], "ok", "a TLS 1.2 client is served afterwards")
+    # the RSA key above hands handshakes to threads; with none, the handshake fails on the loop
+    r0 = t.Relay(extra_config="tls_threads 0\n")
+    r0.start()
+    got = tls_hello("TLSv1_1", r=r0)
+    if not (got[0] == "error" and CLIENT_CANNOT.search(got[1])):
+        t.like(got[-1], r"ALERT_PROTOCOL_VERSION", "TLS 1.1, handshakes on the loop: a protocol_version alert too")
+    t.is_(r0.stop(), 0, "that relayd exits 0")
+
+
 @t.test("STARTTLS injection: pipelined bytes after STARTTLS are discarded")
 def _():
     c = relay.raw()
