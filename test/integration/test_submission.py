@@ -580,6 +580,23 @@ def _():
     t.is_(r0.stop(), 0, "that relayd exits 0")
 
 
+@t.test("TLS 1.2 without static-RSA key exchange (RFC 9325 4.1); forward-secret clients are served")
+def _():
+    static_rsa = "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA256:AES128-SHA:AES256-SHA"
+    for starttls in (False, True):
+        where = "after STARTTLS" if starttls else "on the implicit-TLS port"
+        got = tls_hello("TLSv1_2", static_rsa, starttls=starttls)
+        t.like(got[-1], r"ALERT_HANDSHAKE_FAILURE", f"a client offering only static-RSA suites {where}: refused")
+    got = tls_hello("TLSv1_2", "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256")
+    t.is_(got[:2], ("ok", "TLSv1.2"), "a TLS 1.2 client with ECDHE suites is served")
+    got = tls_hello("TLSv1_2", "DEFAULT:" + static_rsa)
+    t.like(got[-1], r"^ECDHE-", "a TLS 1.2 client offering both gets ECDHE")
+    t.is_(tls_hello("TLSv1_3")[:2], ("ok", "TLSv1.3"), "TLS 1.3 is served")
+    c = relay.session(ALICE)  # a default client (TLS 1.3 and 1.2) does the whole session
+    t.is_(c.cmd("NOOP")[0], 250, "a default client authenticates and is served")
+    c.close()
+
+
 @t.test("STARTTLS injection: pipelined bytes after STARTTLS are discarded")
 def _():
     c = relay.raw()
