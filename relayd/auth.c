@@ -141,9 +141,14 @@ static int auth_checkpass(sasl_conn_t *conn, void *ctx, const char *user, const 
 		r->check = USERDB_ERROR;
 		return SASL_NOMEM;
 	}
-	/* the verified-credential cache first: one indexed lookup instead of a slow hash */
+	/* the verified-credential cache first: one indexed lookup instead of a slow hash; a
+	 * disabled user is no user here, so the slow path refuses them like an unknown name */
 	struct userdb_user u;
 	bool have_user = userdb_user_get(db, user, &u) == 0;
+	if (have_user && u.disabled) {
+		userdb_user_free(&u);
+		have_user = false;
+	}
 	time_t now = time(NULL);
 	if (have_user && credcache_check(user, pw, u.hash, now)) {
 		r->check = USERDB_OK;
@@ -195,6 +200,12 @@ static void auth_load_user(struct auth_req *r)
 	} else if (!db || userdb_user_get(db, r->user, &u) != 0) {
 		r->inline_miss = r->inline_try;
 		r->result = AUTH_TEMPFAIL;
+		return;
+	}
+	if (u.disabled) { /* disabled between the password check and here: a worker refuses */
+		userdb_user_free(&u);
+		r->inline_miss = r->inline_try;
+		r->result = AUTH_FAIL;
 		return;
 	}
 	/* per-user overrides of the relayd.conf limits, read at every AUTH: a change made

@@ -110,6 +110,11 @@ static void conn_handshake_finished(struct conn *c, int rc)
 	if (rc < 0) {
 		char why[256];
 		snprintf(why, sizeof(why), "tls-handshake: %s", gnutls_strerror(rc));
+		/* the server tells the client why (RFC 5246 §7.2, RFC 8446 §6): protocol_version
+		 * for a TLS 1.0/1.1 hello (RFC 8996 §5), handshake_failure for no shared suite;
+		 * best effort, the few bytes go to an empty socket buffer */
+		if (!c->tls_client && rc != GNUTLS_E_PREMATURE_TERMINATION)
+			(void)gnutls_alert_send_appropriate(c->tls, rc);
 		conn_fail(c, why);
 		return;
 	}

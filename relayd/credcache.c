@@ -3,6 +3,8 @@
  * A direct-mapped table of CREDCACHE_SLOTS entries indexed by the digest: bounded memory,
  * a collision simply evicts. Shared by the worker threads under one mutex.
  * Invariant: no password or password-derived value other than the keyed digest is kept.
+ * Locked-out names (credcache_block) are marked in a second table indexed by a hash of the
+ * name: bounded too, and a collision only sends another name to the slow hash meanwhile.
  */
 #include "credcache.h"
 
@@ -15,6 +17,7 @@
 
 #define CREDCACHE_SLOTS 4096
 #define CREDCACHE_DIGEST 32
+#define CREDCACHE_BLOCK_SLOTS 1024
 
 struct credcache_entry {
 	unsigned char digest[CREDCACHE_DIGEST];
@@ -24,6 +27,7 @@ struct credcache_entry {
 static struct credcache_entry credcache_table[CREDCACHE_SLOTS];
 static unsigned char credcache_key[32];
 static unsigned credcache_ttl;
+static time_t credcache_blocked[CREDCACHE_BLOCK_SLOTS];   /* per name slot: no cache until */
 static pthread_mutex_t credcache_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* credcache_init - new key, empty table */
@@ -52,6 +56,30 @@ static size_t credcache_slot(const unsigned char d[CREDCACHE_DIGEST])
 	return ((size_t)d[0] << 8 | d[1]) % CREDCACHE_SLOTS;
 }
 
+static size_t credcache_name_slot(const char *name)
+{
+	uint32_t h = 2166136261u; /* FNV-1a */
+	for (; *name; name++)
+		h = (h ^ (unsigned char)*name) * 16777619u;
+	return h % CREDCACHE_BLOCK_SLOTS;
+}
+
+/* is name's slot blocked? (under the lock) */
+static bool credcache_is_blocked(const char *name, time_t now)
+{
+	return credcache_blocked[credcache_name_slot(name)] > now;
+}
+
+/* credcache_block - no cache for name's slot until `until` */
+void credcache_block(const char *name, time_t until)
+{
+	pthread_mutex_lock(&credcache_lock);
+	time_t *b = &credcache_blocked[credcache_name_slot(name)];
+	if (*b < until)
+		*b = until;
+	pthread_mutex_unlock(&credcache_lock);
+}
+
 /* credcache_check - a fresh matching entry? (constant-time digest compare) */
 bool credcache_check(const char *user, const char *password, const char *hash, time_t now)
 {
@@ -63,7 +91,7 @@ bool credcache_check(const char *user, const char *password, const char *hash, t
 	unsigned char diff = 0;
 	for (size_t i = 0; i < CREDCACHE_DIGEST; i++)
 		diff |= (unsigned char)(e->digest[i] ^ d[i]);
-	bool hit = diff == 0 && e->expires > now;
+	bool hit = diff == 0 && e->expires > now && !credcache_is_blocked(user, now);
 	pthread_mutex_unlock(&credcache_lock);
 	explicit_bzero(d, sizeof(d));
 	return hit;
@@ -76,9 +104,11 @@ void credcache_put(const char *user, const char *password, const char *hash, tim
 	if (!credcache_ttl || credcache_digest(user, password, hash, d) < 0)
 		return;
 	pthread_mutex_lock(&credcache_lock);
-	struct credcache_entry *e = &credcache_table[credcache_slot(d)];
-	memcpy(e->digest, d, sizeof(d));
-	e->expires = now + (time_t)credcache_ttl;
+	if (!credcache_is_blocked(user, now)) {
+		struct credcache_entry *e = &credcache_table[credcache_slot(d)];
+		memcpy(e->digest, d, sizeof(d));
+		e->expires = now + (time_t)credcache_ttl;
+	}
 	pthread_mutex_unlock(&credcache_lock);
 	explicit_bzero(d, sizeof(d));
 }

@@ -17,6 +17,10 @@ int credcache_init(unsigned ttl);
 bool credcache_check(const char *user, const char *password, const char *hash, time_t now);
 /* credcache_put - remember a successful verification */
 void credcache_put(const char *user, const char *password, const char *hash, time_t now);
+/* credcache_block - while name is locked out (until `until`), neither answer nor store for it,
+ * so that the right password costs the same slow hash as a wrong one (no timing oracle); a
+ * name shares its mark with others hashed to the same slot, which only costs them the hash */
+void credcache_block(const char *name, time_t until);
 /* credcache_clear - forget everything */
 void credcache_clear(void);
 

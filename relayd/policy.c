@@ -13,6 +13,8 @@
  * delayed 1, 2, 4 ... s (at most 8); at auth_fail_limit failures the IP (or name) is
  * locked out for auth_lockout seconds: AUTH gets 454 4.7.0 and new connections from a
  * locked IP get 421 4.7.0. Every lockout is logged (event=auth-lockout) for fail2ban.
+ * The caller counts every name tried, existing or not, and answers a locked name the same
+ * whatever the password (smtp_server.c), so a lockout tells neither.
  * Loopback clients are exempt from every per-IP rule unless limit_loopback is yes; the
  * per-user-name count applies to everyone. An IP's (or name's) entry goes when it holds
  * nothing worth remembering: at its last disconnect, or at the sweep (every auth_lockout

@@ -31,6 +31,7 @@
 
 #include "auth.h"
 #include "conn.h"
+#include "credcache.h"
 #include "forward.h"
 #include "log.h"
 #include "policy.h"
@@ -86,6 +87,7 @@ struct session {
 	struct policy_limits limits;    /* this user's limits, read at AUTH */
 	struct auth_req *auth;
 	ev_timer delay;                 /* holds a failed AUTH's reply (brute-force tarpit) */
+	bool delay_locked;              /* ... which is the lockout's 454, not 535 */
 	ev_idle more;                   /* more buffered commands: continue when the loop is idle */
 	unsigned errors;
 	unsigned auth_failures;
@@ -381,7 +383,8 @@ static void session_auth_submit(struct session *s)
 }
 
 /* decode a base64 client response; "=" is the empty initial response and an empty line an
- * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])) */
+ * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])). -1 undecodable, -2 a
+ * LOGIN user name or password with a NUL (Cyrus would cut it there; PLAIN refuses it too) */
 static int session_auth_decode(struct session *s, const char *b64, bool initial)
 {
 	size_t blen = strlen(b64);
@@ -392,8 +395,13 @@ static int session_auth_decode(struct session *s, const char *b64, bool initial)
 	if ((initial && !strcmp(b64, "=")) || (!initial && blen == 0)) {
 		out[0] = '\0';
 	} else if (blen == 0 || sasl_decode64(b64, (unsigned)blen, out, (unsigned)blen + 1, &outlen) != SASL_OK) {
+		explicit_bzero(out, blen + 1);
 		free(out);
 		return -1;
+	} else if (!strcasecmp(s->auth->mech, "LOGIN") && memchr(out, '\0', outlen)) {
+		explicit_bzero(out, blen + 1);
+		free(out);
+		return -2;
 	}
 	s->auth->input = out;
 	s->auth->inlen = outlen;
@@ -442,10 +450,12 @@ static void cmd_auth(struct session *s, struct smtp_cmd *c)
 	}
 	s->auth->start = true;
 	snprintf(s->auth->mech, sizeof(s->auth->mech), "%s", mech);
-	if (initial && session_auth_decode(s, initial, true) < 0) {
+	int drc = initial ? session_auth_decode(s, initial, true) : 0;
+	if (drc < 0) {
 		auth_req_free(s->auth);
 		s->auth = NULL;
-		session_error(s, "501 5.5.2 Cannot decode the initial response");
+		session_error(s, drc == -2 ? "501 5.5.2 NUL in the user name or password" :
+					     "501 5.5.2 Cannot decode the initial response");
 		return;
 	}
 	session_enter_state(s, SS_AUTH);
@@ -461,9 +471,11 @@ static void session_auth_response(struct session *s, char *line)
 		return;
 	}
 	s->auth->start = false;
-	if (session_auth_decode(s, line, false) < 0) {
+	int drc = session_auth_decode(s, line, false);
+	if (drc < 0) {
 		session_auth_abandon(s);
-		session_error(s, "501 5.5.2 Cannot decode the response");
+		session_error(s, drc == -2 ? "501 5.5.2 NUL in the user name or password" :
+					     "501 5.5.2 Cannot decode the response");
 		return;
 	}
 	session_auth_submit(s);
@@ -475,33 +487,87 @@ static void session_more(struct ev_loop *loop, ev_idle *w, int revents)
 	session_process(w->data);
 }
 
+static void session_auth_fail_reply(struct session *s, bool locked)
+{
+	if (locked)
+		session_reply(s, "454 4.7.0 Too many authentication failures, try again later");
+	else
+		session_error(s, "535 5.7.8 Authentication credentials invalid");
+}
+
 static void session_delay_done(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct session *s = w->data;
 	(void)loop; (void)revents;
 	s->busy = false;
-	session_error(s, "535 5.7.8 Authentication credentials invalid");
+	session_auth_fail_reply(s, s->delay_locked);
 	session_process(s);
 }
 
-/* a failed AUTH: count it, and answer after a growing delay (RFC 4954 §4 leaves the timing to us) */
-static void session_auth_failed(struct session *s, struct auth_req *r)
+/* the user name the client tried, when it could name a user: every such name is counted,
+ * whether or not it exists, so that a lockout does not tell which names exist */
+static const char *session_auth_name(const struct auth_req *r)
 {
-	bool known = r->check == USERDB_BAD_PASSWORD; /* only real names get a per-name count */
+	const char *name = r->attempted[0] ? r->attempted : r->user;
+	return userdb_name_valid(name) ? name : NULL;
+}
+
+/* count a failed (or locked-out) AUTH, answer after the growing delay (RFC 4954 §4 leaves the
+ * timing to us); a name locked now gets the slow hash for every password while it lasts */
+static void session_auth_count(struct session *s, const char *name, bool locked)
+{
 	stats_inc(ST_AUTH_FAIL, 1);
 	s->auth_failures++;
-	log_info("%s smtp event=auth result=fail mech=%s client=%s user=%s reason=%s", s->idstr, r->mech, s->peer,
-		 known ? r->attempted : "-", known ? "bad-password" : "bad-credentials");
-	if (known)
-		policy_count(r->attempted, PC_AUTH_FAIL);
-	double delay = policy_auth_failed(s->peer, known ? r->attempted : NULL);
+	double delay = policy_auth_failed(s->peer, name);
+	if (name && !policy_auth_allowed(NULL, name))
+		credcache_block(name, time(NULL) + (time_t)smtp_cfg->auth_lockout);
 	if (delay <= 0) {
-		session_error(s, "535 5.7.8 Authentication credentials invalid");
+		session_auth_fail_reply(s, locked);
 		return;
 	}
 	s->busy = true;
+	s->delay_locked = locked;
 	ev_timer_set(&s->delay, delay, 0.);
 	ev_timer_start(smtp_loop, &s->delay);
+}
+
+/* a failed AUTH */
+static void session_auth_failed(struct session *s, struct auth_req *r)
+{
+	bool known = r->check == USERDB_BAD_PASSWORD;
+	log_info("%s smtp event=auth result=fail mech=%s client=%s user=%s reason=%s", s->idstr, r->mech, s->peer,
+		 known ? r->attempted : "-", known ? "bad-password" : "bad-credentials");
+	if (known) /* per-user counters only for real names */
+		policy_count(r->attempted, PC_AUTH_FAIL);
+	session_auth_count(s, session_auth_name(r), false);
+}
+
+/* AUTH for a locked-out name (or from an IP locked meanwhile): 454 whatever the password and
+ * whether or not the name exists, counted and delayed like a failure (relayd.conf.5) */
+static void session_auth_locked(struct session *s, struct auth_req *r)
+{
+	const char *name = session_auth_name(r);
+	log_info("%s smtp event=auth result=refused mech=%s client=%s user=%s reason=lockout", s->idstr, r->mech,
+		 s->peer, name ? name : "-");
+	session_auth_count(s, name, true);
+}
+
+/* a successful AUTH */
+static void session_auth_ok(struct session *s, struct auth_req *r)
+{
+	policy_auth_ok(s->peer, r->user);
+	stats_inc(ST_AUTH_OK, 1);
+	if (r->cached)
+		stats_inc(ST_AUTH_CACHED, 1);
+	s->limits = r->limits;
+	s->authed = true;
+	snprintf(s->user, sizeof(s->user), "%s", r->user);
+	s->senders = r->senders;
+	s->nsenders = r->nsenders;
+	r->senders = NULL;
+	r->nsenders = 0;
+	log_info("%s smtp event=auth result=ok user=%s mech=%s", s->idstr, s->user, r->mech);
+	session_reply(s, "235 2.7.0 Authentication successful");
 }
 
 static void session_auth_done(struct auth_req *r)
@@ -517,24 +583,14 @@ static void session_auth_done(struct auth_req *r)
 		session_reply(s, "334 %s", r->challenge);
 		break;
 	case AUTH_OK:
-		if (!policy_auth_allowed(s->peer, r->user)) {
-			log_info("%s smtp event=auth result=refused user=%s reason=lockout", s->idstr, r->user);
-			session_reply(s, "454 4.7.0 Too many authentication failures, try again later");
-			break;
-		}
-		policy_auth_ok(s->peer, r->user);
-		stats_inc(ST_AUTH_OK, 1);
-		if (r->cached)
-			stats_inc(ST_AUTH_CACHED, 1);
-		s->limits = r->limits;
-		s->authed = true;
-		snprintf(s->user, sizeof(s->user), "%s", r->user);
-		s->senders = r->senders;
-		s->nsenders = r->nsenders;
-		r->senders = NULL;
-		r->nsenders = 0;
-		log_info("%s smtp event=auth result=ok user=%s mech=%s", s->idstr, s->user, r->mech);
-		session_reply(s, "235 2.7.0 Authentication successful");
+	case AUTH_FAIL:
+		/* the lockout of the name tried decides before the password's result does */
+		if (!policy_auth_allowed(s->peer, session_auth_name(r)))
+			session_auth_locked(s, r);
+		else if (r->result == AUTH_OK)
+			session_auth_ok(s, r);
+		else
+			session_auth_failed(s, r);
 		break;
 	case AUTH_TEMPFAIL:
 		log_warn("%s smtp event=auth result=tempfail mech=%s", s->idstr, r->mech);
@@ -545,9 +601,6 @@ static void session_auth_done(struct auth_req *r)
 		break;
 	case AUTH_BADPROT:
 		session_error(s, "501 5.5.2 Malformed authentication exchange");
-		break;
-	case AUTH_FAIL:
-		session_auth_failed(s, r);
 		break;
 	}
 	if (r->result != AUTH_CONTINUE) {

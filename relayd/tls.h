@@ -9,11 +9,12 @@
 #include <limits.h>
 #include <stdbool.h>
 
-/* the priority string for every session: TLS 1.2 or newer; X25519 first among the key
- * exchange groups (as OpenSSL, NSS and Postfix have it: a client offering it gets it, and it
- * costs less than P-256 on both sides), then GnuTLS's NORMAL order */
+/* the priority string for every session: TLS 1.2 or newer; no static-RSA key transport in
+ * TLS 1.2 (no forward secrecy; RFC 9325 4.1: SHOULD NOT), only (EC)DHE; X25519 first among
+ * the key exchange groups (as OpenSSL, NSS and Postfix have it: a client offering it gets it,
+ * and it costs less than P-256 on both sides), then GnuTLS's NORMAL order */
 #define TLS_PRIORITY \
-	"NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:" \
+	"NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-RSA:-GROUP-ALL:+GROUP-X25519:+GROUP-SECP256R1:" \
 	"+GROUP-SECP384R1:+GROUP-SECP521R1:+GROUP-X448:+GROUP-FFDHE2048:+GROUP-FFDHE3072:" \
 	"+GROUP-FFDHE4096:+GROUP-FFDHE6144:+GROUP-FFDHE8192:%SERVER_PRECEDENCE"
 

@@ -47,7 +47,7 @@ enum userdb_cached { UQ_BEGIN, UQ_COMMIT, UQ_USER, UQ_SENDERS, UQ_LIMITS, UQ_N }
 static const char *const userdb_cached_sql[UQ_N] = {
 	[UQ_BEGIN] = "BEGIN",
 	[UQ_COMMIT] = "COMMIT",
-	[UQ_USER] = "SELECT name, hash, created, pw_changed FROM users WHERE name = ?",
+	[UQ_USER] = "SELECT name, hash, created, pw_changed, coalesce(disabled, 0) FROM users WHERE name = ?",
 	[UQ_SENDERS] = "SELECT pattern FROM senders WHERE user = ? ORDER BY pattern",
 	[UQ_LIMITS] = "SELECT msgs, msgs_window, rcpts, rcpts_window, bytes, bytes_window FROM limits WHERE user = ?",
 };
@@ -523,6 +523,7 @@ int userdb_user_get(struct userdb *db, const char *name, struct userdb_user *u)
 			strcpy(u->hash, h);
 			u->created = sqlite3_column_int64(st, 2);
 			u->pw_changed = sqlite3_column_int64(st, 3);
+			u->disabled = sqlite3_column_int64(st, 4) != 0;
 			ret = 0;
 		}
 	}

@@ -26,6 +26,7 @@ struct userdb_user {
 	char hash[256];
 	int64_t created;        /* unix time */
 	int64_t pw_changed;     /* unix time of last password change */
+	bool disabled;          /* users.disabled set: may not authenticate at all */
 	char **senders;         /* allowed sender patterns (address, @domain, *) */
 	size_t nsenders;
 };

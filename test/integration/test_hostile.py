@@ -356,6 +356,29 @@ def _():
     c.close()
 
 
+@t.test("AUTH LOGIN with a NUL in the user name or password: 501 5.5.2, as AUTH PLAIN")
+def _():
+    c = relay.raw()
+    c.settimeout(5 * SLOW)
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    t.is_(c.auth_plain("alice@example.org", "alice-pw")[0], 235, "alice logs in (the credential cache is filled)")
+    c.close()
+    c = relay.raw()
+    c.settimeout(5 * SLOW)
+    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    for user, pw, what in (("alice@example.org", "alice-pw\0anything", "password"),
+                           ("alice@example.org\0junk", "alice-pw", "user name")):
+        code, text = c.auth_login(user, pw)
+        t.like(text, r"^501 5\.5\.2 ", f"AUTH LOGIN, right {what} then NUL and more: 501 5.5.2")
+    code, text = c.cmd("AUTH LOGIN " + t.b64("alice@example.org\0"))
+    t.like(text, r"^501 5\.5\.2 ", "AUTH LOGIN with the user name as initial response, NUL at its end: 501 5.5.2")
+    code, text = c.auth_plain("alice@example.org", "alice-pw\0anything")
+    t.like(text, r"^501 5\.5\.2 ", "AUTH PLAIN, the same password: 501 5.5.2")
+    code, text = c.auth_login("alice@example.org", "alice-pw")
+    t.is_(code, 235, "the right name and password without the NUL: 235 on the same session")
+    c.close()
+
+
 @t.test("AUTH: an overlong AUTH line gets 500 5.5.6; an empty response line is an empty response")
 def _():
     c = relay.raw()

@@ -294,11 +294,12 @@ relay4.add_user(USER, PW)
 relay4.start()
 
 
-def fail_auth(source, codes):
+def fail_auth(source, codes, n):
     c = relay4.raw(source=source)
     try:
         c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
-        codes.append(c.auth_plain("nobody@example.org", "wrong")[0])
+        # a name each: unknown names are counted too, and one name would be locked out
+        codes.append(c.auth_plain(f"nobody{n}@example.org", "wrong")[0])
     finally:
         c.close()
 
@@ -309,7 +310,7 @@ def _():
     codes = []
     once = [f"127.0.1.{i}" for i in range(1, 11)]
     locked = "127.0.2.1"
-    threads = [threading.Thread(target=fail_auth, args=(ip, codes)) for ip in once + [locked] * 3]
+    threads = [threading.Thread(target=fail_auth, args=(ip, codes, n)) for n, ip in enumerate(once + [locked] * 3)]
     begin = time.monotonic()  # no failure, and so no lockout, is older than this
     for th in threads:
         th.start()
@@ -330,6 +331,74 @@ def _():
 
 
 relay4.stop()
+
+
+# --- a locked-out name answers the same whatever the password, and whether or not it exists -
+def auth_timed(relay, user, pw, mech="PLAIN", source=None):
+    """(code, text, seconds) of one AUTH on a fresh session"""
+    c = relay.raw(source=source)
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        t0 = time.monotonic()
+        code, text = c.auth_plain(user, pw) if mech == "PLAIN" else c.auth_login(user, pw)
+        return code, text, time.monotonic() - t0
+    finally:
+        c.close()
+
+
+LOCKED = r"^454 4\.7\.0 Too many authentication failures"
+relay5 = t.Relay(extra_config="auth_fail_limit 3\nauth_lockout 60s\nauth_cache_ttl 300\n")
+relay5.add_user(USER, PW)
+relay5.start()
+
+
+@t.test("per-name lockout: 454 for the right and wrong passwords alike, for unknown names too")
+def _():
+    t.is_(auth_timed(relay5, USER, PW)[0], 235, "the user logs in (the credential cache is filled)")
+    before = relay5.stat("auth_cached")
+    t.is_(auth_timed(relay5, USER, PW)[0], 235, "and again, from the cache")
+    t.is_(relay5.stat("auth_cached"), before + 1 if before is not None else None, "a cache hit")
+    for i in range(3):  # loopback is exempt from the per-IP rules: only the name's count runs
+        t.is_(auth_timed(relay5, USER, f"guess{i}")[0], 535, f"wrong password {i + 1}: 535")
+    t.like(relay5.log(), r"event=auth-lockout user=alice@example\.org ", "the name is locked out")
+    wrong = [auth_timed(relay5, USER, f"guess{i}") for i in range(3, 6)]
+    right = [auth_timed(relay5, USER, PW, mech) for mech in ("PLAIN", "LOGIN")]
+    for (code, text, _), what in zip(wrong + right, ["a wrong password"] * 3 + ["the right password (PLAIN)",
+                                                                             "the right password (LOGIN)"]):
+        t.like(text, LOCKED, f"locked out, {what}: 454 4.7.0")
+    t.is_(len({text for _, text, _ in wrong + right}), 1, "the same reply text for all of them")
+    fastest_wrong = min(dt for _, _, dt in wrong)
+    t.ok(right[0][2] >= 0.5 * fastest_wrong,
+         f"the right (cached) password costs the slow hash like a wrong one, no cache hit "
+         f"({right[0][2] * 1000:.0f} ms, wrong: {fastest_wrong * 1000:.0f} ms)")
+    t.is_(relay5.stat("auth_success"), 2, "no AUTH succeeded during the lockout")
+
+    ghost = "ghost@example.org"
+    for i in range(3):
+        t.is_(auth_timed(relay5, ghost, f"guess{i}")[0], 535, f"unknown name, failure {i + 1}: 535")
+    t.like(relay5.log(), r"event=auth-lockout user=ghost@example\.org ", "an unknown name is locked out too")
+    code, text, _ = auth_timed(relay5, ghost, "guess3")
+    t.is_(text, wrong[0][1], "and then gets the very reply an existing locked name gets")
+    t.is_(auth_timed(relay5, "other@example.org", "guess")[0], 535, "a name never tried is not locked: 535")
+
+
+relay5.stop()
+
+relay6 = t.Relay(extra_config="limit_loopback yes\nauth_fail_limit 3\nauth_lockout 60s\nmax_conn_rate_per_ip 0\n")
+relay6.add_user(USER, PW)
+relay6.start()
+
+
+@t.test("per-name lockout against guesses from many addresses: the same 454 after the same delay")
+def _():
+    for i in range(3):  # one guess per address: no address is locked, the name is
+        code, text, dt = auth_timed(relay6, USER, f"guess{i}", source=f"127.0.3.{i + 1}")
+        t.is_(code, 535, f"guess {i + 1} from 127.0.3.{i + 1}: 535 after {dt:.2f} s")
+    for pw, src in (("guess3", "127.0.3.10"), (PW, "127.0.3.11")):
+        code, text, dt = auth_timed(relay6, USER, pw, source=src)
+        what = "the right" if pw == PW else "a wrong"
+        t.like(text, LOCKED, f"from a new address, {what} password: 454 4.7.0")
+        t.ok(dt >= 0.9, f"... after the failure delay of 1 s ({dt:.2f} s)")
 
 
 # --- open files: max_sessions needs as many descriptors -------------------------------------

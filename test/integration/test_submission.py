@@ -165,6 +165,45 @@ def _():
     c.close()
 
 
+def auth_fresh(mech, user, password):
+    """(code, text) of AUTH PLAIN or LOGIN on a new session after STARTTLS"""
+    c = relay.raw()
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        return c.auth_plain(user, password) if mech == "PLAIN" else c.auth_login(user, password)
+    finally:
+        c.close()
+
+
+def set_disabled(name, value):
+    import sqlite3
+    db = sqlite3.connect(os.path.join(relay.dir, "relayd.db"))
+    try:
+        db.execute("UPDATE users SET disabled = ? WHERE name = ?", (value, name))
+        db.commit()
+    finally:
+        db.close()
+
+
+@t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
+def _():
+    dave, dave_pw = "dave@example.org", "dave-secret-4"
+    relay.add_user(dave, dave_pw)
+    t.is_(auth_fresh("PLAIN", dave, dave_pw)[0], 235, "dave logs in: 235 (the cache is filled)")
+    before = relay.stat("auth_cached")
+    t.is_(auth_fresh("PLAIN", dave, dave_pw)[0], 235, "again: 235")
+    t.is_(relay.stat("auth_cached"), before + 1 if before is not None else None,
+          "the second login was a credential-cache hit")
+    set_disabled(dave, 1)
+    for mech in ("PLAIN", "LOGIN"):  # PLAIN is tried from the cache on the loop, LOGIN on a worker
+        code, text = auth_fresh(mech, dave, dave_pw)
+        t.like(text, r"^535 5\.7\.8 ", f"disabled, AUTH {mech} with the cached password: 535 5.7.8")
+    t.like(relay.log(), r"event=auth result=fail mech=PLAIN client=\S+ user=- reason=bad-credentials",
+           "logged like an unknown name")
+    set_disabled(dave, 0)
+    t.is_(auth_fresh("LOGIN", dave, dave_pw)[0], 235, "enabled again: 235")
+
+
 @t.test("sender policy")
 def _():
     c = relay.session(ALICE)
@@ -536,6 +575,81 @@ def _():
     t.is_(read_replies(recv_plain, 8), [220, 250, 235, 250, 250, 354, 250, 221],
           "greeting, EHLO, AUTH, MAIL, RCPT, DATA, message, QUIT: all answered")
     s.close()
+
+
+def tls_hello(version, ciphers="DEFAULT:@SECLEVEL=0", starttls=False, r=relay):
+    """("ok", version, cipher name) of a handshake limited to one TLS version (an ssl.TLSVersion
+    name) and an OpenSSL cipher list, or ("error", text) when it fails"""
+    import socket
+    import ssl
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1_1 is deprecated, on purpose
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    try:
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError as e:
+        return "error", f"client: {e}"
+    if starttls:
+        c = r.raw()
+        c.reply(); c.ehlo(); c.cmd("STARTTLS")
+        sock = c.sock
+    else:
+        sock = socket.create_connection(("127.0.0.1", r.port_tls), timeout=t.SOCK_TIMEOUT)
+    try:
+        with ctx.wrap_socket(sock) as ss:
+            return "ok", ss.version(), ss.cipher()[0]
+    except (ssl.SSLError, OSError) as e:
+        return "error", f"{type(e).__name__}: {e}"
+    finally:
+        sock.close()
+
+
+# the client could not even send such a hello (its OpenSSL has no TLS 1.1 at all)
+CLIENT_CANNOT = re.compile(r"NO_PROTOCOLS_AVAILABLE|UNSUPPORTED_PROTOCOL|NO_CIPHERS_AVAILABLE|^client:", re.I)
+
+
+@t.test("a TLS 1.1 or 1.0 hello gets a protocol_version alert (RFC 8996 5), no shared suite handshake_failure")
+def _():
+    for version in ("TLSv1_1", "TLSv1"):
+        for starttls in (False, True):
+            where = "after STARTTLS" if starttls else "on the implicit-TLS port"
+            got = tls_hello(version, starttls=starttls)
+            if got[0] == "error" and CLIENT_CANNOT.search(got[1]):
+                t.skip(f"{version} {where}: protocol_version alert", f"this client cannot: {got[1]}")
+                continue
+            t.like(got[-1], r"ALERT_PROTOCOL_VERSION", f"{version} {where}: refused with a protocol_version alert")
+    got = tls_hello("TLSv1_2", "CAMELLIA128-SHA:@SECLEVEL=0")
+    t.like(got[-1], r"ALERT_HANDSHAKE_FAILURE", "TLS 1.2 with no suite in common: a handshake_failure alert")
+    t.like(relay.log(), r"event=disconnect reason=\"tls-handshake: ", "the failed handshakes are logged")
+    t.is_(tls_hello("TLSv1_2")[0], "ok", "a TLS 1.2 client is served afterwards")
+    # the RSA key above hands handshakes to threads; with none, the handshake fails on the loop
+    r0 = t.Relay(extra_config="tls_threads 0\n")
+    r0.start()
+    got = tls_hello("TLSv1_1", r=r0)
+    if not (got[0] == "error" and CLIENT_CANNOT.search(got[1])):
+        t.like(got[-1], r"ALERT_PROTOCOL_VERSION", "TLS 1.1, handshakes on the loop: a protocol_version alert too")
+    t.is_(r0.stop(), 0, "that relayd exits 0")
+
+
+@t.test("TLS 1.2 without static-RSA key exchange (RFC 9325 4.1); forward-secret clients are served")
+def _():
+    static_rsa = "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA256:AES128-SHA:AES256-SHA"
+    for starttls in (False, True):
+        where = "after STARTTLS" if starttls else "on the implicit-TLS port"
+        got = tls_hello("TLSv1_2", static_rsa, starttls=starttls)
+        t.like(got[-1], r"ALERT_HANDSHAKE_FAILURE", f"a client offering only static-RSA suites {where}: refused")
+    got = tls_hello("TLSv1_2", "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256")
+    t.is_(got[:2], ("ok", "TLSv1.2"), "a TLS 1.2 client with ECDHE suites is served")
+    got = tls_hello("TLSv1_2", "DEFAULT:" + static_rsa)
+    t.like(got[-1], r"^ECDHE-", "a TLS 1.2 client offering both gets ECDHE")
+    t.is_(tls_hello("TLSv1_3")[:2], ("ok", "TLSv1.3"), "TLS 1.3 is served")
+    c = relay.session(ALICE)  # a default client (TLS 1.3 and 1.2) does the whole session
+    t.is_(c.cmd("NOOP")[0], 250, "a default client authenticates and is served")
+    c.close()
 
 
 @t.test("STARTTLS injection: pipelined bytes after STARTTLS are discarded")

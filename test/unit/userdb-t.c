@@ -144,10 +144,16 @@ static void test_open_and_users(void)
 	    "disable alice directly");
 	is_int(userdb_check_password(db, "alice@example.org", "s3cret"), USERDB_NO_USER,
 	    "disabled user: NO_USER");
+	is_int(userdb_user_get(db, "alice@example.org", &u), 0, "a disabled user is still read");
+	ok(u.disabled, "with disabled set (the credential cache path refuses on it)");
+	userdb_user_free(&u);
 	ok(raw_exec(dbpath, "UPDATE users SET disabled = 0 WHERE name = 'alice@example.org'") == 0,
 	    "enable alice again");
 	is_int(userdb_check_password(db, "alice@example.org", "s3cret"), USERDB_OK,
 	    "enabled again: OK");
+	is_int(userdb_user_get(db, "alice@example.org", &u), 0, "get alice enabled again");
+	ok(!u.disabled, "disabled no longer set");
+	userdb_user_free(&u);
 
 	/* sender patterns */
 	ok(userdb_sender_add(db, "bob", "Bob@Example.ORG", err, sizeof(err)) == 0,
