@@ -482,8 +482,8 @@ static int queue_parse_header(struct queue_envelope *env, char *line)
 		r->addr = strdup(addr);
 	} else if (!strcmp(line, "size"))
 		env->size = (size_t)strtoull(v, NULL, 10);
-	else if (strcmp(line, "RELAYD-QUEUE"))
-		return -1;
+	/* any other key (one a newer relayd may add) is ignored: a format older versions must
+	 * not read gets a new version number instead (queue_load_version) */
 	return 0;
 }
 
@@ -541,47 +541,92 @@ static int queue_check_body(FILE *f, struct queue_envelope *env)
 	return 0;
 }
 
-/* queue_load - envelope and status of a committed message */
+/* the first line: 0 for "RELAYD-QUEUE 1"; QUEUE_LOAD_UNUSABLE with *err for another version
+ * (a newer relayd's file, kept for it) or a read error; QUEUE_LOAD_INCOMPLETE for anything
+ * else (torn, or not ours) */
+static int queue_load_version(FILE *f, char **line, size_t *cap, int *err)
+{
+	ssize_t n = getline(line, cap, f);
+	if (n > 0 && !strcmp(*line, "RELAYD-QUEUE 1\n"))
+		return 0;
+	if (n > 0 && !strncmp(*line, "RELAYD-QUEUE ", 13) && (*line)[n - 1] == '\n' && strlen(*line) == (size_t)n) {
+		*err = ENOTSUP;
+		return QUEUE_LOAD_UNUSABLE;
+	}
+	if (ferror(f)) {
+		*err = EIO;
+		return QUEUE_LOAD_UNUSABLE;
+	}
+	return QUEUE_LOAD_INCOMPLETE;
+}
+
+/* the envelope lines up to the empty line; *damaged when one of them is not understood.
+ * 0, QUEUE_LOAD_INCOMPLETE when the file ends before the empty line, or QUEUE_LOAD_UNUSABLE
+ * (a read error) */
+static int queue_load_header(FILE *f, struct queue_envelope *env, char **line, size_t *cap, bool *damaged)
+{
+	ssize_t n;
+	while ((n = getline(line, cap, f)) > 0 && (*line)[n - 1] == '\n') {
+		(*line)[--n] = '\0';
+		if (n == 0)
+			return 0;
+		if (strlen(*line) != (size_t)n || queue_parse_header(env, *line) < 0)
+			*damaged = true;
+	}
+	return ferror(f) ? QUEUE_LOAD_UNUSABLE : QUEUE_LOAD_INCOMPLETE;
+}
+
+/* the status records after the END trailer */
+static void queue_load_status(FILE *f, struct queue_envelope *env, char **line, size_t *cap)
+{
+	ssize_t n;
+	while ((n = getline(line, cap, f)) > 0) {
+		if ((*line)[n - 1] != '\n')
+			break; /* a torn last record: ignored */
+		(*line)[n - 1] = '\0';
+		queue_parse_status(env, *line);
+	}
+}
+
+/* queue_load - envelope and status of a committed message. Only a file read in full that has
+ * no valid END trailer is QUEUE_LOAD_INCOMPLETE (never acknowledged); one that cannot be read,
+ * or is complete but cannot be used, is QUEUE_LOAD_UNUSABLE (errno says why) and must stay */
 int queue_load(const char *dir, const char *id, struct queue_envelope *env)
 {
-	char path[PATH_MAX], line[4096];
+	char path[PATH_MAX], *line = NULL;
+	size_t cap = 0;
+	bool damaged = false;
+	int err = EBADMSG;
 	memset(env, 0, sizeof(*env));
-	if (queue_path(dir, id, path, sizeof(path)) < 0)
-		return -1;
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
+		return QUEUE_LOAD_UNUSABLE;
+	}
 	FILE *f = fopen(path, "r");
 	if (!f)
-		return -1;
-	int rc = -1;
-	bool header_ok = false;
-	while (fgets(line, sizeof(line), f)) {
-		size_t n = strlen(line);
-		if (n == 0 || line[n - 1] != '\n')
-			goto out;
-		line[n - 1] = '\0';
-		if (line[0] == '\0') {
-			header_ok = true;
-			break;
-		}
-		if (queue_parse_header(env, line) < 0)
-			goto out;
+		return QUEUE_LOAD_UNUSABLE;
+	int rc = queue_load_version(f, &line, &cap, &err);
+	if (rc == 0)
+		rc = queue_load_header(f, env, &line, &cap, &damaged);
+	if (rc == 0) {
+		env->body_offset = ftello(f);
+		if (queue_check_body(f, env) < 0)
+			rc = QUEUE_LOAD_INCOMPLETE;
 	}
-	if (!header_ok || !env->from || env->nrcpt == 0 || strcmp(env->id, id))
-		goto out;
-	env->body_offset = ftello(f);
-	if (queue_check_body(f, env) < 0)
-		goto out;
-	while (fgets(line, sizeof(line), f)) {
-		size_t n = strlen(line);
-		if (n == 0 || line[n - 1] != '\n')
-			break; /* a torn last record: ignored */
-		line[n - 1] = '\0';
-		queue_parse_status(env, line);
+	if (rc == 0 && (damaged || !env->from || env->nrcpt == 0 || strcmp(env->id, id)))
+		rc = QUEUE_LOAD_UNUSABLE; /* complete, so acknowledged, but not as we write them */
+	if (rc == 0)
+		queue_load_status(f, env, &line, &cap);
+	if (ferror(f)) { /* not read in full: nothing is known about its trailer */
+		rc = QUEUE_LOAD_UNUSABLE;
+		err = EIO;
 	}
-	rc = 0;
-out:
+	free(line);
 	fclose(f);
-	if (rc < 0)
+	if (rc < 0) {
 		queue_envelope_free(env);
+		errno = err;
+	}
 	return rc;
 }
 

@@ -751,15 +751,21 @@ static int relayctl_queue_show(const struct config *c, const char *arg)
 	time_t now = time(NULL);
 	char *msg = NULL, *p, *end;
 	size_t i;
+	int lrc;
 
 	relayctl_queue_id(arg, id);
-	if (queue_load(c->queue, id, &e) < 0) {
+	if ((lrc = queue_load(c->queue, id, &e)) < 0) {
 		char path[PATH_MAX];
 		struct stat st;
+		int err = errno;
 
-		if (queue_path(c->queue, id, path, sizeof(path)) == 0 && stat(path, &st) == 0)
-			relayctl_die("queue file %s is incomplete or damaged", path);
-		relayctl_die("no such message in the queue: %s", id);
+		if (queue_path(c->queue, id, path, sizeof(path)) < 0 || stat(path, &st) < 0)
+			relayctl_die("no such message in the queue: %s", id);
+		if (lrc == QUEUE_LOAD_INCOMPLETE)
+			relayctl_die("queue file %s is incomplete (no valid END trailer: never "
+			    "acknowledged, relayd discards it at start)", path);
+		relayctl_die("queue file %s is complete but cannot be used: %s (relayd leaves it "
+		    "in place)", path, strerror(err));
 	}
 	printf("id:            %s\n", e.id);
 	relayctl_fmt_when(e.created, now, when, sizeof(when));

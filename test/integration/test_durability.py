@@ -1,16 +1,21 @@
 #!/usr/bin/python3
 """test_durability - the slow groups: 50 concurrent STARTTLS clients sending 1000 messages
 (each queued exactly once), and kill -9 right after a 250 and under load (every message that
-got 250 is still in the queue after a restart, and relayd starts fine with it).
+got 250 is still in the queue after a restart, and relayd starts fine with it). Queue files
+made by hand in a stopped relayd's queue: recovery discards only those without a valid END
+trailer; complete ones it cannot read or use stay where they are.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_durability.py
 Bounded: every socket has a 10 s timeout and the load phases have a wall-clock budget.
 """
 import os
+import pwd
 import re
+import subprocess
 import sys
 import threading
 import time
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import relaytest as t  # noqa: E402
@@ -183,6 +188,118 @@ def _():
     dup = {k: v for k, v in found.items() if len(v) != 1}
     t.ok(not dup, "no message queued twice", str(list(dup.items())[:10]))
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+
+
+# ---------------------------------------------------------------------------------------------
+CRAFT_BODY = b"From: alice@example.org\r\nTo: x@example.net\r\nSubject: crafted\r\n\r\nhi\r\n"
+
+
+def craft_id(n):
+    """a queue id of the form relayd makes (time, then a counter)"""
+    return "%08x%08x" % (int(time.time()), 0x10000001 + n)
+
+
+def craft_head(qid, rcpts, created=None, frm=ALICE):
+    """the envelope lines relayd writes, without size"""
+    return ["RELAYD-QUEUE 1", f"id {qid}", f"created {int(time.time()) if created is None else created}",
+            f"user {ALICE}", f"from {frm}", "ret -", "envid -", "body 7BIT", "smtputf8 0"] + \
+        [f"rcpt 0 - {r}" for r in rcpts]
+
+
+def craft(relay, qid, head, body=CRAFT_BODY, trailer=True, status=b""):
+    """write a queue file by hand into a stopped relayd's queue: head lines, size, body, the
+    END trailer with its CRC (or crc=wrong, or none), then the status records"""
+    os.makedirs(os.path.join(relay.queue_dir, "msg"), mode=0o700, exist_ok=True)
+    data = ("\n".join(head) + f"\nsize {len(body)}\n\n").encode() + body
+    if trailer == "bad-crc":
+        data += b"\nEND %08x\n" % (zlib.crc32(body) ^ 1)
+    elif trailer:
+        data += b"\nEND %08x\n" % zlib.crc32(body)
+    path = os.path.join(relay.queue_dir, "msg", qid)
+    with open(path, "wb") as f:
+        f.write(data + status)
+    return path
+
+
+def sink_rcpts(sink):
+    return [r for meta, _ in sink.messages() for r in meta["rcpt_tos"]]
+
+
+@t.test("recovery discards only files without a valid END trailer, keeps the rest")
+def _():
+    sink = t.Sink()
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\nretry_min 1s\nretry_max 2s\n")
+    relay.add_user(ALICE, ALICE_PW)
+    cases = {
+        "unknown-key": (craft_head, ["unk@example.net"], ["priority 5"], True),
+        "no-from": (lambda q, r: [l for l in craft_head(q, r) if not l.startswith("from ")],
+                    ["nofrom@example.net"], [], True),
+        "version-2": (lambda q, r: ["RELAYD-QUEUE 2"] + craft_head(q, r)[1:], ["v2@example.net"], [], True),
+        "bad-rcpt-line": (craft_head, ["br@example.net"], ["rcpt x"], True),
+        "no-trailer": (craft_head, ["torn@example.net"], [], False),
+        "bad-crc": (craft_head, ["crc@example.net"], [], "bad-crc"),
+    }
+    ids = {}
+    for n, (name, (head, rcpts, extra, trailer)) in enumerate(cases.items()):
+        ids[name] = qid = craft_id(n)
+        craft(relay, qid, head(qid, rcpts) + extra, trailer=trailer)
+    code, out = relay.relayctl("queue", "show", ids["no-from"], check=False)
+    t.like(out, r"complete but cannot be used", f"relayctl queue show: a complete file it cannot use ({out.strip()})")
+    code, out = relay.relayctl("queue", "show", ids["no-trailer"], check=False)
+    t.like(out, r"incomplete", f"relayctl queue show: one without its END trailer ({out.strip()})")
+    relay.start()
+    t.ok(t.wait_for(lambda: "unk@example.net" in sink_rcpts(sink), 10 * t.SLOW),
+         "an unknown envelope key (a newer relayd's field) is ignored: the message is delivered")
+    t.ok(t.wait_for(lambda: ids["unknown-key"] not in relay.queue_ids(), 10 * t.SLOW), "and removed")
+    kept = {n for n in ("no-from", "version-2", "bad-rcpt-line") if ids[n] in relay.queue_ids()}
+    t.is_(sorted(kept), ["bad-rcpt-line", "no-from", "version-2"],
+          "complete files it cannot use stay in the queue (a missing from, another version, a bad rcpt line)")
+    t.ok(ids["no-trailer"] not in relay.queue_ids() and ids["bad-crc"] not in relay.queue_ids(),
+         "files without a valid END trailer (none, bad CRC) are discarded")
+    log = relay.log()
+    for n in ("no-from", "version-2", "bad-rcpt-line"):
+        t.ok(re.search(rf"{ids[n]} queue event=unloadable .*action=kept-in-place", log), f"{n}: logged as kept in place")
+    t.ok(re.search(r"queue event=recovered messages=1 discarded=2 unloadable=3", log),
+         "the recovery line counts the kept ones")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    relay.start()
+    t.is_(sorted(n for n in cases if ids[n] in relay.queue_ids()), ["bad-rcpt-line", "no-from", "version-2"],
+          "a second start keeps them too")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
+@t.test("recovery keeps a complete message it cannot open (relayd as nobody, file root's 0600)")
+def _():
+    if os.geteuid() != 0:
+        t.skip("a file relayd cannot open", "needs root to run relayd as nobody")
+        return
+    nobody = pwd.getpwnam("nobody")
+    sink = t.Sink()
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\nretry_min 1s\nretry_max 2s\n")
+    relay.add_user(ALICE, ALICE_PW)
+    qid = craft_id(0)
+    path = craft(relay, qid, craft_head(qid, ["root0600@example.net"]))
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", relay.dir], check=True)
+    os.chmod(relay.dir, 0o755)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o600)
+
+    def as_nobody():
+        os.setgid(nobody.pw_gid)
+        os.setgroups([])
+        os.setuid(nobody.pw_uid)
+
+    relay.start(preexec_fn=as_nobody)
+    t.ok(os.path.exists(path), "the file relayd cannot read is still in the queue")
+    t.ok(re.search(rf"{qid} queue event=unloadable error=\"Permission denied\"", relay.log()), "logged as unloadable")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)   # what the admin does
+    relay.start(preexec_fn=as_nobody)
+    t.ok(t.wait_for(lambda: "root0600@example.net" in sink_rcpts(sink), 10 * t.SLOW),
+         "once it is readable, it is delivered")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
 
 
 t.done()
