@@ -131,10 +131,15 @@ static int queue_writev_all(int fd, struct iovec *iov, int n)
 			continue;
 		if (w < 0)
 			return -1;
+		bool none = w == 0;
 		while (n > 0 && (size_t)w >= iov->iov_len) {
 			w -= (ssize_t)iov->iov_len;
 			iov++;
 			n--;
+		}
+		if (n > 0 && none) { /* nothing written, something left: no progress to wait for */
+			errno = EIO;
+			return -1;
 		}
 		if (n > 0) {
 			iov->iov_base = (char *)iov->iov_base + w;
@@ -677,19 +682,33 @@ void queue_envelope_free(struct queue_envelope *env)
 	memset(env, 0, sizeof(*env));
 }
 
-/* queue_append_status - one durable status record */
+/* queue_append_status - one durable status record. One that fails is cut off again
+ * (ftruncate to the size before), so no torn part of it stays to be glued to the next */
 int queue_append_status(const char *dir, const char *id, const char *record)
 {
 	char path[PATH_MAX];
-	if (queue_path(dir, id, path, sizeof(path)) < 0)
+	struct stat st;
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
 		return -1;
+	}
 	int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
 	if (fd < 0)
+		return -1; /* only here is ENOENT "the message is gone" */
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
+		close(fd);
+		errno = e;
 		return -1;
+	}
 	struct iovec iov[2] = { { (void *)record, strlen(record) }, { "\n", 1 } };
-	ssize_t w = writev(fd, iov, 2);
-	int rc = w == (ssize_t)(iov[0].iov_len + 1) && fdatasync(fd) == 0 ? 0 : -1;
+	int rc = queue_writev_all(fd, iov, 2) < 0 || fdatasync(fd) < 0 ? -1 : 0;
+	int e = rc < 0 && errno && errno != ENOENT ? errno : EIO;
+	if (rc < 0 && ftruncate(fd, st.st_size) < 0)
+		log_err("%s queue event=truncate-failed error=\"%s\"", id, strerror(errno));
 	close(fd);
+	if (rc < 0)
+		errno = e;
 	return rc;
 }
 
