@@ -5,8 +5,8 @@
   cannot be mounted); a big message gets 452 4.3.1 and leaves nothing in queue/msg, a small
   one is accepted afterwards;
 - disk full while the forwarder appends a status record (a failed write, a short one): the
-  message stays in relayd and keeps being retried, the file holds no torn record, and the
-  records land once space is free;
+  message stays in relayd and keeps being retried, a recipient delivered is not sent again,
+  the file holds no torn record, and the records land (backoff) once space is free;
 - the user database unreadable, then read-only (0000, 0400 on relayd.db, -wal, -shm; relayd
   runs as `nobody` so the modes bind): AUTH gets 454 4.7.0 (or works read-only), never 535;
 - upstreams that accept and never answer, drop the connection in the middle of DATA, or send
@@ -207,6 +207,11 @@ def disk_full_append(torn):
     deferred = rf"^\S+ {qid} forward event=deferred "
     t.ok(t.wait_for(lambda: count_log(relay, deferred) >= 4, 20 * SLOW),
          f"torn={torn}: disk full: b@ keeps being retried (4 deferrals)")
+    got = [r for meta, _ in sink.messages() for r in meta["rcpt_tos"]]
+    t.is_(got.count("a@example.net"), 1, f"torn={torn}: a@ was delivered once while the disk was full")
+    t.ok(re.search(rf"{qid} forward event=queue-error op=append .* retry=1s", relay.log()) and
+         re.search(rf"{qid} forward event=queue-error op=append .* retry=2s", relay.log()),
+         f"torn={torn}: the records are written again with a backoff (retry_min, then retry_max)")
     t.ok(re.search(rf"{qid} forward event=queue-error op=append error=\"No space left on device\"", relay.log()),
          f"torn={torn}: the failed append is logged with its real error")
     t.ok(not re.search(rf"{qid} forward event=vanished", relay.log()), f"torn={torn}: not taken as vanished")
@@ -223,6 +228,8 @@ def disk_full_append(torn):
     n = count_log(relay, deferred)
     relay.start()
     t.ok(t.wait_for(lambda: count_log(relay, deferred) > n, 10 * SLOW), f"torn={torn}: after a restart b@ is tried again")
+    got = [r for meta, _ in sink.messages() for r in meta["rcpt_tos"]]
+    t.is_(got.count("a@example.net"), 1, f"torn={torn}: and a@ is not sent again")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     sink.stop()
     _umount_all()
