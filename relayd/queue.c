@@ -581,7 +581,9 @@ static int queue_load_header(FILE *f, struct queue_envelope *env, char **line, s
 	return ferror(f) ? QUEUE_LOAD_UNUSABLE : QUEUE_LOAD_INCOMPLETE;
 }
 
-/* the status records after the END trailer */
+/* the status records after the END trailer. A damaged line is skipped, never the lines
+ * after it: one with NUL bytes (a range a crash left zeroed), an empty one (the newline
+ * queue_append_status puts after a torn record), and a torn last one */
 static void queue_load_status(FILE *f, struct queue_envelope *env, char **line, size_t *cap)
 {
 	ssize_t n;
@@ -589,7 +591,8 @@ static void queue_load_status(FILE *f, struct queue_envelope *env, char **line, 
 		if ((*line)[n - 1] != '\n')
 			break; /* a torn last record: ignored */
 		(*line)[n - 1] = '\0';
-		queue_parse_status(env, *line);
+		if (strlen(*line) == (size_t)n - 1)
+			queue_parse_status(env, *line);
 	}
 }
 
@@ -682,8 +685,9 @@ void queue_envelope_free(struct queue_envelope *env)
 	memset(env, 0, sizeof(*env));
 }
 
-/* queue_append_status - one durable status record. One that fails is cut off again
- * (ftruncate to the size before), so no torn part of it stays to be glued to the next */
+/* queue_append_status - one durable status record, on a line of its own: after a file
+ * that does not end with a newline (a record torn by a crash, a NUL range) it starts with
+ * one. One that fails is cut off again (ftruncate to the size before) */
 int queue_append_status(const char *dir, const char *id, const char *record)
 {
 	char path[PATH_MAX];
@@ -692,17 +696,19 @@ int queue_append_status(const char *dir, const char *id, const char *record)
 		errno = ENAMETOOLONG;
 		return -1;
 	}
-	int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+	int fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC);
 	if (fd < 0)
 		return -1; /* only here is ENOENT "the message is gone" */
-	if (fstat(fd, &st) < 0) {
-		int e = errno;
+	char last = '\n';
+	errno = 0;
+	if (fstat(fd, &st) < 0 || (st.st_size > 0 && pread(fd, &last, 1, st.st_size - 1) != 1)) {
+		int e = errno && errno != ENOENT ? errno : EIO;
 		close(fd);
 		errno = e;
 		return -1;
 	}
-	struct iovec iov[2] = { { (void *)record, strlen(record) }, { "\n", 1 } };
-	int rc = queue_writev_all(fd, iov, 2) < 0 || fdatasync(fd) < 0 ? -1 : 0;
+	struct iovec iov[3] = { { "\n", last != '\n' }, { (void *)record, strlen(record) }, { "\n", 1 } };
+	int rc = queue_writev_all(fd, iov, 3) < 0 || fdatasync(fd) < 0 ? -1 : 0;
 	int e = rc < 0 && errno && errno != ENOENT ? errno : EIO;
 	if (rc < 0 && ftruncate(fd, st.st_size) < 0)
 		log_err("%s queue event=truncate-failed error=\"%s\"", id, strerror(errno));

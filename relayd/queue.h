@@ -16,7 +16,9 @@
  *     \n
  *     <N bytes: the message exactly as it is to be sent, headers added, NOT dot-stuffed>
  *     \nEND <crc32 of the N bytes, 8 hex>\n
- *     then zero or more status records appended later, each one line:
+ *     then zero or more status records appended later, each one line (a record starts with
+ *     an extra '\n' when the file does not end with one; empty lines, lines with NUL bytes
+ *     and a last line without '\n' are skipped when read):
  *     D <rcpt index> <smtp code> <text>\n     recipient finished (delivered 2xx or failed 5xx)
  *     T <attempts> <next attempt unix time> <text>\n   transient failure, retry later
  *     B <bounce queue id>\n                    the bounce for failed recipients is committed

@@ -3,7 +3,8 @@
 (each queued exactly once), and kill -9 right after a 250 and under load (every message that
 got 250 is still in the queue after a restart, and relayd starts fine with it). Queue files
 made by hand in a stopped relayd's queue: recovery discards only those without a valid END
-trailer; complete ones it cannot read or use stay where they are.
+trailer; complete ones it cannot read or use stay where they are; a torn record or a NUL
+range in the status section hides none of the records after it.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_durability.py
 Bounded: every socket has a 10 s timeout and the load phases have a wall-clock budget.
@@ -298,6 +299,50 @@ def _():
     relay.start(preexec_fn=as_nobody)
     t.ok(t.wait_for(lambda: "root0600@example.net" in sink_rcpts(sink), 10 * t.SLOW),
          "once it is readable, it is delivered")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
+def file_status(relay, qid):
+    """the status section of a queue file (after the END trailer), b"" when it is gone"""
+    try:
+        with open(os.path.join(relay.queue_dir, "msg", qid), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return b""
+    return data[data.index(b"\nEND ") + 14:]
+
+
+@t.test("a torn or NUL-damaged status record does not hide the records after it")
+def _():
+    sink = t.Sink(["--reply-rcpt", "tb@example.net=450", "--reply-rcpt", "zb@example.net=450"])
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\nretry_min 1s\nretry_max 2s\n")
+    relay.add_user(ALICE, ALICE_PW)
+    torn, nul, tail = craft_id(1), craft_id(2), craft_id(3)
+    craft(relay, torn, craft_head(torn, ["ta@example.net", "tb@example.net"]), status=b"D 1 45")
+    craft(relay, nul, craft_head(nul, ["n0@example.net", "n1@example.net", "n2@example.net"]),
+          status=b"D 0 250 ok\n\0\0\0\0\nD 1 250 ok\n")
+    craft(relay, tail, craft_head(tail, ["za@example.net", "zb@example.net"]), status=b"\0" * 6)
+    relay.start()
+    t.ok(t.wait_for(lambda: b"D 0 250 " in file_status(relay, torn) and b"D 0 250 " in file_status(relay, tail),
+                    10 * t.SLOW), "ta@ and za@ delivered, their D records appended")
+    t.ok(t.wait_for(lambda: nul not in relay.queue_ids(), 10 * t.SLOW), "the NUL-damaged message is finished")
+    got = sink_rcpts(sink)
+    t.is_(sorted(r for r in got if r.startswith("n")), ["n2@example.net"],
+          "only n2@ was sent: n1@'s D record after a line of NUL bytes counted")
+    t.like(file_status(relay, torn).decode(), r"^D 1 45\nD 0 250 ", "after a torn record, the next starts on a new line")
+    t.like(file_status(relay, tail).decode("latin-1"), r"^\0{6}\nD 0 250 ", "after a NUL range too")
+    code, out = relay.relayctl("queue", "show", torn)
+    t.like(out, r"<ta@example\.net>  delivered 250", "relayctl queue show: ta@ delivered")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    relay.start()
+    deferred = rf"^\S+ {torn} forward event=deferred "
+    n = len(re.findall(deferred, relay.log(), re.M))
+    relay.relayctl("queue", "flush")
+    t.ok(t.wait_for(lambda: len(re.findall(deferred, relay.log(), re.M)) > n, 10 * t.SLOW),
+         "after a restart tb@ is tried again")
+    got = sink_rcpts(sink)
+    t.is_((got.count("ta@example.net"), got.count("za@example.net")), (1, 1), "ta@ and za@ are not sent again")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     sink.stop()
 
