@@ -797,9 +797,28 @@ static void forward_msg_finish(struct forward_msg *m)
 	forward_msg_io(m);
 }
 
+/* times a clock that was ahead left in a message read from the queue: a next attempt
+ * further away than retry_max, or a creation in the future, count from now (so the backoff,
+ * queue_lifetime and delay_warning hold; the file keeps them) */
+static void forward_msg_clock_check(struct queue_envelope *env)
+{
+	time_t now = time(NULL), latest = now + (time_t)forward_cfg->retry_max;
+	if (env->created > now) {
+		log_warn("%s forward event=clock-skew field=created seconds=%lld action=now", env->id,
+			 (long long)(env->created - now));
+		env->created = now;
+	}
+	if (env->next_attempt > latest) {
+		log_warn("%s forward event=clock-skew field=next-attempt seconds=%lld action=retry_max", env->id,
+			 (long long)(env->next_attempt - now));
+		env->next_attempt = latest;
+	}
+}
+
 /* a message read from the queue: keep it and schedule it */
 static void forward_msg_add_loaded(struct queue_envelope *env, bool now)
 {
+	forward_msg_clock_check(env);
 	struct forward_msg *m = forward_msg_new(env);
 	if (!m) {
 		queue_envelope_free(env);

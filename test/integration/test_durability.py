@@ -4,7 +4,8 @@
 got 250 is still in the queue after a restart, and relayd starts fine with it). Queue files
 made by hand in a stopped relayd's queue: recovery discards only those without a valid END
 trailer; complete ones it cannot read or use stay where they are; a torn record or a NUL
-range in the status section hides none of the records after it.
+range in the status section hides none of the records after it; times a clock ahead left
+(a next attempt a year away, a creation in the future) do not park a message.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_durability.py
 Bounded: every socket has a 10 s timeout and the load phases have a wall-clock budget.
@@ -343,6 +344,35 @@ def _():
          "after a restart tb@ is tried again")
     got = sink_rcpts(sink)
     t.is_((got.count("ta@example.net"), got.count("za@example.net")), (1, 1), "ta@ and za@ are not sent again")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
+@t.test("times a clock ahead left in the queue: next attempt capped at retry_max, creation at now")
+def _():
+    sink = t.Sink(["--reply-rcpt", "future@example.net=450"])
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\nretry_min 1s\nretry_max 2s\n"
+                                 "queue_lifetime 10s\n")
+    relay.add_user(ALICE, ALICE_PW)
+    now = int(time.time())
+    year = b"T 3 %d upstream said 451\n" % (now + 365 * 86400)
+    old, parked, future = craft_id(1), craft_id(2), craft_id(3)
+    craft(relay, old, craft_head(old, ["old@example.net"], created=now - 6 * 86400), status=year)
+    craft(relay, parked, craft_head(parked, ["parked@example.net"]), status=year)
+    craft(relay, future, craft_head(future, ["future@example.net"], created=now + 10 * 86400))
+    relay.start()
+    t.ok(t.wait_for(lambda: "parked@example.net" in sink_rcpts(sink), 10 * t.SLOW),
+         "a next attempt a year ahead: tried within retry_max, and delivered")
+
+    def bounced(qid):
+        return any(meta["mail_from"] == "" and qid.encode() in eml for meta, eml in sink.messages())
+    t.ok(t.wait_for(lambda: bounced(old), 10 * t.SLOW),
+         "past queue_lifetime with a next attempt a year ahead: expired and bounced within retry_max")
+    t.ok("old@example.net" not in sink_rcpts(sink), "and not sent")
+    t.ok(re.search(rf"{future} forward event=clock-skew field=created", relay.log()), "a creation in the future is logged")
+    t.ok(t.wait_for(lambda: bounced(future), 30 * t.SLOW),
+         "created 10 days ahead, refused with 450: it expires queue_lifetime after the start")
+    t.ok(t.wait_for(lambda: not ({old, parked, future} & relay.queue_ids()), 10 * t.SLOW), "all three leave the queue")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     sink.stop()
 
