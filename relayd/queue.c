@@ -13,6 +13,7 @@
  */
 #include "queue.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
@@ -59,6 +60,8 @@ static bool queue_thread_idle; /* under queue_lock: waiting with nothing due (a 
 
 #define QUEUE_REMOVAL_SYNC 1      /* seconds */
 #define QUEUE_REMOVAL_DELAY_MS 20 /* a removal handed over waits at most this for the thread */
+
+#define QUEUE_MAX_ATTEMPTS 1000000 /* a T record beyond it (or negative) is damaged, ignored */
 
 static uint32_t queue_crc_table[256];
 
@@ -503,10 +506,14 @@ static void queue_parse_status(struct queue_envelope *env, char *line)
 			env->rcpt[idx].done_code = code;
 			env->rcpt[idx].done_text = strdup(*end == ' ' ? end + 1 : end);
 		}
-	} else if (line[0] == 'T' && line[1] == ' ') {
+	} else if (line[0] == 'T' && line[1] == ' ' && isdigit((unsigned char)line[2])) {
 		char *end;
-		env->attempts = (unsigned)strtoul(line + 2, &end, 10);
-		env->next_attempt = (time_t)strtoll(end, &end, 10);
+		unsigned long attempts = strtoul(line + 2, &end, 10);
+		long long next = strtoll(end, &end, 10);
+		if (attempts > QUEUE_MAX_ATTEMPTS || next < 0)
+			return; /* damaged: not ours */
+		env->attempts = (unsigned)attempts;
+		env->next_attempt = (time_t)next;
 		free(env->last_error);
 		env->last_error = strdup(*end == ' ' ? end + 1 : end);
 	} else if (line[0] == 'B' && line[1] == ' ') {

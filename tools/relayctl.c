@@ -619,11 +619,15 @@ static void relayctl_queue_free(struct relayctl_queue *q)
 	free(q->env);
 }
 
-/* "45s", "12m", "3h05m", "2d04h" */
+/* "45s", "12m", "3h05m", "2d04h", "12d" (at most 6 characters below 1000000 days) */
 static void relayctl_fmt_age(long long secs, char *out, size_t outlen)
 {
 	if (secs < 0)
 		secs = 0;
+	if (secs >= 10 * 86400) {
+		snprintf(out, outlen, "%lldd", secs / 86400);
+		return;
+	}
 	if (secs < 60)
 		snprintf(out, outlen, "%llds", secs);
 	else if (secs < 3600)
@@ -678,7 +682,10 @@ static int relayctl_queue_list(const struct config *c)
 	for (i = 0; i < q.n; i++) {
 		const struct queue_envelope *e = &q.env[i];
 
-		relayctl_fmt_age((long long)(now - e->created), age, sizeof(age));
+		if (e->created > 0)
+			relayctl_fmt_age((long long)(now - e->created), age, sizeof(age));
+		else /* damaged */
+			snprintf(age, sizeof(age), "?");
 		relayctl_fmt_next(e, now, next, sizeof(next));
 		snprintf(rc, sizeof(rc), "%zu/%zu", relayctl_pending(e), e->nrcpt);
 		printf("%-16s  %-6s  %9zu  %-9s  %5u  %-8s  <", e->id, age, e->size, rc,

@@ -5,7 +5,8 @@ got 250 is still in the queue after a restart, and relayd starts fine with it). 
 made by hand in a stopped relayd's queue: recovery discards only those without a valid END
 trailer; complete ones it cannot read or use stay where they are; a torn record or a NUL
 range in the status section hides none of the records after it; times a clock ahead left
-(a next attempt a year away, a creation in the future) do not park a message.
+(a next attempt a year away, a creation in the future) do not park a message; relayctl queue
+list shows damaged values plainly.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_durability.py
 Bounded: every socket has a 10 s timeout and the load phases have a wall-clock budget.
@@ -375,6 +376,23 @@ def _():
     t.ok(t.wait_for(lambda: not ({old, parked, future} & relay.queue_ids()), 10 * t.SLOW), "all three leave the queue")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     sink.stop()
+
+
+@t.test("relayctl queue list: damaged times and counts do not show as huge numbers")
+def _():
+    relay = t.Relay()
+    now = int(time.time())
+    neg_t, neg_created, old = craft_id(1), craft_id(2), craft_id(3)
+    craft(relay, neg_t, craft_head(neg_t, ["a@example.net"]), status=b"T -1 -100 x\n")
+    craft(relay, neg_created, craft_head(neg_created, ["b@example.net"], created=-5))
+    craft(relay, old, craft_head(old, ["c@example.net"], created=now - 200 * 86400))
+    code, out = relay.relayctl("queue", "list")
+    rows = {l.split()[0]: l for l in out.splitlines() if l[:16] in (neg_t, neg_created, old)}
+    t.is_(len(rows), 3, "three rows")
+    t.is_(rows.get(neg_t, "").split()[4:5], ["0"], "a T record with -1 attempts is ignored: TRIES 0")
+    t.is_(rows.get(neg_created, "").split()[1:2], ["?"], "a created time of -5 shows AGE ?")
+    t.is_(rows.get(old, "").split()[1:2], ["200d"], "200 days show as 200d")
+    t.is_({l.index("<") for l in rows.values()}, {out.splitlines()[0].index("FROM")}, "the columns stay aligned")
 
 
 t.done()
