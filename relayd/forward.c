@@ -798,12 +798,12 @@ static void forward_msg_finish(struct forward_msg *m)
 }
 
 /* times a clock that was ahead left in a message read from the queue: a next attempt
- * further away than retry_max, or a creation in the future, count from now (so the backoff,
- * queue_lifetime and delay_warning hold; the file keeps them) */
+ * further away than retry_max, or a creation in the future (or not a time at all), count
+ * from now (so the backoff, queue_lifetime and delay_warning hold; the file keeps them) */
 static void forward_msg_clock_check(struct queue_envelope *env)
 {
 	time_t now = time(NULL), latest = now + (time_t)forward_cfg->retry_max;
-	if (env->created > now) {
+	if (env->created > now || env->created <= 0) { /* ahead, or damaged */
 		log_warn("%s forward event=clock-skew field=created seconds=%lld action=now", env->id,
 			 (long long)(env->created - now));
 		env->created = now;

@@ -361,6 +361,8 @@ def _():
     craft(relay, old, craft_head(old, ["old@example.net"], created=now - 6 * 86400), status=year)
     craft(relay, parked, craft_head(parked, ["parked@example.net"]), status=year)
     craft(relay, future, craft_head(future, ["future@example.net"], created=now + 10 * 86400))
+    damaged = craft_id(4)
+    craft(relay, damaged, craft_head(damaged, ["damaged@example.net"], created=-5))
     relay.start()
     t.ok(t.wait_for(lambda: "parked@example.net" in sink_rcpts(sink), 10 * t.SLOW),
          "a next attempt a year ahead: tried within retry_max, and delivered")
@@ -371,9 +373,13 @@ def _():
          "past queue_lifetime with a next attempt a year ahead: expired and bounced within retry_max")
     t.ok("old@example.net" not in sink_rcpts(sink), "and not sent")
     t.ok(re.search(rf"{future} forward event=clock-skew field=created", relay.log()), "a creation in the future is logged")
+    t.ok(t.wait_for(lambda: "damaged@example.net" in sink_rcpts(sink), 10 * t.SLOW),
+         "a creation time of -5 (damaged) counts from now too: delivered, not expired")
+    t.ok(not bounced(damaged), "and not bounced")
     t.ok(t.wait_for(lambda: bounced(future), 30 * t.SLOW),
          "created 10 days ahead, refused with 450: it expires queue_lifetime after the start")
-    t.ok(t.wait_for(lambda: not ({old, parked, future} & relay.queue_ids()), 10 * t.SLOW), "all three leave the queue")
+    t.ok(t.wait_for(lambda: not ({old, parked, future, damaged} & relay.queue_ids()), 10 * t.SLOW),
+         "all four leave the queue")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     sink.stop()
 
