@@ -18,6 +18,8 @@
  *  - nothing blocks the loop: every status append, bounce write and removal
  *    (fdatasync/fsync) runs as a workq job; jobs find their message again by id;
  *  - the disk work of one message is serialised (one job at a time, records batched);
+ *    a job that fails (disk full) leaves the message in memory, going on with its state
+ *    there, and runs again after a backoff with the records it could not write;
  *  - a recipient is finished (D record) only on a 2xx or 5xx reply to it, or when its
  *    message expires; anything else leaves it pending;
  *  - the upstream's password is never logged, and wiped when its credential set is freed
@@ -61,7 +63,8 @@ struct forward_io {
 	bool all_delivered;             /* finish by removal alone: no D records, no bounce */
 	int nrcpt;
 	char hostname[256];             /* for the bounce (copied: a reload may change it) */
-	/* results */
+	unsigned failures;              /* jobs of this message that failed in a row before it */
+	/* results (records is freed once appended) */
 	int rc;
 	int err;
 	const char *what;
@@ -107,6 +110,8 @@ static unsigned forward_creds_live; /* credential sets not yet freed (upstreams'
 static void forward_msg_route(struct forward_msg *m);
 static unsigned forward_live_sessions(void);
 static void forward_msg_io(struct forward_msg *m);
+static void forward_msg_io_again(struct forward_msg *m, unsigned failures);
+static void forward_io_retry_cancel(struct forward_msg *m);
 static void forward_msg_finish(struct forward_msg *m);
 static void forward_msg_free(struct forward_msg *m);
 
@@ -170,6 +175,7 @@ static void forward_msg_free(struct forward_msg *m)
 		}
 	}
 	ev_timer_stop(forward_loop, &m->timer);
+	forward_io_retry_cancel(m);
 	queue_envelope_free(&m->env);
 	buf_free(&m->records);
 	free(m);
@@ -552,6 +558,8 @@ static void forward_io_run(struct workq_job *job)
 		j->what = "append";
 		return;
 	}
+	free(j->records);
+	j->records = NULL;
 	if (j->finish)
 		forward_io_finish(j);
 	else if (j->warn)
@@ -596,6 +604,86 @@ static void forward_notice_add(struct queue_envelope *env)
 	forward_msg_add_loaded(env, true);
 }
 
+/* a disk job that failed, to run again: for m (valid: forward_msg_free cancels it) */
+struct forward_io_retry {
+	ev_timer timer;
+	struct forward_msg *m;
+	unsigned failures;
+	struct forward_io_retry *next;
+};
+static struct forward_io_retry *forward_io_retries;
+
+static void forward_io_retry_unlink(struct forward_io_retry *r)
+{
+	for (struct forward_io_retry **p = &forward_io_retries; *p; p = &(*p)->next)
+		if (*p == r) {
+			*p = r->next;
+			break;
+		}
+	ev_timer_stop(forward_loop, &r->timer);
+}
+
+static void forward_io_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct forward_io_retry *r = w->data;
+	struct forward_msg *m = r->m;
+	unsigned failures = r->failures;
+	(void)loop; (void)revents;
+	forward_io_retry_unlink(r);
+	free(r);
+	m->io_busy = false;
+	forward_msg_io_again(m, failures);
+}
+
+/* the retry of m's disk job is moot: m goes */
+static void forward_io_retry_cancel(struct forward_msg *m)
+{
+	struct forward_io_retry *r = forward_io_retries, *next;
+	for (; r; r = next) {
+		next = r->next;
+		if (r->m == m) {
+			forward_io_retry_unlink(r);
+			free(r);
+		}
+	}
+}
+
+/* a disk job failed (a full disk, an I/O error): the state in memory is right, only its copy
+ * on disk is behind, so m is kept and goes on with it (delivered recipients are not sent
+ * again). The records not written go back in front of newer ones, and the job runs again
+ * after a backoff, m's disk work held (io_busy) until then */
+static void forward_io_retry(struct forward_msg *m, struct forward_io *j)
+{
+	unsigned delay = forward_backoff(j->failures + 1);
+	log_err("%s forward event=queue-error op=%s error=\"%s\" retry=%us", j->id, j->what, strerror(j->err), delay);
+	if (j->records) {
+		struct buf b = { 0 };
+		if (buf_printf(&b, "%s%s", j->records, m->records.len ? "\n" : "") < 0 ||
+		    buf_append(&b, m->records.data, m->records.len) < 0) {
+			log_err("%s forward event=out-of-memory", m->id);
+			buf_free(&b);
+		} else {
+			buf_free(&m->records);
+			m->records = b;
+		}
+	}
+	if (j->warn)
+		m->warn_due = true;
+	struct forward_io_retry *r = calloc(1, sizeof(*r));
+	if (!r) {
+		log_err("%s forward event=out-of-memory", m->id);
+		m->io_busy = false; /* the next event of m starts its disk work again */
+		return;
+	}
+	r->m = m;
+	r->failures = j->failures + 1;
+	ev_timer_init(&r->timer, forward_io_retry_cb, (double)delay, 0.);
+	r->timer.data = r;
+	ev_timer_start(forward_loop, &r->timer);
+	r->next = forward_io_retries;
+	forward_io_retries = r;
+}
+
 static void forward_io_done(struct workq_job *job)
 {
 	struct forward_io *j = (struct forward_io *)job;
@@ -612,11 +700,12 @@ static void forward_io_done(struct workq_job *job)
 			forward_msg_forget(m);
 		goto out;
 	}
-	if (j->rc < 0) {
+	if (j->rc < 0 && m) {
+		forward_io_retry(m, j);
+		goto out;
+	}
+	if (j->rc < 0) { /* not in memory: the durable state is read again later */
 		log_err("%s forward event=queue-error op=%s error=\"%s\"", j->id, j->what, strerror(j->err));
-		/* forget what is in memory; the durable state is read again later */
-		if (m)
-			forward_msg_forget(m);
 		forward_reload_later(j->id);
 		goto out;
 	}
@@ -659,6 +748,12 @@ out:
 /* start the next disk job of a message if none runs */
 static void forward_msg_io(struct forward_msg *m)
 {
+	forward_msg_io_again(m, 0);
+}
+
+/* the same, after `failures` jobs of m failed in a row (for the backoff of the next retry) */
+static void forward_msg_io_again(struct forward_msg *m, unsigned failures)
+{
 	if (m->io_busy || forward_stopping)
 		return;
 	bool finish = m->state == MS_FINISH;
@@ -670,6 +765,7 @@ static void forward_msg_io(struct forward_msg *m)
 		return;
 	}
 	memcpy(j->id, m->id, sizeof(j->id));
+	j->failures = failures;
 	j->finish = finish;
 	j->warn = m->warn_due && !finish;
 	m->warn_due = false;
@@ -701,9 +797,28 @@ static void forward_msg_finish(struct forward_msg *m)
 	forward_msg_io(m);
 }
 
+/* times a clock that was ahead left in a message read from the queue: a next attempt
+ * further away than retry_max, or a creation in the future (or not a time at all), count
+ * from now (so the backoff, queue_lifetime and delay_warning hold; the file keeps them) */
+static void forward_msg_clock_check(struct queue_envelope *env)
+{
+	time_t now = time(NULL), latest = now + (time_t)forward_cfg->retry_max;
+	if (env->created > now || env->created <= 0) { /* ahead, or damaged */
+		log_warn("%s forward event=clock-skew field=created seconds=%lld action=now", env->id,
+			 (long long)(env->created - now));
+		env->created = now;
+	}
+	if (env->next_attempt > latest) {
+		log_warn("%s forward event=clock-skew field=next-attempt seconds=%lld action=retry_max", env->id,
+			 (long long)(env->next_attempt - now));
+		env->next_attempt = latest;
+	}
+}
+
 /* a message read from the queue: keep it and schedule it */
 static void forward_msg_add_loaded(struct queue_envelope *env, bool now)
 {
+	forward_msg_clock_check(env);
 	struct forward_msg *m = forward_msg_new(env);
 	if (!m) {
 		queue_envelope_free(env);

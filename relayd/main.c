@@ -64,31 +64,44 @@ static void main_usage(void)
 
 struct main_recovery {
 	const char *dir;
-	int good, bad;
+	int good, bad, kept;
 };
 
+/* only a file without a valid END trailer goes (it was never acknowledged with 250); one that
+ * has it stays whatever else is wrong with it */
 static void main_recover_one(const char *id, void *arg)
 {
 	struct main_recovery *r = arg;
 	struct queue_envelope env;
-	if (queue_load(r->dir, id, &env) == 0) {
+	int rc = queue_load(r->dir, id, &env);
+	if (rc == 0) {
 		r->good++;
 		queue_envelope_free(&env);
 		return;
 	}
-	/* no valid END trailer: it was never acknowledged with 250 */
 	char path[PATH_MAX];
-	if (queue_path(r->dir, id, path, sizeof(path)) == 0 && unlink(path) == 0) {
-		log_warn("%s queue event=discard-incomplete", id);
-		r->bad++;
+	if (rc == QUEUE_LOAD_INCOMPLETE) {
+		if (queue_path(r->dir, id, path, sizeof(path)) == 0 && unlink(path) == 0) {
+			log_warn("%s queue event=discard-incomplete", id);
+			r->bad++;
+		}
+		return;
 	}
+	if (errno == ENOENT) /* removed meanwhile */
+		return;
+	log_err("%s queue event=unloadable error=\"%s\" action=kept-in-place reason=\"acknowledged message that "
+		"cannot be read or used: see relayctl queue show\"", id, strerror(errno));
+	r->kept++;
 }
 
 static void main_recover(const char *dir)
 {
 	struct main_recovery r = { .dir = dir };
 	queue_scan(dir, main_recover_one, &r);
-	log_info("queue event=recovered messages=%d discarded=%d", r.good, r.bad);
+	if (r.kept)
+		log_err("queue event=recovered messages=%d discarded=%d unloadable=%d", r.good, r.bad, r.kept);
+	else
+		log_info("queue event=recovered messages=%d discarded=%d unloadable=0", r.good, r.bad);
 }
 
 /* give dirfd/name to uid:gid without following a link: a symbolic link, or a file with a

@@ -13,6 +13,7 @@
  */
 #include "queue.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
@@ -59,6 +60,8 @@ static bool queue_thread_idle; /* under queue_lock: waiting with nothing due (a 
 
 #define QUEUE_REMOVAL_SYNC 1      /* seconds */
 #define QUEUE_REMOVAL_DELAY_MS 20 /* a removal handed over waits at most this for the thread */
+
+#define QUEUE_MAX_ATTEMPTS 1000000 /* a T record beyond it (or negative) is damaged, ignored */
 
 static uint32_t queue_crc_table[256];
 
@@ -131,10 +134,15 @@ static int queue_writev_all(int fd, struct iovec *iov, int n)
 			continue;
 		if (w < 0)
 			return -1;
+		bool none = w == 0;
 		while (n > 0 && (size_t)w >= iov->iov_len) {
 			w -= (ssize_t)iov->iov_len;
 			iov++;
 			n--;
+		}
+		if (n > 0 && none) { /* nothing written, something left: no progress to wait for */
+			errno = EIO;
+			return -1;
 		}
 		if (n > 0) {
 			iov->iov_base = (char *)iov->iov_base + w;
@@ -482,8 +490,8 @@ static int queue_parse_header(struct queue_envelope *env, char *line)
 		r->addr = strdup(addr);
 	} else if (!strcmp(line, "size"))
 		env->size = (size_t)strtoull(v, NULL, 10);
-	else if (strcmp(line, "RELAYD-QUEUE"))
-		return -1;
+	/* any other key (one a newer relayd may add) is ignored: a format older versions must
+	 * not read gets a new version number instead (queue_load_version) */
 	return 0;
 }
 
@@ -498,10 +506,14 @@ static void queue_parse_status(struct queue_envelope *env, char *line)
 			env->rcpt[idx].done_code = code;
 			env->rcpt[idx].done_text = strdup(*end == ' ' ? end + 1 : end);
 		}
-	} else if (line[0] == 'T' && line[1] == ' ') {
+	} else if (line[0] == 'T' && line[1] == ' ' && isdigit((unsigned char)line[2])) {
 		char *end;
-		env->attempts = (unsigned)strtoul(line + 2, &end, 10);
-		env->next_attempt = (time_t)strtoll(end, &end, 10);
+		unsigned long attempts = strtoul(line + 2, &end, 10);
+		long long next = strtoll(end, &end, 10);
+		if (attempts > QUEUE_MAX_ATTEMPTS || next < 0)
+			return; /* damaged: not ours */
+		env->attempts = (unsigned)attempts;
+		env->next_attempt = (time_t)next;
 		free(env->last_error);
 		env->last_error = strdup(*end == ' ' ? end + 1 : end);
 	} else if (line[0] == 'B' && line[1] == ' ') {
@@ -541,47 +553,95 @@ static int queue_check_body(FILE *f, struct queue_envelope *env)
 	return 0;
 }
 
-/* queue_load - envelope and status of a committed message */
+/* the first line: 0 for "RELAYD-QUEUE 1"; QUEUE_LOAD_UNUSABLE with *err for another version
+ * (a newer relayd's file, kept for it) or a read error; QUEUE_LOAD_INCOMPLETE for anything
+ * else (torn, or not ours) */
+static int queue_load_version(FILE *f, char **line, size_t *cap, int *err)
+{
+	ssize_t n = getline(line, cap, f);
+	if (n > 0 && !strcmp(*line, "RELAYD-QUEUE 1\n"))
+		return 0;
+	if (n > 0 && !strncmp(*line, "RELAYD-QUEUE ", 13) && (*line)[n - 1] == '\n' && strlen(*line) == (size_t)n) {
+		*err = ENOTSUP;
+		return QUEUE_LOAD_UNUSABLE;
+	}
+	if (ferror(f)) {
+		*err = EIO;
+		return QUEUE_LOAD_UNUSABLE;
+	}
+	return QUEUE_LOAD_INCOMPLETE;
+}
+
+/* the envelope lines up to the empty line; *damaged when one of them is not understood.
+ * 0, QUEUE_LOAD_INCOMPLETE when the file ends before the empty line, or QUEUE_LOAD_UNUSABLE
+ * (a read error) */
+static int queue_load_header(FILE *f, struct queue_envelope *env, char **line, size_t *cap, bool *damaged)
+{
+	ssize_t n;
+	while ((n = getline(line, cap, f)) > 0 && (*line)[n - 1] == '\n') {
+		(*line)[--n] = '\0';
+		if (n == 0)
+			return 0;
+		if (strlen(*line) != (size_t)n || queue_parse_header(env, *line) < 0)
+			*damaged = true;
+	}
+	return ferror(f) ? QUEUE_LOAD_UNUSABLE : QUEUE_LOAD_INCOMPLETE;
+}
+
+/* the status records after the END trailer. A damaged line is skipped, never the lines
+ * after it: one with NUL bytes (a range a crash left zeroed), an empty one (the newline
+ * queue_append_status puts after a torn record), and a torn last one */
+static void queue_load_status(FILE *f, struct queue_envelope *env, char **line, size_t *cap)
+{
+	ssize_t n;
+	while ((n = getline(line, cap, f)) > 0) {
+		if ((*line)[n - 1] != '\n')
+			break; /* a torn last record: ignored */
+		(*line)[n - 1] = '\0';
+		if (strlen(*line) == (size_t)n - 1)
+			queue_parse_status(env, *line);
+	}
+}
+
+/* queue_load - envelope and status of a committed message. Only a file read in full that has
+ * no valid END trailer is QUEUE_LOAD_INCOMPLETE (never acknowledged); one that cannot be read,
+ * or is complete but cannot be used, is QUEUE_LOAD_UNUSABLE (errno says why) and must stay */
 int queue_load(const char *dir, const char *id, struct queue_envelope *env)
 {
-	char path[PATH_MAX], line[4096];
+	char path[PATH_MAX], *line = NULL;
+	size_t cap = 0;
+	bool damaged = false;
+	int err = EBADMSG;
 	memset(env, 0, sizeof(*env));
-	if (queue_path(dir, id, path, sizeof(path)) < 0)
-		return -1;
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
+		return QUEUE_LOAD_UNUSABLE;
+	}
 	FILE *f = fopen(path, "r");
 	if (!f)
-		return -1;
-	int rc = -1;
-	bool header_ok = false;
-	while (fgets(line, sizeof(line), f)) {
-		size_t n = strlen(line);
-		if (n == 0 || line[n - 1] != '\n')
-			goto out;
-		line[n - 1] = '\0';
-		if (line[0] == '\0') {
-			header_ok = true;
-			break;
-		}
-		if (queue_parse_header(env, line) < 0)
-			goto out;
+		return QUEUE_LOAD_UNUSABLE;
+	int rc = queue_load_version(f, &line, &cap, &err);
+	if (rc == 0)
+		rc = queue_load_header(f, env, &line, &cap, &damaged);
+	if (rc == 0) {
+		env->body_offset = ftello(f);
+		if (queue_check_body(f, env) < 0)
+			rc = QUEUE_LOAD_INCOMPLETE;
 	}
-	if (!header_ok || !env->from || env->nrcpt == 0 || strcmp(env->id, id))
-		goto out;
-	env->body_offset = ftello(f);
-	if (queue_check_body(f, env) < 0)
-		goto out;
-	while (fgets(line, sizeof(line), f)) {
-		size_t n = strlen(line);
-		if (n == 0 || line[n - 1] != '\n')
-			break; /* a torn last record: ignored */
-		line[n - 1] = '\0';
-		queue_parse_status(env, line);
+	if (rc == 0 && (damaged || !env->from || env->nrcpt == 0 || strcmp(env->id, id)))
+		rc = QUEUE_LOAD_UNUSABLE; /* complete, so acknowledged, but not as we write them */
+	if (rc == 0)
+		queue_load_status(f, env, &line, &cap);
+	if (ferror(f)) { /* not read in full: nothing is known about its trailer */
+		rc = QUEUE_LOAD_UNUSABLE;
+		err = EIO;
 	}
-	rc = 0;
-out:
+	free(line);
 	fclose(f);
-	if (rc < 0)
+	if (rc < 0) {
 		queue_envelope_free(env);
+		errno = err;
+	}
 	return rc;
 }
 
@@ -632,19 +692,36 @@ void queue_envelope_free(struct queue_envelope *env)
 	memset(env, 0, sizeof(*env));
 }
 
-/* queue_append_status - one durable status record */
+/* queue_append_status - one durable status record, on a line of its own: after a file
+ * that does not end with a newline (a record torn by a crash, a NUL range) it starts with
+ * one. One that fails is cut off again (ftruncate to the size before) */
 int queue_append_status(const char *dir, const char *id, const char *record)
 {
 	char path[PATH_MAX];
-	if (queue_path(dir, id, path, sizeof(path)) < 0)
+	struct stat st;
+	if (queue_path(dir, id, path, sizeof(path)) < 0) {
+		errno = ENAMETOOLONG;
 		return -1;
-	int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+	}
+	int fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC);
 	if (fd < 0)
+		return -1; /* only here is ENOENT "the message is gone" */
+	char last = '\n';
+	errno = 0;
+	if (fstat(fd, &st) < 0 || (st.st_size > 0 && pread(fd, &last, 1, st.st_size - 1) != 1)) {
+		int e = errno && errno != ENOENT ? errno : EIO;
+		close(fd);
+		errno = e;
 		return -1;
-	struct iovec iov[2] = { { (void *)record, strlen(record) }, { "\n", 1 } };
-	ssize_t w = writev(fd, iov, 2);
-	int rc = w == (ssize_t)(iov[0].iov_len + 1) && fdatasync(fd) == 0 ? 0 : -1;
+	}
+	struct iovec iov[3] = { { "\n", last != '\n' }, { (void *)record, strlen(record) }, { "\n", 1 } };
+	int rc = queue_writev_all(fd, iov, 3) < 0 || fdatasync(fd) < 0 ? -1 : 0;
+	int e = rc < 0 && errno && errno != ENOENT ? errno : EIO;
+	if (rc < 0 && ftruncate(fd, st.st_size) < 0)
+		log_err("%s queue event=truncate-failed error=\"%s\"", id, strerror(errno));
 	close(fd);
+	if (rc < 0)
+		errno = e;
 	return rc;
 }
 

@@ -16,14 +16,20 @@
  *     \n
  *     <N bytes: the message exactly as it is to be sent, headers added, NOT dot-stuffed>
  *     \nEND <crc32 of the N bytes, 8 hex>\n
- *     then zero or more status records appended later, each one line:
+ *     then zero or more status records appended later, each one line (a record starts with
+ *     an extra '\n' when the file does not end with one; empty lines, lines with NUL bytes
+ *     and a last line without '\n' are skipped when read):
  *     D <rcpt index> <smtp code> <text>\n     recipient finished (delivered 2xx or failed 5xx)
  *     T <attempts> <next attempt unix time> <text>\n   transient failure, retry later
  *     B <bounce queue id>\n                    the bounce for failed recipients is committed
      R <rcpt index>\n                         recipient delivered with NOTIFY=SUCCESS to an upstream
                                               without DSN: a "relayed" notice is owed (RFC 3464)
      W <notice queue id>\n                    the one "delayed" notice (delay_warning) is committed
- * A file without a valid END trailer never got a 250 and is discarded at recovery.
+ * A file without a valid END trailer never got a 250 and is discarded at recovery. One with
+ * it was acknowledged and is never discarded: if it cannot be read or used (permissions, a
+ * newer version, damaged envelope lines), it stays where it is for the admin. Unknown
+ * envelope keys are ignored (a newer relayd's optional fields); a change older versions
+ * must not read takes a new version number.
  * A message is removed (unlink) only when every recipient has a D record and, where any
  * recipient failed, its bounce is committed (B record), or it is a bounce itself.
  *
@@ -100,8 +106,11 @@ int queue_commit(struct queue_envelope *env, struct buf *msg, queue_commit_cb cb
 
 /* queue_path - QUEUE/msg/<id> into out */
 int queue_path(const char *dir, const char *id, char *out, size_t outlen);
-/* queue_load - parse a queue file's envelope and status records (not the body); 0, or -1 if
- * missing or invalid (no END trailer or bad crc: it never got a 250) */
+/* queue_load's failures */
+#define QUEUE_LOAD_INCOMPLETE (-1) /* read in full, no valid END trailer: never got a 250 */
+#define QUEUE_LOAD_UNUSABLE   (-2) /* not read (errno), or complete but not usable: keep it */
+/* queue_load - parse a queue file's envelope and status records (not the body); 0, or one of
+ * QUEUE_LOAD_* (< 0) with errno set (ENOENT: it is gone) */
 int queue_load(const char *dir, const char *id, struct queue_envelope *env);
 /* queue_read_body - read the N message bytes of a loaded message into out (malloc'd) */
 int queue_read_body(const char *dir, const struct queue_envelope *env, char **out);

@@ -619,11 +619,15 @@ static void relayctl_queue_free(struct relayctl_queue *q)
 	free(q->env);
 }
 
-/* "45s", "12m", "3h05m", "2d04h" */
+/* "45s", "12m", "3h05m", "2d04h", "12d" (at most 6 characters below 1000000 days) */
 static void relayctl_fmt_age(long long secs, char *out, size_t outlen)
 {
 	if (secs < 0)
 		secs = 0;
+	if (secs >= 10 * 86400) {
+		snprintf(out, outlen, "%lldd", secs / 86400);
+		return;
+	}
 	if (secs < 60)
 		snprintf(out, outlen, "%llds", secs);
 	else if (secs < 3600)
@@ -678,7 +682,10 @@ static int relayctl_queue_list(const struct config *c)
 	for (i = 0; i < q.n; i++) {
 		const struct queue_envelope *e = &q.env[i];
 
-		relayctl_fmt_age((long long)(now - e->created), age, sizeof(age));
+		if (e->created > 0)
+			relayctl_fmt_age((long long)(now - e->created), age, sizeof(age));
+		else /* damaged */
+			snprintf(age, sizeof(age), "?");
 		relayctl_fmt_next(e, now, next, sizeof(next));
 		snprintf(rc, sizeof(rc), "%zu/%zu", relayctl_pending(e), e->nrcpt);
 		printf("%-16s  %-6s  %9zu  %-9s  %5u  %-8s  <", e->id, age, e->size, rc,
@@ -751,15 +758,21 @@ static int relayctl_queue_show(const struct config *c, const char *arg)
 	time_t now = time(NULL);
 	char *msg = NULL, *p, *end;
 	size_t i;
+	int lrc;
 
 	relayctl_queue_id(arg, id);
-	if (queue_load(c->queue, id, &e) < 0) {
+	if ((lrc = queue_load(c->queue, id, &e)) < 0) {
 		char path[PATH_MAX];
 		struct stat st;
+		int err = errno;
 
-		if (queue_path(c->queue, id, path, sizeof(path)) == 0 && stat(path, &st) == 0)
-			relayctl_die("queue file %s is incomplete or damaged", path);
-		relayctl_die("no such message in the queue: %s", id);
+		if (queue_path(c->queue, id, path, sizeof(path)) < 0 || stat(path, &st) < 0)
+			relayctl_die("no such message in the queue: %s", id);
+		if (lrc == QUEUE_LOAD_INCOMPLETE)
+			relayctl_die("queue file %s is incomplete (no valid END trailer: never "
+			    "acknowledged, relayd discards it at start)", path);
+		relayctl_die("queue file %s is complete but cannot be used: %s (relayd leaves it "
+		    "in place)", path, strerror(err));
 	}
 	printf("id:            %s\n", e.id);
 	relayctl_fmt_when(e.created, now, when, sizeof(when));

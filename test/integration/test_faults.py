@@ -4,6 +4,9 @@
 - disk full during DATA: the queue on a 2 MB tmpfs (a loop-mounted 2 MB image when tmpfs
   cannot be mounted); a big message gets 452 4.3.1 and leaves nothing in queue/msg, a small
   one is accepted afterwards;
+- disk full while the forwarder appends a status record (a failed write, a short one): the
+  message stays in relayd and keeps being retried, a recipient delivered is not sent again,
+  the file holds no torn record, and the records land (backoff) once space is free;
 - the user database unreadable, then read-only (0000, 0400 on relayd.db, -wal, -shm; relayd
   runs as `nobody` so the modes bind): AUTH gets 454 4.7.0 (or works read-only), never 535;
 - upstreams that accept and never answer, drop the connection in the middle of DATA, or send
@@ -32,13 +35,16 @@ SLOW = t.SLOW
 
 
 def submit(relay, subject, body="Hello.\r\n", rcpt="bob@example.net"):
-    """(code, text) of DATA for one message over STARTTLS + AUTH (smtplib)"""
+    """(code, text) of DATA for one message over STARTTLS + AUTH (smtplib); rcpt: one
+    address or a list"""
+    rcpts = rcpt if isinstance(rcpt, list) else [rcpt]
     c = relay.smtp_starttls()
     try:
         c.login(ALICE, ALICE_PW)
         c.mail(ALICE)
-        c.rcpt(rcpt)
-        code, resp = c.data(t.make_message(ALICE, rcpt, subject=subject, body=body))
+        for r in rcpts:
+            c.rcpt(r)
+        code, resp = c.data(t.make_message(ALICE, rcpts[0], subject=subject, body=body))
         try:
             c.quit()
         except smtplib.SMTPException:
@@ -135,6 +141,108 @@ def _():
     t.ok(relay.running(), "relayd is running")
     t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
     _umount_all()
+
+
+def fill_fs(path):
+    """fill the file system of path to the last byte with the file path; tmpfs then refuses
+    any write that needs a new page, and a file ending inside its last page can still grow
+    up to that page's end"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def queue_file_ending_at(relay, rcpts, end):
+    """queue a message whose file is `end` bytes long (the message grows to fit); its id"""
+    line = "x" * 70 + "\r\n"
+    body = line * 80
+    for _ in range(4):
+        code, text = submit(relay, "disk full append", body=body, rcpt=rcpts)
+        qid = t.queued_id(f"{code} {text}")
+        if code != 250 or not qid:
+            raise RuntimeError(f"message not queued: {code} {text}")
+        path = os.path.join(relay.queue_dir, "msg", qid)
+        delta = end - os.path.getsize(path)
+        if delta == 0:
+            return qid
+        relay.relayctl("queue", "delete", qid)
+        size = len(body) + delta
+        n = size // len(line) - 1
+        body = "x" * (size - len(line) * n - 2) + "\r\n" + line * n
+    raise RuntimeError(f"cannot make a queue file of {end} bytes")
+
+
+def status_records(relay, qid):
+    """the status lines after the END trailer of a queue file"""
+    with open(os.path.join(relay.queue_dir, "msg", qid), "rb") as f:
+        data = f.read()
+    return data[data.index(b"\nEND ") + 14:].decode("utf-8", "replace").splitlines()
+
+
+def count_log(relay, regex):
+    return len(re.findall(regex, relay.log(), re.M))
+
+
+def disk_full_append(torn):
+    """a@ is delivered, b@ gets 450, while the queue's disk is full: the file ends `torn`
+    bytes before a page boundary, so the append of the D record writes `torn` bytes and fails
+    (0: fails at once)"""
+    sink = t.Sink(["--reply-rcpt", "b@example.net=450"])
+    relay = t.Relay(extra_config=RETRY)   # no upstream yet: the message waits
+    relay.add_user(ALICE, ALICE_PW)
+    small_fs(relay.queue_dir, 1024)
+    relay.start()
+    qid = queue_file_ending_at(relay, ["a@example.net", "b@example.net"], 8192 - torn)
+    filler = os.path.join(relay.queue_dir, "filler")
+    fill_fs(filler)
+    relay.write_config(f"upstream 127.0.0.1:{sink.port} tls=none\n" + RETRY)
+    relay.relayctl("reload")
+    deferred = rf"^\S+ {qid} forward event=deferred "
+    t.ok(t.wait_for(lambda: count_log(relay, deferred) >= 4, 20 * SLOW),
+         f"torn={torn}: disk full: b@ keeps being retried (4 deferrals)")
+    got = [r for meta, _ in sink.messages() for r in meta["rcpt_tos"]]
+    t.is_(got.count("a@example.net"), 1, f"torn={torn}: a@ was delivered once while the disk was full")
+    t.ok(re.search(rf"{qid} forward event=queue-error op=append .* retry=1s", relay.log()) and
+         re.search(rf"{qid} forward event=queue-error op=append .* retry=2s", relay.log()),
+         f"torn={torn}: the records are written again with a backoff (retry_min, then retry_max)")
+    t.ok(re.search(rf"{qid} forward event=queue-error op=append error=\"No space left on device\"", relay.log()),
+         f"torn={torn}: the failed append is logged with its real error")
+    t.ok(not re.search(rf"{qid} forward event=vanished", relay.log()), f"torn={torn}: not taken as vanished")
+    t.is_(status_records(relay, qid), [], f"torn={torn}: nothing torn is left in the file")
+    os.unlink(filler)
+    t.ok(t.wait_for(lambda: any(r.startswith("D 0 250 ") for r in status_records(relay, qid)), 10 * SLOW),
+         f"torn={torn}: once space is free, a@'s D record is written")
+    t.ok(t.wait_for(lambda: any(r.startswith("T ") for r in status_records(relay, qid)), 10 * SLOW),
+         f"torn={torn}: and a T record")
+    recs = status_records(relay, qid)
+    t.ok(all(re.match(r"^(D \d+ \d{3} |T \d+ \d+ )", r) for r in recs), f"torn={torn}: every record whole: {recs}")
+    t.is_(relay.stat("queued"), 1, f"torn={torn}: relayd still holds the message")
+    relay.stop()
+    n = count_log(relay, deferred)
+    relay.start()
+    t.ok(t.wait_for(lambda: count_log(relay, deferred) > n, 10 * SLOW), f"torn={torn}: after a restart b@ is tried again")
+    got = [r for meta, _ in sink.messages() for r in meta["rcpt_tos"]]
+    t.is_(got.count("a@example.net"), 1, f"torn={torn}: and a@ is not sent again")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+    _umount_all()
+
+
+@t.test("disk full while a status record is appended (failing at once)")
+def _():
+    disk_full_append(0)
+
+
+@t.test("disk full while a status record is appended (a short write)")
+def _():
+    disk_full_append(10)
 
 
 # --------------------------------------------------------------------------------------------
