@@ -24,6 +24,7 @@ ASan/UBSan report, a crash) fails the test file at done().
 Every socket has a timeout, so a hang becomes a failed assertion, never a stuck suite.
 """
 
+import asyncio
 import atexit
 import base64
 import os
@@ -859,6 +860,38 @@ def curl(args, timeout=30):
 # --------------------------------------------------------------------------------------------
 # capture sink (upstream SMTP server for forwarding tests)
 # --------------------------------------------------------------------------------------------
+
+class AsyncServer:
+    """a TCP server on 127.0.0.1 (port: .port) run by asyncio in a thread of its own, for
+    upstreams a test scripts; a subclass sets its fields, then calls AsyncServer.__init__,
+    and defines async _client(reader, writer). stop() closes it and cancels its clients."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.th.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    def stop(self):
+        async def _stop():
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.1)
+            self.loop.stop()
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
+        self.th.join(5)
+
 
 class Sink:
     """tools/capture-sink on 127.0.0.1:<free port>; messages() reads what it stored"""

@@ -302,7 +302,7 @@ def _():
 # bad upstreams
 # --------------------------------------------------------------------------------------------
 
-class BadUpstream:
+class BadUpstream(t.AsyncServer):
     """an SMTP server on 127.0.0.1 that misbehaves in one way (mode):
     silent     accepts connections and never sends a byte
     drop-data  a normal dialogue up to 354, then closes after some of the body
@@ -312,19 +312,7 @@ class BadUpstream:
     def __init__(self, mode):
         self.mode = mode
         self.connections = 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.th.start()
-        if not ready.wait(10):
-            raise RuntimeError("bad upstream did not start")
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
+        t.AsyncServer.__init__(self)
 
     async def _client(self, reader, writer):
         self.connections += 1
@@ -362,16 +350,6 @@ class BadUpstream:
         finally:
             writer.close()
 
-    def stop(self):
-        async def _stop():
-            self.server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-            await asyncio.sleep(0.1)
-            self.loop.stop()
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
-        self.th.join(5)
 
 
 def bad_upstream_case(mode, fail_log):

@@ -13,7 +13,6 @@ anchors and secrets they replace (RSS, relayctl stats credential_sets).
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -101,7 +100,7 @@ def done(relay, *sinks):
         s.stop()
 
 
-class Upstream:
+class Upstream(t.AsyncServer):
     """a scripted SMTP upstream on 127.0.0.1 (asyncio, in a thread) that answers a pipelined
     MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
     transaction and answers the others with over; pad adds that many 1000-byte lines to every
@@ -113,19 +112,7 @@ class Upstream:
         self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
         self.ehlo = b"250-up.test\r\n" + b"".join(b"250-" + k + b"\r\n" for k in ehlo[:-1]) + b"250 " + ehlo[-1] + b"\r\n"
         self.messages, self.connections, self.mails = [], 0, []
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.th = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.th.start()
-        if not ready.wait(10):
-            raise RuntimeError("upstream did not start")
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
+        t.AsyncServer.__init__(self)
 
     def _rcpt_ok(self):
         fill = b"".join(b"250-2.1.5 " + b"x" * 1000 + b"\r\n" for _ in range(self.pad))
@@ -185,16 +172,6 @@ class Upstream:
     def rcpts(self):
         return sorted(r for m in self.messages for r in m[0])
 
-    def stop(self):
-        async def _stop():
-            self.server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-            await asyncio.sleep(0.1)
-            self.loop.stop()
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop)
-        self.th.join(5)
 
 
 @t.test("STARTTLS + AUTH upstream: a message from swaks arrives byte for byte")

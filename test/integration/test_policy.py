@@ -7,7 +7,6 @@ Real relayd, real TLS, real SQLite; the clients are Raw sessions and smtplib.
 """
 import os
 import re
-import smtplib
 import sys
 import time
 

@@ -701,7 +701,7 @@ def _():
     msg = t.make_message(ALICE, "rcpt@example.com", subject=m2, body="chunked body\r\n")
     c.cmd(f"MAIL FROM:<{ALICE}>")
     c.cmd("RCPT TO:<rcpt@example.com>")
-    c.send(f"BDAT 10\r\n".encode() + msg[:10])
+    c.send(b"BDAT 10\r\n" + msg[:10])
     code, text = c.reply()
     t.like(text, r"^250 ", "BDAT 10 (not last): 250")
     c.send(f"BDAT {len(msg) - 10} LAST\r\n".encode() + msg[10:])
