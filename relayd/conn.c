@@ -204,7 +204,8 @@ static void conn_do_read(struct conn *c)
 		conn_fail(c, "peer-closed");
 }
 
-static void conn_do_write(struct conn *c)
+/* send what the socket takes now of c->out; 0 (all sent, or it would block) or -1 with why */
+static int conn_send(struct conn *c, char *why, size_t whylen)
 {
 	while (c->out.len > 0) {
 		ssize_t w;
@@ -213,23 +214,29 @@ static void conn_do_write(struct conn *c)
 			if (w == GNUTLS_E_AGAIN || w == GNUTLS_E_INTERRUPTED)
 				break;
 			if (w < 0) {
-				char why[256];
-				snprintf(why, sizeof(why), "write-error: %s", gnutls_strerror((int)w));
-				conn_fail(c, why);
-				return;
+				snprintf(why, whylen, "write-error: %s", gnutls_strerror((int)w));
+				return -1;
 			}
 		} else {
 			w = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL);
 			if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 				break;
 			if (w < 0) {
-				char why[256];
-				snprintf(why, sizeof(why), "write-error: %s", strerror(errno));
-				conn_fail(c, why);
-				return;
+				snprintf(why, whylen, "write-error: %s", strerror(errno));
+				return -1;
 			}
 		}
 		buf_consume(&c->out, (size_t)w);
+	}
+	return 0;
+}
+
+static void conn_do_write(struct conn *c)
+{
+	char why[256];
+	if (conn_send(c, why, sizeof(why)) < 0) {
+		conn_fail(c, why);
+		return;
 	}
 	if (c->out.len == 0 && c->out.cap > 65536)
 		buf_free(&c->out); /* give back what a big reply burst took */
@@ -413,6 +420,15 @@ void conn_resume_read(struct conn *c)
 	/* bytes may already wait in c->in or inside GnuTLS: deliver them from the loop */
 	if (c->in.len > 0 || (c->tls && !c->tls_handshaking && gnutls_record_check_pending(c->tls) > 0))
 		ev_feed_event(c->loop, &c->rio, EV_READ);
+}
+
+/* conn_flush - send what the socket takes at once, without callbacks; nothing while a
+ * handshake (or the clear-text reply before one) holds the connection */
+void conn_flush(struct conn *c)
+{
+	char why[256];
+	if (!c->failed && !c->offloaded && !c->tls_handshaking && !c->tls_want)
+		(void)conn_send(c, why, sizeof(why)); /* an error: the close follows anyway */
 }
 
 /* conn_close - release everything */

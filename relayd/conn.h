@@ -81,6 +81,8 @@ void conn_resume_read(struct conn *c);
 bool conn_cancel_offload(struct conn *c);
 /* conn_offload_done - a tlsoff thread finished c's handshake with rc (loop thread) */
 void conn_offload_done(struct conn *c, int rc);
+/* conn_flush - send what the socket takes at once, no callbacks (before a close) */
+void conn_flush(struct conn *c);
 /* conn_close - stop watchers, say goodbye to TLS (best effort), close the fd, free buffers */
 void conn_close(struct conn *c);
 

@@ -1429,15 +1429,10 @@ static void smtp_server_stats(struct buf *out, bool prometheus)
  * does not turn again to send the rest); nothing can go out in a TLS handshake */
 static void session_shutdown(struct session *s)
 {
-	uint64_t id = s->id;
-	struct conn *c = &s->conn;
 	if (s->state != SS_QUIT && s->state != SS_TLS_HANDSHAKE)
 		session_reply(s, "421 4.3.2 %s Service shutting down, try again later", smtp_cfg->hostname);
-	s->out_blocked = false; /* on_drain must not process more input */
-	if (c->out.len > 0 && !c->failed && !c->offloaded && !c->tls_handshaking && !c->tls_want)
-		ev_invoke(smtp_loop, &c->wio, EV_WRITE); /* conn's writer; its on_drain/on_error may free s */
-	if ((s = session_find(id)))
-		session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
+	conn_flush(&s->conn);
+	session_free(s, "shutdown"); /* one in a TLS handshake thread stays till exit */
 }
 
 /* smtp_server_shutdown - close every session, each with a 421 */
