@@ -700,26 +700,16 @@ static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 	return forward_session_stuff_end(j);
 }
 
-/* n bytes at off from fd into p; -1 on an error or a short file */
-static int forward_session_pread_all(int fd, char *p, size_t n, off_t off)
-{
-	for (size_t done = 0; done < n;) {
-		ssize_t r = pread(fd, p + done, n - done, off + (off_t)done);
-		if (r <= 0)
-			return -1;
-		done += (size_t)r;
-	}
-	return 0;
-}
-
-/* a bounce whole from fd, its returned message cut to the headers, dot-stuffed into j->out;
+/* a bounce read whole, its returned message cut to the headers, dot-stuffed into j->out;
  * one that cannot be cut (not a bounce that returns the whole message) goes as it is */
-static int forward_session_stuff_cut(struct forward_session_body *j, int fd)
+static int forward_session_stuff_cut(struct forward_session_body *j)
 {
-	char *raw = malloc(j->size ? j->size : 1);
+	struct queue_envelope where = { .size = j->size, .body_offset = j->offset };
+	char *raw;
 	struct buf cut = { 0 };
 	bool line_start = true;
-	int rc = raw ? forward_session_pread_all(fd, raw, j->size, j->offset) : -1;
+	memcpy(where.id, j->id, sizeof(where.id));
+	int rc = queue_read_body(forward_queue, &where, &raw);
 	if (rc == 0 && dsn_headers_only(raw, j->size, &cut) == 0) {
 		j->size = cut.len;
 		rc = forward_session_stuff(j, cut.data, cut.len, &line_start);
@@ -734,11 +724,12 @@ static int forward_session_stuff_cut(struct forward_session_body *j, int fd)
 static void forward_session_body_run(struct workq_job *job)
 {
 	struct forward_session_body *j = (struct forward_session_body *)job;
+	if (j->hdrs_cut) {
+		j->rc = forward_session_stuff_cut(j);
+		return;
+	}
 	int fd = queue_open_message(forward_queue, j->id);
-	if (fd < 0)
-		j->rc = -1;
-	else
-		j->rc = j->hdrs_cut ? forward_session_stuff_cut(j, fd) : forward_session_stuff_file(j, fd);
+	j->rc = fd < 0 ? -1 : forward_session_stuff_file(j, fd);
 	if (fd >= 0)
 		close(fd);
 }
