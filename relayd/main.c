@@ -505,12 +505,18 @@ static void main_refuse_links(const struct config *cfg, bool foreground)
 	}
 }
 
-/* the lock file names the process holding it (after detaching: the pid changes) */
-static void main_lock_pid(void)
+/* fd's whole content becomes this process's pid and a newline */
+static int main_write_pid(int fd)
 {
 	char pid[24];
 	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
-	if (ftruncate(main_lock_fd, 0) < 0 || pwrite(main_lock_fd, pid, (size_t)n, 0) != n)
+	return ftruncate(fd, 0) == 0 && pwrite(fd, pid, (size_t)n, 0) == n ? 0 : -1;
+}
+
+/* the lock file names the process holding it (after detaching: the pid changes) */
+static void main_lock_pid(void)
+{
+	if (main_write_pid(main_lock_fd) < 0)
 		log_warn("main event=lock-pid-failed error=\"%s\"", strerror(errno));
 }
 
@@ -528,10 +534,8 @@ static void main_pidfile_remove(void)
 
 static void main_pidfile_write(const struct config *cfg)
 {
-	char pid[24];
-	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
-	int fd = open(cfg->pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
-	if (fd < 0 || write(fd, pid, (size_t)n) != n) {
+	int fd = open(cfg->pidfile, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+	if (fd < 0 || main_write_pid(fd) < 0) {
 		log_warn("main event=pidfile-failed path=%s error=\"%s\"", cfg->pidfile, strerror(errno));
 		if (fd >= 0)
 			close(fd);
