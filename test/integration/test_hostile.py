@@ -270,6 +270,15 @@ def starttls_ready(r=relay):
     return c, code
 
 
+def tls_session(r=relay):
+    """a raw session past STARTTLS and the second EHLO"""
+    c, code = starttls_ready(r)
+    t.is_(code, 220, "STARTTLS: 220")
+    c.starttls()
+    c.ehlo()
+    return c
+
+
 @t.test("TLS garbage and truncated handshakes")
 def _():
     hello = client_hello()
@@ -337,13 +346,7 @@ def _():
 
 @t.test("AUTH PLAIN with malformed base64")
 def _():
-    c = relay.raw()
-    c.settimeout(5 * SLOW)
-    c.reply()
-    c.ehlo()
-    c.cmd("STARTTLS")
-    c.starttls()
-    c.ehlo()
+    c = tls_session()
     for bad in ["!!!notbase64", "AGFsaWNl=QAAA", "A", "====", "AGFsaWNlQGV4YW1wbGUub3JnAGFsaWNlLXB3\x7f"]:
         code, text = c.cmd("AUTH PLAIN " + bad)
         t.like(text, r"^501 5\.5\.2 ", f"AUTH PLAIN {bad!r}: 501 5.5.2")
@@ -358,14 +361,10 @@ def _():
 
 @t.test("AUTH LOGIN with a NUL in the user name or password: 501 5.5.2, as AUTH PLAIN")
 def _():
-    c = relay.raw()
-    c.settimeout(5 * SLOW)
-    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    c = tls_session()
     t.is_(c.auth_plain("alice@example.org", "alice-pw")[0], 235, "alice logs in (the credential cache is filled)")
     c.close()
-    c = relay.raw()
-    c.settimeout(5 * SLOW)
-    c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+    c = tls_session()
     for user, pw, what in (("alice@example.org", "alice-pw\0anything", "password"),
                            ("alice@example.org\0junk", "alice-pw", "user name")):
         code, text = c.auth_login(user, pw)
@@ -381,13 +380,7 @@ def _():
 
 @t.test("AUTH: an overlong AUTH line gets 500 5.5.6; an empty response line is an empty response")
 def _():
-    c = relay.raw()
-    c.settimeout(5 * SLOW)
-    c.reply()
-    c.ehlo()
-    c.cmd("STARTTLS")
-    c.starttls()
-    c.ehlo()
+    c = tls_session()
     code, text = c.cmd("AUTH PLAIN " + "A" * 13000)
     t.like(text, r"^500 5\.5\.6 ", "AUTH PLAIN with a 13000-char initial response: 500 5.5.6 (RFC 4954 6)")
     t.is_(c.cmd("NOOP")[0], 250, "in sync afterwards")
