@@ -349,12 +349,13 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	static const char cte[] = DSN_CTE_8BIT;
 	size_t hlen = dsn_header_len(in, len);
 	const char *b = memmem(in, hlen, "\tboundary=\"", 11);
-	const char *bend = b ? memchr(b + 11, '"', hlen - (size_t)(b + 11 - in)) : NULL;
-	if (!bend || bend - (b + 11) > 120)
+	b = b ? b + 11 : NULL; /* the boundary, blen bytes */
+	const char *bend = b ? memchr(b, '"', hlen - (size_t)(b - in)) : NULL;
+	if (!bend || bend - b > 120)
 		return -1;
-	int n;
+	int n, blen = (int)(bend - b);
 	bool global;
-	const char *m = dsn_returned_part(in, len, b + 11, (int)(bend - (b + 11)), &n, &global);
+	const char *m = dsn_returned_part(in, len, b, blen, &n, &global);
 	if (!m)
 		return -1;
 	const char *msg = m + n, *end = in + len;
@@ -364,7 +365,7 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 		return -1;
 	msg += 2;
 	/* the returned message's headers, up to the bounce's closing boundary when it has no body */
-	const char *stop = memmem(msg, (size_t)(end - msg), m, (size_t)(4 + (bend - (b + 11))));
+	const char *stop = memmem(msg, (size_t)(end - msg), m, (size_t)(4 + blen));
 	size_t mlen = dsn_header_len(msg, (size_t)((stop ? stop : end) - msg));
 	/* the top-level 8bit label stays only if the cut bounce is still 8-bit */
 	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
@@ -372,12 +373,12 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	int rc = buf_append(out, in, top);
 	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
 	rc |= buf_printf(out, "\r\n--%.*s\r\nContent-Description: Undelivered Message Headers\r\n"
-			 "Content-Type: %s\r\n%s\r\n", (int)(bend - (b + 11)), b + 11, dsn_returned_type(true, global),
+			 "Content-Type: %s\r\n%s\r\n", blen, b, dsn_returned_type(true, global),
 			 dsn_has_8bit(msg, mlen) ? cte : "");
 	rc |= buf_append(out, msg, mlen);
 	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
-	rc |= buf_printf(out, "\r\n--%.*s--\r\n", (int)(bend - (b + 11)), b + 11);
+	rc |= buf_printf(out, "\r\n--%.*s--\r\n", blen, b);
 	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
 		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
 	return rc ? -1 : 0;
