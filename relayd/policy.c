@@ -19,12 +19,18 @@
  * per-user-name count applies to everyone. An IP's (or name's) entry goes when it holds
  * nothing worth remembering: at its last disconnect, or at the sweep (every auth_lockout
  * seconds, at most a minute) for one that failed AUTH and never came back.
+ * A success forgets the name's failures and, of the IP's, only those for that same name
+ * (kept per name, a keyed hash each, for the first POLICY_FAIL_NAMES names): a typo then the
+ * right password leaves no trace, but one valid account cannot be used from an address to
+ * wipe its count while it tries passwords for other names.
  */
 #include "policy.h"
 
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +43,7 @@
 
 #define POLICY_BUCKETS 1024
 #define POLICY_DAY 86400
+#define POLICY_FAIL_NAMES 4
 
 static const uint32_t policy_windows[3] = { 60, 3600, 86400 };
 
@@ -55,12 +62,17 @@ struct policy_ip {
 	unsigned auth_fails;
 	time_t locked_until;
 	time_t last_fail;
+	struct {                       /* an IP's failures per name tried */
+		uint64_t name;         /* policy_name_id(); 0 = free */
+		unsigned fails;
+	} fail_names[POLICY_FAIL_NAMES];
 };
 
 static const struct config *policy_cfg;
 static struct policy_user *policy_users[POLICY_BUCKETS];
 static struct policy_ip *policy_ips[POLICY_BUCKETS];
 static unsigned policy_nips;       /* entries in policy_ips */
+static unsigned char policy_name_key[32];
 static int policy_journal = -1;
 static struct ev_loop *policy_loop;
 static ev_timer policy_rotate_timer;
@@ -166,6 +178,10 @@ int policy_init(struct ev_loop *loop, const struct config *cfg, char *err, size_
 {
 	char path[PATH_MAX + 16];
 	policy_cfg = cfg;
+	if (gnutls_rnd(GNUTLS_RND_KEY, policy_name_key, sizeof(policy_name_key)) < 0) {
+		snprintf(err, errlen, "no random key for the AUTH failure table");
+		return -1;
+	}
 	snprintf(path, sizeof(path), "%s/usage.log", cfg->queue);
 	policy_replay(path, time(NULL));
 	policy_journal = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -425,15 +441,56 @@ bool policy_auth_allowed(const char *ip, const char *name)
 	return !policy_locked("ip", ip, now) && !policy_locked("user", name, now);
 }
 
-static unsigned policy_fail_one(const char *kind, const char *id, time_t now)
+/* a name as the IP's failure table keeps it: keyed, so nobody can pick a name that collides */
+static uint64_t policy_name_id(const char *name)
+{
+	unsigned char d[32];
+	uint64_t id = 0;
+	if (gnutls_hmac_fast(GNUTLS_MAC_SHA256, policy_name_key, sizeof(policy_name_key), name, strlen(name), d) < 0)
+		return 0;
+	memcpy(&id, d, sizeof(id));
+	return id ? id : 1;
+}
+
+/* count one more of the IP's failures against name (untracked when the table is full) */
+static void policy_fail_name(struct policy_ip *p, const char *name)
+{
+	uint64_t id = name && name[0] ? policy_name_id(name) : 0;
+	if (!id)
+		return;
+	for (int i = 0; i < POLICY_FAIL_NAMES; i++)
+		if (p->fail_names[i].name == id || !p->fail_names[i].name) {
+			p->fail_names[i].name = id;
+			p->fail_names[i].fails++;
+			return;
+		}
+}
+
+/* a success for name takes back the IP's failures for that name alone */
+static void policy_forgive_name(struct policy_ip *p, const char *name)
+{
+	uint64_t id = policy_name_id(name);
+	for (int i = 0; id && i < POLICY_FAIL_NAMES; i++)
+		if (p->fail_names[i].name == id) {
+			unsigned n = p->fail_names[i].fails;
+			p->auth_fails -= n < p->auth_fails ? n : p->auth_fails;
+			p->fail_names[i].name = 0;
+			p->fail_names[i].fails = 0;
+		}
+}
+
+static unsigned policy_fail_one(const char *kind, const char *id, const char *name, time_t now)
 {
 	struct policy_ip *p = policy_ip_get(kind, id, true);
 	if (!p)
 		return 0;
-	if (p->auth_fails && now - p->last_fail >= (time_t)policy_cfg->auth_lockout)
+	if (p->auth_fails && now - p->last_fail >= (time_t)policy_cfg->auth_lockout) {
 		p->auth_fails = 0; /* old failures are forgiven */
+		memset(p->fail_names, 0, sizeof(p->fail_names));
+	}
 	p->auth_fails++;
 	p->last_fail = now;
+	policy_fail_name(p, name);
 	if (policy_cfg->auth_fail_limit && p->auth_fails >= policy_cfg->auth_fail_limit && p->locked_until <= now) {
 		p->locked_until = now + (time_t)policy_cfg->auth_lockout;
 		log_warn("policy event=auth-lockout %s=%s failures=%u seconds=%u", kind, id, p->auth_fails,
@@ -447,23 +504,23 @@ double policy_auth_failed(const char *ip, const char *name)
 {
 	time_t now = time(NULL);
 	if (name && name[0])
-		policy_fail_one("user", name, now);
+		policy_fail_one("user", name, NULL, now);
 	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
 		return 0; /* loopback is exempt from per-IP policy unless limit_loopback yes */
-	unsigned fails = policy_fail_one("ip", ip, now);
+	unsigned fails = policy_fail_one("ip", ip, name, now);
 	double delay = 1;
 	for (unsigned i = 1; i < fails && delay < 8; i++)
 		delay *= 2;
 	return delay;
 }
 
-/* policy_auth_ok - a success forgets the IP's and the name's failures (not a lockout) */
+/* policy_auth_ok - a success forgets the name's failures and the IP's for that name (not a lockout) */
 void policy_auth_ok(const char *ip, const char *name)
 {
 	time_t now = time(NULL);
 	struct policy_ip *p = policy_ip_get("ip", ip, false);
 	if (p && p->locked_until <= now)
-		p->auth_fails = 0;
+		policy_forgive_name(p, name);
 	p = policy_ip_get("user", name, false);
 	if (p && p->locked_until <= now)
 		p->auth_fails = 0;

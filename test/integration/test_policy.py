@@ -345,6 +345,7 @@ def auth_timed(relay, user, pw, mech="PLAIN", source=None):
         c.close()
 
 
+OTHER = "dave@example.org"
 LOCKED = r"^454 4\.7\.0 Too many authentication failures"
 relay5 = t.Relay(extra_config="auth_fail_limit 3\nauth_lockout 60s\nauth_cache_ttl 300\n")
 relay5.add_user(USER, PW)
@@ -385,6 +386,7 @@ relay5.stop()
 
 relay6 = t.Relay(extra_config="limit_loopback yes\nauth_fail_limit 3\nauth_lockout 60s\nmax_conn_rate_per_ip 0\n")
 relay6.add_user(USER, PW)
+relay6.add_user(OTHER, PW)  # the next test locks USER's name out
 relay6.start()
 
 
@@ -398,6 +400,26 @@ def _():
         what = "the right" if pw == PW else "a wrong"
         t.like(text, LOCKED, f"from a new address, {what} password: 454 4.7.0")
         t.ok(dt >= 0.9, f"... after the failure delay of 1 s ({dt:.2f} s)")
+
+
+@t.test("a success takes back only that name's failures from the IP's count")
+def _():
+    typo = "127.0.4.1"
+    for i in range(3):  # a typo then the right password, three times: never locked
+        t.is_(auth_timed(relay6, OTHER, f"typo{i}", source=typo)[0], 535, f"typo {i + 1}: 535")
+        t.is_(auth_timed(relay6, OTHER, PW, source=typo)[0], 235, "then the right password: 235")
+    t.unlike(relay6.log(), r"event=auth-lockout ip=127\.0\.4\.1 ", "the typing address is not locked out")
+    spray = "127.0.4.2"
+    for i in range(3):  # a valid account's logins between guesses at other names
+        code, text, dt = auth_timed(relay6, f"victim{i}@example.org", "guess", source=spray)
+        t.is_(code, 535, f"guess at victim{i}: 535 ({dt:.2f} s)")
+        if i < 2:
+            t.is_(auth_timed(relay6, OTHER, PW, source=spray)[0], 235, "then the valid account: 235")
+    t.like(relay6.log(), r"event=auth-lockout ip=127\.0\.4\.2 failures=3 ",
+           "the third guess locks the address out, logins in between notwithstanding")
+    c = relay6.raw(source=spray)
+    t.like(c.reply_text(), r"^421 4\.7\.0 ", "a new connection from it gets 421 4.7.0")
+    c.close()
 
 
 # --- open files: max_sessions needs as many descriptors -------------------------------------
