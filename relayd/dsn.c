@@ -343,18 +343,29 @@ static const char *dsn_returned_part(const char *in, size_t len, const char *b, 
 	return NULL;
 }
 
+/* the boundary of a bounce from dsn_build: *b, *blen; false when in is not such a bounce */
+static bool dsn_boundary(const char *in, size_t hlen, const char **b, int *blen)
+{
+	const char *p = memmem(in, hlen, "\tboundary=\"", 11);
+	p = p ? p + 11 : NULL;
+	const char *end = p ? memchr(p, '"', hlen - (size_t)(p - in)) : NULL;
+	if (!end || end - p > 120)
+		return false;
+	*b = p;
+	*blen = (int)(end - p);
+	return true;
+}
+
 /* dsn_headers_only - a bounce that returns the whole message, cut to its header section */
 int dsn_headers_only(const char *in, size_t len, struct buf *out)
 {
 	static const char cte[] = DSN_CTE_8BIT;
 	size_t hlen = dsn_header_len(in, len);
-	const char *b = memmem(in, hlen, "\tboundary=\"", 11);
-	b = b ? b + 11 : NULL; /* the boundary, blen bytes */
-	const char *bend = b ? memchr(b, '"', hlen - (size_t)(b - in)) : NULL;
-	if (!bend || bend - b > 120)
-		return -1;
-	int n, blen = (int)(bend - b);
+	const char *b;
+	int n, blen;
 	bool global;
+	if (!dsn_boundary(in, hlen, &b, &blen))
+		return -1;
 	const char *m = dsn_returned_part(in, len, b, blen, &n, &global);
 	if (!m)
 		return -1;
@@ -379,6 +390,38 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
 	rc |= buf_printf(out, "\r\n--%.*s--\r\n", blen, b);
+	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
+		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
+	return rc ? -1 : 0;
+}
+
+/* dsn_without_content - a bounce from dsn_build with its returned part left out */
+int dsn_without_content(const char *in, size_t len, struct buf *out)
+{
+	static const char cte[] = DSN_CTE_8BIT;
+	static const char *attached[] = { " It's attached below.\r\n", " Its headers are attached below.\r\n" };
+	size_t hlen = dsn_header_len(in, len);
+	const char *b;
+	int blen;
+	char marker[200];
+	if (!dsn_boundary(in, hlen, &b, &blen))
+		return -1;
+	int n = snprintf(marker, sizeof(marker), "\r\n--%.*s\r\nContent-Description: Undelivered Message", blen, b);
+	const char *m = memmem(in, len, marker, (size_t)n);
+	if (!m)
+		return -1;
+	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
+	size_t top = top8 ? hlen - (sizeof(cte) - 1) : hlen;
+	int rc = buf_append(out, in, top);
+	size_t parts = out->len;
+	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
+	rc |= buf_printf(out, "\r\n--%.*s--\r\n", blen, b);
+	for (int i = 0; rc == 0 && i < 2; i++) {
+		const char *a = memmem(out->data + parts, out->len - parts, attached[i], strlen(attached[i]));
+		if (a)
+			rc = buf_replace(out, (size_t)(a - out->data), strlen(attached[i]), " It is not returned.\r\n",
+					 strlen(" It is not returned.\r\n"));
+	}
 	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
 		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
 	return rc ? -1 : 0;

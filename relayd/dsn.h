@@ -49,6 +49,10 @@ int dsn_build(const struct queue_envelope *env, enum dsn_action action, const ch
  * an upstream that cannot take the whole (SIZE, 8BITMIME). -1 when in is not such a bounce, or
  * out of memory */
 int dsn_headers_only(const char *in, size_t len, struct buf *out);
+/* dsn_without_content - a bounce from dsn_build (whole message or headers returned) without
+ * its returned part, for an upstream that cannot take even the headers (8-bit headers without
+ * 8BITMIME): the report alone. -1 when in is not such a bounce, or out of memory */
+int dsn_without_content(const char *in, size_t len, struct buf *out);
 /* dsn_xtext_decode - RFC 3461 §4 xtext ("+2B" -> "+") into out; -1 if it does not fit */
 int dsn_xtext_decode(const char *in, char *out, size_t outlen);
 

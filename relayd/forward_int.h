@@ -72,6 +72,9 @@ struct forward_msg {
 	struct buf records;             /* status lines not yet appended */
 };
 
+/* how much of a bounce's returned message is sent: all, its headers, nothing */
+enum forward_cut { FORWARD_CUT_NONE, FORWARD_CUT_HEADERS, FORWARD_CUT_ALL };
+
 struct forward_session {
 	uint64_t id;
 	char idstr[QUEUE_ID_LEN + 1];
@@ -111,7 +114,7 @@ struct forward_session {
 	bool body_8bit;
 	bool hdr_8bit;                  /* in the header section */
 	size_t body_size;               /* the message's octets as sent (SIZE=) */
-	bool hdrs_cut;                  /* a bounce read again with its returned message cut to the headers */
+	enum forward_cut cut;           /* a bounce read again with its returned message cut */
 	ev_tstamp tx_started;
 };
 

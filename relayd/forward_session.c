@@ -69,9 +69,9 @@ struct forward_session_body {
 	struct workq_job job;
 	uint64_t sid;
 	char id[QUEUE_ID_LEN + 1];
-	size_t size;                    /* on disk; then as sent (hdrs_cut) */
+	size_t size;                    /* on disk; then as sent (cut) */
 	off_t offset;
-	bool hdrs_cut;                  /* a bounce: its returned message cut to the headers (dsn.c) */
+	enum forward_cut cut;           /* a bounce: its returned message cut (dsn.c) */
 	struct buf out;                 /* dot-stuffed */
 	bool has8bit;
 	bool in_body;                   /* past the header section (its empty line) */
@@ -301,7 +301,7 @@ void forward_session_tx_clear(struct forward_session *s)
 	free(s->body);
 	s->body = NULL;
 	s->body_len = s->body_off = s->body_size = 0;
-	s->hdrs_cut = false;
+	s->cut = FORWARD_CUT_NONE;
 	s->msg = NULL;
 }
 
@@ -700,8 +700,8 @@ static int forward_session_stuff_file(struct forward_session_body *j, int fd)
 	return forward_session_stuff_end(j);
 }
 
-/* a bounce read whole, its returned message cut to the headers, dot-stuffed into j->out;
- * one that cannot be cut (not a bounce that returns the whole message) goes as it is */
+/* a bounce read whole, its returned message cut to the headers or left out, dot-stuffed
+ * into j->out; one that cannot be cut (not a bounce that returns it) goes as it is */
 static int forward_session_stuff_cut(struct forward_session_body *j)
 {
 	struct queue_envelope where = { .size = j->size, .body_offset = j->offset };
@@ -710,7 +710,8 @@ static int forward_session_stuff_cut(struct forward_session_body *j)
 	bool line_start = true;
 	memcpy(where.id, j->id, sizeof(where.id));
 	int rc = queue_read_body(forward_queue, &where, &raw);
-	if (rc == 0 && dsn_headers_only(raw, j->size, &cut) == 0) {
+	if (rc == 0 && (j->cut == FORWARD_CUT_HEADERS ? dsn_headers_only(raw, j->size, &cut)
+						       : dsn_without_content(raw, j->size, &cut)) == 0) {
 		j->size = cut.len;
 		rc = forward_session_stuff(j, cut.data, cut.len, &line_start);
 	} else if (rc == 0) {
@@ -724,7 +725,7 @@ static int forward_session_stuff_cut(struct forward_session_body *j)
 static void forward_session_body_run(struct workq_job *job)
 {
 	struct forward_session_body *j = (struct forward_session_body *)job;
-	if (j->hdrs_cut) {
+	if (j->cut != FORWARD_CUT_NONE) {
 		j->rc = forward_session_stuff_cut(j);
 		return;
 	}
@@ -769,7 +770,7 @@ static int forward_session_cannot(const struct forward_session *s, char *text, s
 	return 0;
 }
 
-static void forward_session_read_body(struct forward_session *s, bool hdrs_cut);
+static void forward_session_read_body(struct forward_session *s, enum forward_cut cut);
 
 static void forward_session_body_done(struct workq_job *job)
 {
@@ -796,10 +797,11 @@ static void forward_session_body_done(struct workq_job *job)
 	free(j);
 	char text[300];
 	int code = forward_session_cannot(s, text, sizeof(text));
-	if (code && code != 553 && !s->msg->env.from[0] && !s->hdrs_cut) {
+	if (code && code != 553 && !s->msg->env.from[0] && s->cut != FORWARD_CUT_ALL) {
 		/* a bounce too big or 8-bit for this upstream: its returned message cut to the
-		 * headers, as RET=HDRS makes it (RFC 3461 §4.3 leaves that to us), not dropped */
-		forward_session_read_body(s, true);
+		 * headers, as RET=HDRS makes it (RFC 3461 §4.3 leaves that to us), and if even the
+		 * headers cannot go (8-bit) the report alone; not dropped */
+		forward_session_read_body(s, s->cut + 1);
 	} else if (code) {
 		forward_session_tx_refuse(s, code, text);
 	} else {
@@ -809,8 +811,8 @@ static void forward_session_body_done(struct workq_job *job)
 }
 
 /* read s->msg's body from the queue: on the loop when small (FORWARD_INLINE_MAX: cheaper than a
- * worker's hand-overs), else on a worker; hdrs_cut: a bounce with its returned message cut */
-static void forward_session_read_body(struct forward_session *s, bool hdrs_cut)
+ * worker's hand-overs), else on a worker; cut: a bounce with its returned message cut */
+static void forward_session_read_body(struct forward_session *s, enum forward_cut cut)
 {
 	struct forward_session_body *j = calloc(1, sizeof(*j));
 	if (!j) {
@@ -818,12 +820,12 @@ static void forward_session_read_body(struct forward_session *s, bool hdrs_cut)
 		forward_session_ready(s);
 		return;
 	}
-	s->hdrs_cut = hdrs_cut;
+	s->cut = cut;
 	j->sid = s->id;
 	memcpy(j->id, s->msg->id, sizeof(j->id));
 	j->size = s->msg->env.size;
 	j->offset = s->msg->env.body_offset;
-	j->hdrs_cut = hdrs_cut;
+	j->cut = cut;
 	j->job.run = forward_session_body_run;
 	j->job.done = forward_session_body_done;
 	workq_run(&j->job, j->size <= FORWARD_INLINE_MAX);
@@ -851,7 +853,7 @@ void forward_session_take(struct forward_session *s, struct forward_msg *m)
 		if (!m->env.rcpt[i].done_code)
 			s->rcpts[s->nrcpts++] = i;
 	forward_session_enter_state(s, FS_PREPARE);
-	forward_session_read_body(s, false);
+	forward_session_read_body(s, FORWARD_CUT_NONE);
 }
 
 /* the session can take the next message (or idles) */

@@ -598,6 +598,30 @@ def _():
     done(relay, up)
 
 
+@t.test("UTF-8 headers to an upstream without 8BITMIME: the bounce goes without the returned message, not dropped")
+def _():
+    up = Upstream(ehlo=(b"PIPELINING", b"ENHANCEDSTATUSCODES"))
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    c.mail(ALICE, ["BODY=8BITMIME", "SMTPUTF8"])
+    c.rcpt("ursula@example.net")
+    code, resp = c.data(t.make_message(ALICE, "ursula@example.net", subject="caf\u00e9 " + marker("utf8 hdr")))
+    c.quit()
+    qid = t.queued_id(f"{code} {resp.decode()}")
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=failed ", 10), "failed: the upstream cannot take it")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the bounce reached the upstream")
+    rc, data = up.messages[0] if up.messages else ([], b"")
+    t.is_(rc, [ALICE], "to the sender")
+    t.ok(not any(b & 0x80 for b in data), "7-bit: neither the message nor its UTF-8 headers are in it")
+    t.like(data, rb"Final-Recipient: rfc822; ursula@example\.net\r\nAction: failed\r\n", "the report names the recipient")
+    t.like(data, rb"It is not returned\.", "and says the message is not returned")
+    t.unlike(data, rb"Undelivered Message", "no returned part")
+    t.unlike(relay.log(), r"event=dropped", "nothing dropped")
+    done(relay, up)
+
+
 @t.test("an upstream whose SIZE is too small for a message: the next upstream takes it")
 def _():
     small, big = t.Sink(["--max-size", "300"]), t.Sink([])

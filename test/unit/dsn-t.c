@@ -227,6 +227,37 @@ int main(void)
 	}
 	ok(dsn_headers_only(msg, strlen(msg), &out) < 0 && out.len == 0, "headers only: not a bounce, refused");
 
+	/* a bounce without its returned part (not even 8-bit headers can go): whole or headers
+	 * returned before, the report after, same parts up to it, 7-bit when only the returned
+	 * part was 8-bit, and the text no longer says it is attached */
+	for (size_t k = 0; k < sizeof(originals) / sizeof(*originals); k++) {
+		for (int hdrs = 0; hdrs < 2; hdrs++) {
+			struct buf full = { 0 }, none = { 0 };
+			setup(&env);
+			env.ret = hdrs ? "HDRS" : NULL;
+			dsn_build(&env, DSN_ACTION_FAILED, originals[k], strlen(originals[k]), "relay.test", 1700000100, &full);
+			int rc = dsn_without_content(full.data, full.len, &none);
+			const char *nb = none.data ? strstr(none.data, "boundary=\"") : NULL;
+			size_t nblen = nb ? strcspn(nb + 10, "\"") : 0;
+			char ndelim[128];
+			snprintf(ndelim, sizeof(ndelim), "\r\n--%.*s--\r\n", (int)nblen, nb ? nb + 10 : "");
+			ok(rc == 0 && none.len < full.len && nb && !strcmp(none.data + none.len - strlen(ndelim), ndelim),
+			   "without content %zu/%d: shorter, closed by the boundary", k, hdrs);
+			ok(rc == 0 && !memmem(none.data, none.len, "Undelivered Message", 19) &&
+			   memmem(none.data, none.len, "Action: failed", 14) &&
+			   memmem(none.data, none.len, "It is not returned.", 19) &&
+			   !memmem(none.data, none.len, "attached below", 14),
+			   "without content %zu/%d: no returned part, the report kept, the text says so", k, hdrs);
+			bool eight = false;
+			for (size_t i = 0; i < none.len; i++)
+				eight |= (unsigned char)none.data[i] >= 0x80;
+			ok(rc == 0 && !eight && !memmem(none.data, none.len, "8bit", 4) && lines_ok(none.data, none.len),
+			   "without content %zu/%d: 7-bit, no 8bit label, lines within limits", k, hdrs);
+			buf_free(&full), buf_free(&none);
+		}
+	}
+	ok(dsn_without_content(msg, strlen(msg), &out) < 0 && out.len == 0, "without content: not a bounce, refused");
+
 	/* delayed: the pending recipients whose NOTIFY has DELAY or is not given */
 	setup(&env);
 	rcpts[1].done_code = 0;
