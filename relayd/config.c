@@ -72,6 +72,7 @@ void config_defaults(struct config *c)
 	c->auth_cache_ttl = 300;
 	c->limit_msgs_window = c->limit_rcpts_window = c->limit_bytes_window = 3600;
 	c->max_conn_per_ip = 20;
+	c->ipv6_prefix_length = 64;
 	c->max_conn_rate_per_ip = 120;
 	c->auth_fail_limit = 5;
 	c->auth_lockout = 900;
@@ -427,6 +428,11 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_unsigned(x, argc, argv, &c->auth_fail_limit, 1000, NULL);
 	if (!strcmp(d, "auth_lockout"))
 		return config_unsigned(x, argc, argv, &c->auth_lockout, 86400 * 7, config_parse_duration);
+	if (!strcmp(d, "ipv6_prefix_length")) {
+		if (argc == 2 && atoi(argv[1]) < 16)
+			return config_error(x, "ipv6_prefix_length: bad value \"%s\" (16 to 128)", argv[1]);
+		return config_unsigned(x, argc, argv, &c->ipv6_prefix_length, 128, NULL);
+	}
 	if (!strcmp(d, "limit_loopback")) {
 		if (argc != 2)
 			return config_error(x, "limit_loopback takes yes or no");

@@ -84,6 +84,7 @@ struct config {
 	unsigned max_conn_per_ip;      /* concurrent (default 20, 0 = off) */
 	unsigned max_conn_rate_per_ip; /* new connections per minute (default 120, 0 = off) */
 	bool limit_loopback;           /* apply per-IP limits to loopback too (default no) */
+	unsigned ipv6_prefix_length;   /* IPv6 clients count as one per this prefix (default 64) */
 	unsigned auth_fail_limit;      /* failures per IP or user name before lockout (default 5) */
 	unsigned auth_lockout;         /* seconds (default 900) */
 };

@@ -282,9 +282,10 @@ static void main_reload_keep(struct config *n, const struct config *o)
 			      !strcmp(n->listen[i].port, o->listen[i].port) && n->listen[i].mode == o->listen[i].mode;
 	if (!same_listen || strcmp(n->queue, o->queue) || strcmp(n->database, o->database) ||
 	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
-	    strcmp(n->metrics_port, o->metrics_port) || n->auth_cache_ttl != o->auth_cache_ttl)
-		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control, metrics and "
-			 "auth_cache_ttl change only on restart\"");
+	    strcmp(n->metrics_port, o->metrics_port) || n->auth_cache_ttl != o->auth_cache_ttl ||
+	    n->ipv6_prefix_length != o->ipv6_prefix_length)
+		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control, metrics, "
+			 "auth_cache_ttl and ipv6_prefix_length change only on restart\"");
 	memcpy(n->listen, o->listen, sizeof(n->listen));
 	n->nlisten = o->nlisten;
 	memcpy(n->queue, o->queue, sizeof(n->queue));
@@ -294,6 +295,7 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	memcpy(n->metrics_host, o->metrics_host, sizeof(n->metrics_host));
 	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
 	n->auth_cache_ttl = o->auth_cache_ttl; /* the credential cache reads it once, at start */
+	n->ipv6_prefix_length = o->ipv6_prefix_length; /* the per-IP table's keys are made with it */
 }
 
 /* the CPUs relayd may run on (its affinity mask: taskset, systemd CPUAffinity=), at least 1 */

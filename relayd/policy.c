@@ -26,6 +26,7 @@
  */
 #include "policy.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
@@ -106,12 +107,17 @@ static struct policy_user *policy_user_get(const char *name)
 	return u;
 }
 
+/* count a message at time t (msgs 1), or take back one counted at time t (msgs -1) */
 static void policy_user_add(struct policy_user *u, time_t t, int64_t msgs, int64_t rcpts, int64_t bytes)
 {
 	int64_t v[POLICY_NMETRICS] = { msgs, rcpts, bytes };
 	for (int m = 0; m < POLICY_NMETRICS; m++)
-		for (int g = 0; g < 3; g++)
-			ratelimit_add(&u->w[m][g], t, (uint64_t)v[m]); /* -1 wraps: unsigned add takes it back */
+		for (int g = 0; g < 3; g++) {
+			if (msgs < 0)
+				ratelimit_take_back(&u->w[m][g], t, (uint64_t)-v[m]);
+			else
+				ratelimit_add(&u->w[m][g], t, (uint64_t)v[m]);
+		}
 }
 
 /* replay the last day of usage.log.1 then usage.log, and leave one compacted usage.log */
@@ -275,35 +281,38 @@ int policy_check(const char *user, const struct policy_limits *l, uint64_t msgs,
 	return 0;
 }
 
-static void policy_journal_write(const char *user, int msgs, uint64_t rcpts, uint64_t bytes)
+static void policy_journal_write(time_t t, const char *user, int msgs, uint64_t rcpts, uint64_t bytes)
 {
 	char line[512];
 	if (policy_journal < 0)
 		return;
-	int n = snprintf(line, sizeof(line), "%lld %d %lld %lld %s\n", (long long)time(NULL), msgs,
+	int n = snprintf(line, sizeof(line), "%lld %d %lld %lld %s\n", (long long)t, msgs,
 			 (long long)rcpts * msgs, (long long)bytes * msgs, user);
 	if (n > 0 && (size_t)n < sizeof(line) && write(policy_journal, line, (size_t)n) != n)
 		log_warn("policy event=journal-write-failed error=\"%s\"", strerror(errno));
 }
 
-/* policy_record - count an accepted message */
-void policy_record(const char *user, uint64_t rcpts, uint64_t bytes)
+/* policy_record - count an accepted message; returns the time it is counted at */
+time_t policy_record(const char *user, uint64_t rcpts, uint64_t bytes)
 {
+	time_t now = time(NULL);
 	struct policy_user *u = policy_user_get(user);
 	if (!u)
-		return;
-	policy_user_add(u, time(NULL), 1, (int64_t)rcpts, (int64_t)bytes);
-	policy_journal_write(user, 1, rcpts, bytes);
+		return now;
+	policy_user_add(u, now, 1, (int64_t)rcpts, (int64_t)bytes);
+	policy_journal_write(now, user, 1, rcpts, bytes);
+	return now;
 }
 
-/* policy_unrecord - the commit failed: give the budget back */
-void policy_unrecord(const char *user, uint64_t rcpts, uint64_t bytes)
+/* policy_unrecord - the commit failed: give the budget back, in the buckets it was counted in
+ * (a later bucket would outlive the count and wrap the window's sum) */
+void policy_unrecord(const char *user, time_t counted, uint64_t rcpts, uint64_t bytes)
 {
 	struct policy_user *u = policy_user_get(user);
 	if (!u)
 		return;
-	policy_user_add(u, time(NULL), -1, -(int64_t)rcpts, -(int64_t)bytes);
-	policy_journal_write(user, -1, rcpts, bytes);
+	policy_user_add(u, counted, -1, -(int64_t)rcpts, -(int64_t)bytes);
+	policy_journal_write(counted, user, -1, rcpts, bytes);
 }
 
 /* policy_count - per-user counters */
@@ -321,9 +330,29 @@ static bool policy_is_loopback(const char *ip)
 	return !strncmp(ip, "127.", 4) || !strcmp(ip, "::1") || !strncmp(ip, "::ffff:127.", 11);
 }
 
+/* an IPv6 client's network (its address cut to ipv6_prefix_length bits, "2001:db8:1:2::/64"),
+ * which the per-IP rules count as one client; false for IPv4 or a whole address */
+static bool policy_ipv6_net(const char *ip, char *out, size_t outlen)
+{
+	unsigned char a[16];
+	unsigned bits = policy_cfg ? policy_cfg->ipv6_prefix_length : 128;
+	char text[INET6_ADDRSTRLEN];
+	static const unsigned char v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+	if (bits >= 128 || !strchr(ip, ':') || inet_pton(AF_INET6, ip, a) != 1 || !memcmp(a, v4mapped, 12))
+		return false;
+	for (unsigned i = 0; i < 16; i++)
+		a[i] &= i * 8 >= bits ? 0 : i * 8 + 8 <= bits ? 0xff : (unsigned char)(0xff << (8 - bits % 8));
+	if (!inet_ntop(AF_INET6, a, text, sizeof(text)))
+		return false;
+	snprintf(out, outlen, "%s/%u", text, bits);
+	return true;
+}
+
 static struct policy_ip *policy_ip_get(const char *kind, const char *id, bool create)
 {
-	char key[272];
+	char key[272], net[INET6_ADDRSTRLEN + 8];
+	if (!strcmp(kind, "ip") && policy_ipv6_net(id, net, sizeof(net)))
+		id = net;
 	snprintf(key, sizeof(key), "%s:%s", kind, id);
 	unsigned h = policy_hash(key);
 	for (struct policy_ip *p = policy_ips[h]; p; p = p->next)
@@ -493,7 +522,10 @@ static unsigned policy_fail_one(const char *kind, const char *id, const char *na
 	policy_fail_name(p, name);
 	if (policy_cfg->auth_fail_limit && p->auth_fails >= policy_cfg->auth_fail_limit && p->locked_until <= now) {
 		p->locked_until = now + (time_t)policy_cfg->auth_lockout;
-		log_warn("policy event=auth-lockout %s=%s failures=%u seconds=%u", kind, id, p->auth_fails,
+		char net[INET6_ADDRSTRLEN + 16] = "";
+		if (!strcmp(kind, "ip") && policy_ipv6_net(id, net + 5, sizeof(net) - 5))
+			memcpy(net, " net=", 5);
+		log_warn("policy event=auth-lockout %s=%s%s failures=%u seconds=%u", kind, id, net, p->auth_fails,
 			 policy_cfg->auth_lockout);
 	}
 	return p->auth_fails;

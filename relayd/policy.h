@@ -40,10 +40,11 @@ void policy_default_limits(struct policy_limits *l);
  * (0: never, it is more than the whole limit) */
 int policy_check(const char *user, const struct policy_limits *l, uint64_t msgs, uint64_t rcpts, uint64_t bytes,
 		 enum policy_metric *metric, uint32_t *wait);
-/* policy_record - count an accepted message (and journal it) */
-void policy_record(const char *user, uint64_t rcpts, uint64_t bytes);
-/* policy_unrecord - take back a recorded message whose commit failed */
-void policy_unrecord(const char *user, uint64_t rcpts, uint64_t bytes);
+/* policy_record - count an accepted message (and journal it); returns when it was counted */
+time_t policy_record(const char *user, uint64_t rcpts, uint64_t bytes);
+/* policy_unrecord - take back a recorded message whose commit failed (counted: what
+ * policy_record returned) */
+void policy_unrecord(const char *user, time_t counted, uint64_t rcpts, uint64_t bytes);
 /* policy_metric_name - "messages", "recipients", "bytes" */
 const char *policy_metric_name(enum policy_metric m);
 

@@ -69,6 +69,18 @@ void ratelimit_add(struct ratelimit_window *w, time_t t, uint64_t n)
 	w->count[i] += n;
 }
 
+/* ratelimit_take_back - uncount n units counted at time t, from t's bucket only */
+void ratelimit_take_back(struct ratelimit_window *w, time_t t, uint64_t n)
+{
+	if (!w->window)
+		return;
+	uint32_t len = ratelimit_slot_len(w);
+	int64_t start = (int64_t)t - (int64_t)t % len;
+	int i = (int)((start / len) % RATELIMIT_SLOTS);
+	if (w->slot_start[i] == start)
+		w->count[i] -= n < w->count[i] ? n : w->count[i];
+}
+
 /* ratelimit_wait - how long until n more fit: buckets leave the window oldest first */
 uint32_t ratelimit_wait(const struct ratelimit_window *w, time_t now, uint64_t n)
 {

@@ -33,6 +33,9 @@ uint64_t ratelimit_usage(const struct ratelimit_window *w, time_t now);
 bool ratelimit_allows(const struct ratelimit_window *w, time_t now, uint64_t n);
 /* ratelimit_add - count n units at time t (t may be in the past, within the window) */
 void ratelimit_add(struct ratelimit_window *w, time_t t, uint64_t n);
+/* ratelimit_take_back - uncount n units counted at time t (none if its bucket was reused; never
+ * below zero) */
+void ratelimit_take_back(struct ratelimit_window *w, time_t t, uint64_t n);
 /* ratelimit_wait - seconds until n more units would be allowed (0 = now) */
 uint32_t ratelimit_wait(const struct ratelimit_window *w, time_t now, uint64_t n);
 /* ratelimit_parse - "100/hour" -> limit 100, window 3600; -1 if malformed. Units for bytes

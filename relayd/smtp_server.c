@@ -95,6 +95,8 @@ struct session {
 	ev_tstamp started;
 	double t_accept;                /* CLOCK_MONOTONIC at accept(), for the latency histograms */
 	double t_body_end;              /* ... at the end of the message being committed */
+	time_t counted_at;              /* the message being committed: when policy_record counted it */
+	size_t counted_bytes;           /* ... and its bytes as the client sent them */
 	bool first_250;                 /* a message of this session was accepted */
 	/* the transaction */
 	struct queue_envelope env;
@@ -955,7 +957,9 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
-	if (!session_header_from_ok(s, hlen) || session_over_limit(s, 1, s->env.nrcpt, size)) {
+	/* the byte limit counts what the client sent (as SIZE= does), not the headers added here */
+	s->counted_bytes = s->msg.len;
+	if (!session_header_from_ok(s, hlen) || session_over_limit(s, 1, s->env.nrcpt, s->counted_bytes)) {
 		buf_free(&head);
 		session_reset_transaction(s);
 		return;
@@ -972,9 +976,9 @@ static void session_end_body(struct session *s)
 	smtp_body_release(&s->body); /* the commit holds the bytes now, for the few ms it takes */
 	s->env.size = s->msg.len;
 	/* counted before the commit: the commit's syncfs makes the usage line durable too */
-	policy_record(s->user, s->env.nrcpt, s->env.size);
+	s->counted_at = policy_record(s->user, s->env.nrcpt, s->counted_bytes);
 	if (queue_commit(&s->env, &s->msg, session_commit_done, s->id) < 0) { /* it takes s->msg */
-		policy_unrecord(s->user, s->env.nrcpt, s->env.size);
+		policy_unrecord(s->user, s->counted_at, s->env.nrcpt, s->counted_bytes);
 		session_reply(s, "451 4.3.0 Cannot queue the message");
 		session_reset_transaction(s);
 		return;
@@ -1013,7 +1017,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		stats_inc(ST_ACCEPTED_BYTES, s->env.size);
 	}
 	else
-		policy_unrecord(s->user, s->env.nrcpt, s->env.size);
+		policy_unrecord(s->user, s->counted_at, s->env.nrcpt, s->counted_bytes);
 	if (qerrno == 0) {
 		log_info("%s smtp event=accepted user=%s from=<%s> rcpts=%zu size=%zu session=%s", id, s->user, s->env.from,
 			 s->env.nrcpt, s->env.size, s->idstr);

@@ -264,7 +264,7 @@ def _():
     r.write_config("auth_cache_ttl 2m\n")
     r.proc.send_signal(signal.SIGHUP)
     t.ok(t.wait_for(lambda: "main event=reloaded" in r.log(), 10 * t.SLOW), "reloaded")
-    t.like(r.log(), r"event=reload-partial reason=\"[^\"]*auth_cache_ttl change only on restart",
+    t.like(r.log(), r"event=reload-partial reason=\"[^\"]*auth_cache_ttl and ipv6_prefix_length change only on restart",
            "reload-partial names auth_cache_ttl")
     r.stop()
 

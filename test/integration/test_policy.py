@@ -8,6 +8,7 @@ Real relayd, real TLS, real SQLite; the clients are Raw sessions and smtplib.
 import os
 import re
 import sys
+import subprocess
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -448,6 +449,84 @@ def _():
     t.like(r.log(), r"main event=fd-limit-low limit=1024 max_sessions=5000 hint=.*LimitNOFILE",
            "and a warning that 5000 sessions would not fit, naming the fix")
     r.stop()
+
+
+# --- the byte limit and the usage journal -----------------------------------------------------
+@t.test("a failed commit taken back in another bucket than it was counted in does not wrap the usage")
+def _():
+    r = t.Relay(extra_config="limit_msgs 100/day\nlimit_bytes 50M/day\n")
+    r.add_user(USER, PW)
+    os.makedirs(r.queue_dir, exist_ok=True)
+    now = int(time.time())
+    edge = ((now - 86400) // 1440 + 1) * 1440  # a day-window bucket edge about a day ago
+    if edge - 1 <= now - 86400 + 1:
+        edge += 1440
+    with open(os.path.join(r.queue_dir, "usage.log"), "w") as f:
+        f.write(f"{edge - 1} 1 1 2600000 {USER}\n")   # counted just before the edge
+        f.write(f"{edge} -1 -1 -2600000 {USER}\n")    # its commit failed just after (the old journal)
+    r.start()
+    t.is_(send(r)[1], 250, "the user, who used nothing, sends a message: 250 (not 450 on a wrapped sum)")
+    r.stop()
+    lines = open(os.path.join(r.queue_dir, "usage.log")).read().splitlines()
+    t.ok(len(lines) >= 1 and lines[-1].split()[1] == "1", "and it is journalled", lines[-1:])
+
+
+@t.test("the byte limit counts what the client sent, not the headers relayd adds")
+def _():
+    r = t.Relay(extra_config="limit_bytes 2k/hour\n")
+    r.add_user(USER, PW)
+    r.start()
+    head = f"From: <{USER}>\r\nTo: <bob@example.net>\r\nSubject: s\r\n\r\n".encode()
+    msg = head + (b"x" * 78 + b"\r\n") * ((2000 - len(head)) // 80)
+    msg += b"y" * (2000 - len(msg) - 2) + b"\r\n"
+    stage, code, text = send(r, msg=msg)
+    t.is_(code, 250, f"2000 bytes under a 2048-byte limit: accepted ({stage} {text})")
+    stage, code, text = send(r, msg=head + b"y\r\n")
+    t.is_(code, 450, f"the next one is over the hour's bytes: 450 ({stage} {text})")
+    r.stop()
+
+
+# --- IPv6 clients are counted by their network ------------------------------------------------
+V6 = ["fd00:99::1", "fd00:99::2", "fd00:99:0:1::1"]
+
+
+def v6_addrs(add):
+    for a in V6:
+        subprocess.run(["ip", "-6", "addr", "add" if add else "del", a + "/128", "dev", "lo"] + (["nodad"] if add else []),
+                       check=add, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@t.test("IPv6: the per-IP rules count a /64 as one client (ipv6_prefix_length 64)")
+def _():
+    v6_addrs(True)
+    r = t.Relay(extra_config="max_conn_per_ip 2\nmax_conn_rate_per_ip 0\nauth_fail_limit 3\nauth_lockout 60s\n")
+    r.add_user(USER, PW)
+    try:
+        r.start()
+        raw = lambda src: t.Raw(r.port_v6, host="::1", ca_file=r.ca_file, source=src)
+        a, b = raw(V6[0]), raw(V6[1])
+        t.like(a.reply_text(), r"^220 ", "fd00:99::1 greeted")
+        t.like(b.reply_text(), r"^220 ", "fd00:99::2 greeted")
+        c = raw(V6[1])
+        t.like(c.reply_text(), r"^421 4\.7\.0 ", "a third from the same /64, another address: 421 4.7.0")
+        d = raw(V6[2])
+        t.like(d.reply_text(), r"^220 ", "another /64 is another client: 220")
+        for x in (a, b, c, d):
+            x.close()
+        time.sleep(0.3)
+        for i, src in enumerate([V6[0], V6[1], V6[0]]):
+            g = raw(src)
+            g.reply(); g.ehlo(); g.cmd("STARTTLS"); g.starttls(); g.ehlo()
+            t.is_(g.auth_plain(f"nobody{i}@example.org", "guess")[0], 535, f"guess {i + 1} from {src}: 535")
+            g.close()
+        t.like(r.log(), r"event=auth-lockout ip=fd00:99::1 net=fd00:99::/64 failures=3 ",
+               "three guesses from two addresses of one /64 lock it out, logged with its network")
+        e = raw(V6[1])
+        t.like(e.reply_text(), r"^421 4\.7\.0 ", "its other address is locked out too: 421 4.7.0")
+        e.close()
+    finally:
+        r.stop()
+        v6_addrs(False)
 
 
 t.done()

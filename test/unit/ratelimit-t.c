@@ -31,6 +31,21 @@ int main(void)
 	ok(!ratelimit_allows(&m, t0 + 60, 2), "but only one");
 	is_int(ratelimit_wait(&m, t0 + 45, 6), 60, "more than the limit: a whole window");
 
+	/* a take-back lands in the bucket it was counted in, whenever it comes, and never wraps */
+	struct ratelimit_window b = { 0 };
+	ratelimit_set(&b, 100, 3600);
+	ratelimit_add(&b, t0 + 59, 7); /* the last second of the first 60 s bucket */
+	ratelimit_take_back(&b, t0 + 59, 7);
+	is_int((long long)ratelimit_usage(&b, t0 + 60), 0, "taken back from its own bucket: usage 0");
+	ratelimit_add(&b, t0 + 59, 7);
+	ratelimit_take_back(&b, t0 + 59, 9);
+	is_int((long long)ratelimit_usage(&b, t0 + 60), 0, "more taken back than counted: 0, not a wrap");
+	ratelimit_add(&b, t0 + 120, 5);
+	ratelimit_take_back(&b, t0 + 120 + 3600, 5); /* same slot, a window later: another bucket */
+	is_int((long long)ratelimit_usage(&b, t0 + 130), 5, "a take-back for another bucket leaves this one");
+	is_int((long long)ratelimit_usage(&b, t0 + 3600 + 3599), 0, "and nothing is left once it leaves the window");
+	ok(ratelimit_allows(&b, t0 + 3600 + 3599, 100), "the whole limit free again (no wrapped sum)");
+
 	struct ratelimit_window u = { 0 };
 	ratelimit_set(&u, 0, 60);
 	ok(ratelimit_allows(&u, t0, 1000000), "limit 0 is unlimited");
