@@ -214,6 +214,28 @@ static void main_check_reloadable(const struct config *cfg)
 				 strerror(errno), cfg->user);
 }
 
+/* after the drop: each worker thread opens the database itself, as the user, so the user
+ * must be able to search its folder (relayd does not chown a folder that may be /var/lib;
+ * systemd's StateDirectory= without User= gives /var/lib/relayd back to root). Writing there
+ * is not needed: the -wal and -shm files stay while the loop's connection is open. */
+static void main_check_database_dir(const struct config *cfg)
+{
+	char dir[PATH_MAX];
+	snprintf(dir, sizeof(dir), "%s", cfg->database);
+	char *slash = strrchr(dir, '/');
+	if (!slash)
+		snprintf(dir, sizeof(dir), ".");
+	else if (slash == dir)
+		dir[1] = '\0'; /* "/x.db": the folder is "/" */
+	else
+		*slash = '\0';
+	if (access(dir, X_OK) < 0)
+		log_warn("main event=database-folder-unusable path=%s error=\"%s\" hint=\"user %s cannot reach %s "
+			 "through this folder, so every AUTH fails with 454 4.7.0: give the folder to that user "
+			 "(chown %s %s) or let it search there (mode 0711)\"", dir, strerror(errno), cfg->user,
+			 cfg->database, cfg->user, dir);
+}
+
 static void main_drop_privileges(const struct config *cfg)
 {
 	if (!cfg->user[0]) {
@@ -237,6 +259,7 @@ static void main_drop_privileges(const struct config *cfg)
 		fatal("privileges could be regained after dropping them");
 	log_info("main event=privileges-dropped user=%s uid=%u", cfg->user, (unsigned)pw->pw_uid);
 	main_check_reloadable(cfg);
+	main_check_database_dir(cfg);
 }
 
 /* every 100 ms while draining: done when no session is left, or at the deadline */

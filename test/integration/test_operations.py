@@ -229,6 +229,45 @@ def _():
         subprocess.run(["groupdel", group], capture_output=True)
 
 
+def auth_reply(r, user, password):
+    """AUTH PLAIN past STARTTLS on r: the reply's text"""
+    c = r.raw()
+    try:
+        c.reply()
+        c.ehlo()
+        c.cmd("STARTTLS")
+        c.starttls()
+        c.ehlo()
+        return c.auth_plain(user, password)[1]
+    finally:
+        c.close()
+
+
+@t.test("database in a folder the user cannot search (root's 0700, as StateDirectory= leaves it): "
+        "a warning at start names the folder")
+def _():
+    if os.geteuid() != 0:
+        t.skip("database folder of root's", "not root")
+        return
+    r = t.Relay(extra_config="user nobody\ndatabase lib/relayd.db\n")
+    os.chmod(r.dir, 0o755)
+    lib = os.path.join(r.dir, "lib")
+    os.mkdir(lib, 0o700)
+    r.add_user(USER, PW)
+    r.start()
+    t.like(r.log(), rf"main event=database-folder-unusable path={re.escape(lib)} error=\"Permission denied\" "
+           rf"hint=\"user nobody cannot reach {re.escape(lib)}/relayd\.db", "the warning names the folder and the user")
+    t.like(auth_reply(r, USER, PW), r"^454 4\.7\.0 ", "and AUTH is a temporary failure, as the warning says")
+    r.stop()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(lib, nobody.pw_uid, nobody.pw_gid)
+    r.start()
+    this_run = r.log().rsplit("===== relaytest: starting", 1)[-1]
+    t.unlike(this_run, r"database-folder-unusable", "the folder given to the user: no warning")
+    t.like(auth_reply(r, USER, PW), r"^235 ", "and AUTH works")
+    r.stop()
+
+
 
 @t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
 def _():
