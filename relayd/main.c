@@ -462,7 +462,8 @@ static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	main_reload();
 }
 
-/* a start-up failure the caller must see: a detaching relayd logs to syslog only */
+/* a start-up failure before detaching, which the caller must see: a detaching relayd logs
+ * to syslog only, so it goes to stderr (still the caller's) too */
 static void main_refuse(bool foreground, const char *msg)
 {
 	if (!foreground)
@@ -668,18 +669,18 @@ int main(int argc, char **argv)
 	 * the unprivileged user can open the database in a folder they cannot write to */
 	struct userdb *db = userdb_open(main_cfg.database, err, sizeof(err));
 	if (!db)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	if (tls_global_init() < 0)
-		fatal("cannot initialise GnuTLS");
+		main_refuse(foreground, "cannot initialise GnuTLS");
 	gnutls_certificate_credentials_t cred = NULL; /* handed to smtp_server, which frees it */
 	if (main_cfg.ncert) {
 		cred = tls_server_creds((const char (*)[PATH_MAX])main_cfg.tls_cert,
 					     (const char (*)[PATH_MAX])main_cfg.tls_key, main_cfg.ncert, err, sizeof(err));
 		if (!cred)
-			fatal("%s", err);
+			main_refuse(foreground, err);
 	}
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	auth_use_loop_db(db); /* and AUTH PLAIN answered from the credential cache uses it, on the loop */
 	for (int i = 0; i < main_cfg.nupstream; i++)
 		if (main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE || !main_cfg.upstream[i].verify)
@@ -688,7 +689,7 @@ int main(int argc, char **argv)
 				 main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE ? "none" : "yes",
 				 main_cfg.upstream[i].verify ? "yes" : "no");
 	if (listener_bind_all(&main_cfg, err, sizeof(err)) < 0)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	if (!foreground)
 		main_daemonize(&main_cfg, &startup_mask);
 	main_lock_pid();

@@ -400,6 +400,24 @@ def _():
             os.kill(pid, signal.SIGKILL)
 
 
+@t.test("detached: a start-up failure before detaching (port in use, missing key) is said on stderr, exit 1")
+def _():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        for what, extra, want in (("port in use", f"listen 127.0.0.1:{port} starttls\n",
+                                   rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use"),
+                                  ("missing key", "tls_key no-such-key.pem\n", r"no-such-key\.pem")):
+            r = t.Relay(extra_config=extra)
+            rc, out = relayd_run(r.conf)
+            t.is_(rc, 1, f"{what}: exit 1")
+            t.like(out, rf"(?m)^relayd: .*{want}", f"{what}: the reason on stderr")
+    finally:
+        busy.close()
+
+
 @t.test("started as root with a user, relayd follows no link planted in the user's folders")
 def _():
     if os.geteuid() != 0:
