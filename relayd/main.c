@@ -20,7 +20,9 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "auth.h"
@@ -51,6 +53,7 @@ static bool main_draining;
 static int main_lock_fd = -1;  /* QUEUE/lock, flock'ed for the life of the process */
 static int main_pid_fd = -1;   /* the pidfile, kept to empty it at exit when it cannot go */
 static int main_ready_fd = -1; /* detached: the pipe to the parent waiting for "started" */
+static int main_notify_fd = -1; /* connected to $NOTIFY_SOCKET (systemd Type=notify), or -1 */
 
 static void main_usage(void)
 {
@@ -262,6 +265,41 @@ static void main_drop_privileges(const struct config *cfg)
 	main_check_database_dir(cfg);
 }
 
+/* systemd's readiness protocol (sd_notify(3)) without libsystemd: a datagram socket
+ * connected to $NOTIFY_SOCKET (a path, or an abstract name after '@') at start, as root, so
+ * that it still reaches a root-only socket after the privilege drop */
+static void main_notify_open(void)
+{
+	const char *name = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	if (!name || (name[0] != '/' && name[0] != '@'))
+		return;
+	size_t len = strlen(name);
+	if (len >= sizeof(sun.sun_path)) {
+		log_warn("main event=notify-failed socket=%s error=\"name too long\"", name);
+		return;
+	}
+	memcpy(sun.sun_path, name, len);
+	if (name[0] == '@')
+		sun.sun_path[0] = '\0';
+	int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len)) < 0) {
+		log_warn("main event=notify-failed socket=%s error=\"%s\"", name, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	main_notify_fd = fd;
+}
+
+/* one state change for the service manager ("READY=1", "STOPPING=1"); never blocks */
+static void main_notify(const char *state)
+{
+	if (main_notify_fd >= 0 && send(main_notify_fd, state, strlen(state), MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+		log_warn("main event=notify-failed state=\"%.*s\" error=\"%s\"", (int)strcspn(state, "\n"), state,
+			 strerror(errno));
+}
+
 /* every 100 ms while draining: done when no session is left, or at the deadline */
 static void main_drain_check(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -287,6 +325,7 @@ static void main_signal(struct ev_loop *loop, ev_signal *w, int revents)
 		return;
 	}
 	main_draining = true;
+	main_notify("STOPPING=1");
 	log_info("main event=draining signal=%d sessions=%u timeout=%u", w->signum, smtp_server_count(),
 		 main_cfg.drain_timeout);
 	listener_stop(loop);
@@ -611,9 +650,12 @@ static void main_daemonize(const struct config *cfg, const sigset_t *mask)
 		main_pidfile_write(cfg);
 }
 
-/* serving: a waiting parent may exit 0 now */
+/* serving: a waiting parent may exit 0 now, and a service manager may count relayd as started */
 static void main_ready(void)
 {
+	char state[48];
+	snprintf(state, sizeof(state), "READY=1\nMAINPID=%ld", (long)getpid());
+	main_notify(state);
 	if (main_ready_fd < 0)
 		return;
 	if (write(main_ready_fd, "R", 1) != 1)
@@ -659,6 +701,7 @@ int main(int argc, char **argv)
 	sigaddset(&startup_mask, SIGHUP);
 	sigprocmask(SIG_BLOCK, &startup_mask, NULL);
 	log_init("relayd", foreground, debug);
+	main_notify_open();
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile(&main_cfg);
 	main_lock_queue(&main_cfg, foreground);

@@ -418,6 +418,86 @@ def _():
         busy.close()
 
 
+def notify_socket(r, abstract):
+    """a datagram socket as systemd's $NOTIFY_SOCKET: (socket, the variable's value). The path
+    one is root's 0600 when relayd drops privileges (stricter than systemd's, world-writable)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"relaytest-notify-{os.getpid()}-{t.free_port()}"
+        s.bind("\0" + name)
+        return s, "@" + name
+    path = os.path.join(r.dir, "notify.sock")
+    s.bind(path)
+    os.chmod(path, 0o600)
+    return s, path
+
+
+def start_notified(r, value):
+    """relayd -f with NOTIFY_SOCKET=value, not waited for"""
+    with open(r.logfile, "ab") as logf:
+        r.proc = t.spawn(t.WRAPPER + [t.RELAYD, "-f", "-c", r.conf], env=dict(os.environ, NOTIFY_SOCKET=value),
+                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=r.dir)
+    t.Relay.live.append(r)
+
+
+def accepts(r):
+    """[host:port] of r's listeners that refuse a connection now (one try each)"""
+    refused = []
+    for host, port, _ in r.listeners():
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError:
+            refused.append(f"{host}:{port}")
+    return refused
+
+
+@t.test("systemd Type=notify: READY=1 and MAINPID once every listener accepts, STOPPING=1 at SIGTERM, "
+        "no READY=1 when the start fails (path and abstract sockets)")
+def _():
+    root = os.geteuid() == 0
+    for kind, abstract in (("path", False), ("abstract", True)):
+        r = t.Relay(extra_config="user nobody\n" if root else "")
+        os.chmod(r.dir, 0o755)
+        s, value = notify_socket(r, abstract)
+        s.settimeout(10 * t.SLOW)
+        try:
+            start_notified(r, value)
+            try:
+                msg = s.recv(4096).decode()
+            except socket.timeout:
+                msg = None
+            refused = accepts(r)  # at once: READY=1 means serving
+            t.is_(msg, f"READY=1\nMAINPID={r.proc.pid}", f"{kind}: READY=1 with relayd's pid")
+            t.is_(refused, [], f"{kind}: every listener accepts as soon as READY=1 arrives")
+            t.like(r.log(), r"main event=started", f"{kind}: relayd had logged event=started")
+            if root:
+                t.like(r.log(), r"event=privileges-dropped user=nobody", f"{kind}: sent after the privilege drop")
+            r.proc.send_signal(signal.SIGTERM)
+            try:
+                msg = s.recv(4096).decode()
+            except socket.timeout:
+                msg = None
+            t.is_(msg, "STOPPING=1", f"{kind}: SIGTERM: STOPPING=1")
+            t.is_(r.stop(), 0, f"{kind}: exit 0")
+            busy = socket.socket()
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            busy.bind(("127.0.0.1", r.port_tls))  # the failure comes after the database, key and SASL
+            busy.listen(1)
+            start_notified(r, value)
+            rc = r.proc.wait(timeout=15 * t.SLOW)
+            busy.close()
+            t.is_(rc, 1, f"{kind}: a port in use: exit 1")
+            s.setblocking(False)
+            try:
+                msg = s.recv(4096).decode()
+            except BlockingIOError:
+                msg = None
+            t.is_(msg, None, f"{kind}: and nothing sent (no READY=1)")
+            t.Relay.live.remove(r)
+        finally:
+            s.close()
+
+
 @t.test("started as root with a user, relayd follows no link planted in the user's folders")
 def _():
     if os.geteuid() != 0:
