@@ -20,7 +20,9 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "auth.h"
@@ -51,6 +53,7 @@ static bool main_draining;
 static int main_lock_fd = -1;  /* QUEUE/lock, flock'ed for the life of the process */
 static int main_pid_fd = -1;   /* the pidfile, kept to empty it at exit when it cannot go */
 static int main_ready_fd = -1; /* detached: the pipe to the parent waiting for "started" */
+static int main_notify_fd = -1; /* connected to $NOTIFY_SOCKET (systemd Type=notify), or -1 */
 
 static void main_usage(void)
 {
@@ -214,6 +217,28 @@ static void main_check_reloadable(const struct config *cfg)
 				 strerror(errno), cfg->user);
 }
 
+/* after the drop: each worker thread opens the database itself, as the user, so the user
+ * must be able to search its folder (relayd does not chown a folder that may be /var/lib;
+ * systemd's StateDirectory= without User= gives /var/lib/relayd back to root). Writing there
+ * is not needed: the -wal and -shm files stay while the loop's connection is open. */
+static void main_check_database_dir(const struct config *cfg)
+{
+	char dir[PATH_MAX];
+	snprintf(dir, sizeof(dir), "%s", cfg->database);
+	char *slash = strrchr(dir, '/');
+	if (!slash)
+		snprintf(dir, sizeof(dir), ".");
+	else if (slash == dir)
+		dir[1] = '\0'; /* "/x.db": the folder is "/" */
+	else
+		*slash = '\0';
+	if (access(dir, X_OK) < 0)
+		log_warn("main event=database-folder-unusable path=%s error=\"%s\" hint=\"user %s cannot reach %s "
+			 "through this folder, so every AUTH fails with 454 4.7.0: give the folder to that user "
+			 "(chown %s %s) or let it search there (mode 0711)\"", dir, strerror(errno), cfg->user,
+			 cfg->database, cfg->user, dir);
+}
+
 static void main_drop_privileges(const struct config *cfg)
 {
 	if (!cfg->user[0]) {
@@ -237,6 +262,42 @@ static void main_drop_privileges(const struct config *cfg)
 		fatal("privileges could be regained after dropping them");
 	log_info("main event=privileges-dropped user=%s uid=%u", cfg->user, (unsigned)pw->pw_uid);
 	main_check_reloadable(cfg);
+	main_check_database_dir(cfg);
+}
+
+/* systemd's readiness protocol (sd_notify(3)) without libsystemd: a datagram socket
+ * connected to $NOTIFY_SOCKET (a path, or an abstract name after '@') at start, as root, so
+ * that it still reaches a root-only socket after the privilege drop */
+static void main_notify_open(void)
+{
+	const char *name = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	if (!name || (name[0] != '/' && name[0] != '@'))
+		return;
+	size_t len = strlen(name);
+	if (len >= sizeof(sun.sun_path)) {
+		log_warn("main event=notify-failed socket=%s error=\"name too long\"", name);
+		return;
+	}
+	memcpy(sun.sun_path, name, len);
+	if (name[0] == '@')
+		sun.sun_path[0] = '\0';
+	int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len)) < 0) {
+		log_warn("main event=notify-failed socket=%s error=\"%s\"", name, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	main_notify_fd = fd;
+}
+
+/* one state change for the service manager ("READY=1", "STOPPING=1"); never blocks */
+static void main_notify(const char *state)
+{
+	if (main_notify_fd >= 0 && send(main_notify_fd, state, strlen(state), MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+		log_warn("main event=notify-failed state=\"%.*s\" error=\"%s\"", (int)strcspn(state, "\n"), state,
+			 strerror(errno));
 }
 
 /* every 100 ms while draining: done when no session is left, or at the deadline */
@@ -264,6 +325,7 @@ static void main_signal(struct ev_loop *loop, ev_signal *w, int revents)
 		return;
 	}
 	main_draining = true;
+	main_notify("STOPPING=1");
 	log_info("main event=draining signal=%d sessions=%u timeout=%u", w->signum, smtp_server_count(),
 		 main_cfg.drain_timeout);
 	listener_stop(loop);
@@ -441,7 +503,8 @@ static void main_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	main_reload();
 }
 
-/* a start-up failure the caller must see: a detaching relayd logs to syslog only */
+/* a start-up failure before detaching, which the caller must see: a detaching relayd logs
+ * to syslog only, so it goes to stderr (still the caller's) too */
 static void main_refuse(bool foreground, const char *msg)
 {
 	if (!foreground)
@@ -589,9 +652,12 @@ static void main_daemonize(const struct config *cfg, const sigset_t *mask)
 		main_pidfile_write(cfg);
 }
 
-/* serving: a waiting parent may exit 0 now */
+/* serving: a waiting parent may exit 0 now, and a service manager may count relayd as started */
 static void main_ready(void)
 {
+	char state[48];
+	snprintf(state, sizeof(state), "READY=1\nMAINPID=%ld", (long)getpid());
+	main_notify(state);
 	if (main_ready_fd < 0)
 		return;
 	if (write(main_ready_fd, "R", 1) != 1)
@@ -637,6 +703,7 @@ int main(int argc, char **argv)
 	sigaddset(&startup_mask, SIGHUP);
 	sigprocmask(SIG_BLOCK, &startup_mask, NULL);
 	log_init("relayd", foreground, debug);
+	main_notify_open();
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile(&main_cfg);
 	main_lock_queue(&main_cfg, foreground);
@@ -647,18 +714,18 @@ int main(int argc, char **argv)
 	 * the unprivileged user can open the database in a folder they cannot write to */
 	struct userdb *db = userdb_open(main_cfg.database, err, sizeof(err));
 	if (!db)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	if (tls_global_init() < 0)
-		fatal("cannot initialise GnuTLS");
+		main_refuse(foreground, "cannot initialise GnuTLS");
 	gnutls_certificate_credentials_t cred = NULL; /* handed to smtp_server, which frees it */
 	if (main_cfg.ncert) {
 		cred = tls_server_creds((const char (*)[PATH_MAX])main_cfg.tls_cert,
 					     (const char (*)[PATH_MAX])main_cfg.tls_key, main_cfg.ncert, err, sizeof(err));
 		if (!cred)
-			fatal("%s", err);
+			main_refuse(foreground, err);
 	}
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	auth_use_loop_db(db); /* and AUTH PLAIN answered from the credential cache uses it, on the loop */
 	for (int i = 0; i < main_cfg.nupstream; i++)
 		if (main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE || !main_cfg.upstream[i].verify)
@@ -667,7 +734,7 @@ int main(int argc, char **argv)
 				 main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE ? "none" : "yes",
 				 main_cfg.upstream[i].verify ? "yes" : "no");
 	if (listener_bind_all(&main_cfg, err, sizeof(err)) < 0)
-		fatal("%s", err);
+		main_refuse(foreground, err);
 	if (!foreground)
 		main_daemonize(&main_cfg, &startup_mask);
 	main_lock_pid();

@@ -229,6 +229,45 @@ def _():
         subprocess.run(["groupdel", group], capture_output=True)
 
 
+def auth_reply(r, user, password):
+    """AUTH PLAIN past STARTTLS on r: the reply's text"""
+    c = r.raw()
+    try:
+        c.reply()
+        c.ehlo()
+        c.cmd("STARTTLS")
+        c.starttls()
+        c.ehlo()
+        return c.auth_plain(user, password)[1]
+    finally:
+        c.close()
+
+
+@t.test("database in a folder the user cannot search (root's 0700, as StateDirectory= leaves it): "
+        "a warning at start names the folder")
+def _():
+    if os.geteuid() != 0:
+        t.skip("database folder of root's", "not root")
+        return
+    r = t.Relay(extra_config="user nobody\ndatabase lib/relayd.db\n")
+    os.chmod(r.dir, 0o755)
+    lib = os.path.join(r.dir, "lib")
+    os.mkdir(lib, 0o700)
+    r.add_user(USER, PW)
+    r.start()
+    t.like(r.log(), rf"main event=database-folder-unusable path={re.escape(lib)} error=\"Permission denied\" "
+           rf"hint=\"user nobody cannot reach {re.escape(lib)}/relayd\.db", "the warning names the folder and the user")
+    t.like(auth_reply(r, USER, PW), r"^454 4\.7\.0 ", "and AUTH is a temporary failure, as the warning says")
+    r.stop()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(lib, nobody.pw_uid, nobody.pw_gid)
+    r.start()
+    this_run = r.log().rsplit("===== relaytest: starting", 1)[-1]
+    t.unlike(this_run, r"database-folder-unusable", "the folder given to the user: no warning")
+    t.like(auth_reply(r, USER, PW), r"^235 ", "and AUTH works")
+    r.stop()
+
+
 
 @t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
 def _():
@@ -359,6 +398,104 @@ def _():
     finally:
         if pid and alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@t.test("detached: a start-up failure before detaching (port in use, missing key) is said on stderr, exit 1")
+def _():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        for what, extra, want in (("port in use", f"listen 127.0.0.1:{port} starttls\n",
+                                   rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use"),
+                                  ("missing key", "tls_key no-such-key.pem\n", r"no-such-key\.pem")):
+            r = t.Relay(extra_config=extra)
+            rc, out = relayd_run(r.conf)
+            t.is_(rc, 1, f"{what}: exit 1")
+            t.like(out, rf"(?m)^relayd: .*{want}", f"{what}: the reason on stderr")
+    finally:
+        busy.close()
+
+
+def notify_socket(r, abstract):
+    """a datagram socket as systemd's $NOTIFY_SOCKET: (socket, the variable's value). The path
+    one is root's 0600 when relayd drops privileges (stricter than systemd's, world-writable)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"relaytest-notify-{os.getpid()}-{t.free_port()}"
+        s.bind("\0" + name)
+        return s, "@" + name
+    path = os.path.join(r.dir, "notify.sock")
+    s.bind(path)
+    os.chmod(path, 0o600)
+    return s, path
+
+
+def start_notified(r, value):
+    """relayd -f with NOTIFY_SOCKET=value, not waited for"""
+    with open(r.logfile, "ab") as logf:
+        r.proc = t.spawn(t.WRAPPER + [t.RELAYD, "-f", "-c", r.conf], env=dict(os.environ, NOTIFY_SOCKET=value),
+                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=r.dir)
+    t.Relay.live.append(r)
+
+
+def accepts(r):
+    """[host:port] of r's listeners that refuse a connection now (one try each)"""
+    refused = []
+    for host, port, _ in r.listeners():
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError:
+            refused.append(f"{host}:{port}")
+    return refused
+
+
+@t.test("systemd Type=notify: READY=1 and MAINPID once every listener accepts, STOPPING=1 at SIGTERM, "
+        "no READY=1 when the start fails (path and abstract sockets)")
+def _():
+    root = os.geteuid() == 0
+    for kind, abstract in (("path", False), ("abstract", True)):
+        r = t.Relay(extra_config="user nobody\n" if root else "")
+        os.chmod(r.dir, 0o755)
+        s, value = notify_socket(r, abstract)
+        s.settimeout(10 * t.SLOW)
+        try:
+            start_notified(r, value)
+            try:
+                msg = s.recv(4096).decode()
+            except socket.timeout:
+                msg = None
+            refused = accepts(r)  # at once: READY=1 means serving
+            t.is_(msg, f"READY=1\nMAINPID={r.proc.pid}", f"{kind}: READY=1 with relayd's pid")
+            t.is_(refused, [], f"{kind}: every listener accepts as soon as READY=1 arrives")
+            t.like(r.log(), r"main event=started", f"{kind}: relayd had logged event=started")
+            if root:
+                t.like(r.log(), r"event=privileges-dropped user=nobody", f"{kind}: sent after the privilege drop")
+            r.proc.send_signal(signal.SIGTERM)
+            try:
+                msg = s.recv(4096).decode()
+            except socket.timeout:
+                msg = None
+            t.is_(msg, "STOPPING=1", f"{kind}: SIGTERM: STOPPING=1")
+            t.is_(r.stop(), 0, f"{kind}: exit 0")
+            busy = socket.socket()
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            busy.bind(("127.0.0.1", r.port_tls))  # the failure comes after the database, key and SASL
+            busy.listen(1)
+            start_notified(r, value)
+            rc = r.proc.wait(timeout=15 * t.SLOW)
+            busy.close()
+            t.is_(rc, 1, f"{kind}: a port in use: exit 1")
+            s.setblocking(False)
+            try:
+                msg = s.recv(4096).decode()
+            except BlockingIOError:
+                msg = None
+            t.is_(msg, None, f"{kind}: and nothing sent (no READY=1)")
+            t.Relay.live.remove(r)
+        finally:
+            s.close()
 
 
 @t.test("started as root with a user, relayd follows no link planted in the user's folders")
