@@ -50,7 +50,9 @@ static const struct stats_name stats_names[ST_NCOUNTERS] = {
 	[ST_AUTH_CACHED] = { "auth_cached", "Successful AUTH answered by the verified-credential cache (no password hash)" },
 	[ST_ACCEPTED] = { "messages_accepted", "Messages committed to the queue (250 sent)" },
 	[ST_ACCEPTED_BYTES] = { "bytes_accepted", "Bytes of messages committed to the queue" },
-	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits)" },
+	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits), one per refusal reply: "
+			  "MAIL (sender, SIZE=, rate, storage), RCPT (rate) or the message (content, From:, size, rate, "
+			  "storage)" },
 };
 
 /* stats_inc - count */

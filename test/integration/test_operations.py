@@ -266,6 +266,44 @@ def _():
         sink.stop()
 
 
+@t.test("relayd_messages_rejected_total counts a refused sender, SIZE=, From: header and rate limit")
+def _():
+    mport = t.free_port()
+    r = t.Relay(extra_config=f"metrics 127.0.0.1:{mport}\nlimit_msgs 1/hour\n", ipv6=False)
+    r.add_user(USER, PW)
+    r.start()
+
+    def rejected():
+        return prom_scrape(mport)[1].get("relayd_messages_rejected_total")
+
+    def data(c, frm):
+        c.cmd("DATA")
+        c.send(t.dot_stuff(t.make_message(frm, "x@example.net", subject="rejected")))
+        return c.reply()
+
+    try:
+        c = r.session(USER)
+        n = rejected()
+        t.is_(n, 0.0, "none at start")
+        t.like(c.cmd("MAIL FROM:<mallory@example.org>")[1], r"^553 5\.7\.1 ", "disallowed sender: 553")
+        t.is_(rejected(), n + 1, "counted")
+        t.like(c.cmd(f"MAIL FROM:<{USER}> SIZE=2000000")[1], r"^552 5\.3\.4 ", "SIZE= over the limit: 552")
+        t.is_(rejected(), n + 2, "counted")
+        c.cmd(f"MAIL FROM:<{USER}>")
+        c.cmd("RCPT TO:<x@example.net>")
+        t.like(data(c, "mallory@example.org")[1], r"^553 5\.7\.1 ", "From: header not allowed: 553")
+        t.is_(rejected(), n + 3, "counted")
+        c.cmd(f"MAIL FROM:<{USER}>")
+        c.cmd("RCPT TO:<x@example.net>")
+        t.like(data(c, USER)[1], t.QUEUED_RE, "a message accepted (the hour's one)")
+        t.is_(rejected(), n + 3, "not counted")
+        t.like(c.cmd(f"MAIL FROM:<{USER}>")[1], r"^450 4\.7\.1 ", "over limit_msgs: 450")
+        t.is_(rejected(), n + 4, "counted")
+        c.close()
+    finally:
+        r.stop()
+
+
 @t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")
 def _():
     c = relay.session(USER)
