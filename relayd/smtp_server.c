@@ -635,6 +635,7 @@ static bool session_over_limit(struct session *s, uint64_t msgs, uint64_t rcpts,
 	char lim[64];
 	ratelimit_format(s->limits.limit[metric], s->limits.window[metric], lim, sizeof(lim));
 	policy_count(s->user, PC_REJECT_LIMIT);
+	stats_inc(ST_REJECTED, 1);
 	log_info("%s smtp event=reject reason=rate-limit user=%s metric=%s limit=%s wait=%u", s->idstr, s->user,
 		 policy_metric_name(metric), lim, wait);
 	if (wait == 0 && metric == POLICY_BYTES)
@@ -665,18 +666,21 @@ static void cmd_mail(struct session *s, struct smtp_cmd *c)
 		return;
 	}
 	if (m.size >= 0 && (size_t)m.size > smtp_cfg->max_message_size) {
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
 		return;
 	}
 	if (m.size > 0 && smtp_body_mem + (size_t)m.size > smtp_cfg->message_memory) { /* RFC 1870 §6.1 */
 		log_info("%s smtp event=defer reason=message-memory size=%lld held=%zu", s->idstr, (long long)m.size,
 			 smtp_body_mem);
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "452 4.3.1 Insufficient system storage");
 		return;
 	}
 	if (!userdb_sender_match(s->user, s->senders, s->nsenders, m.addr)) {
 		log_info("%s smtp event=reject reason=sender-not-allowed user=%s from=<%s>", s->idstr, s->user, m.addr);
 		policy_count(s->user, PC_REJECT_SENDER);
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "553 5.7.1 Sender address <%s> not allowed for user %s", m.addr, s->user);
 		return;
 	}
@@ -907,12 +911,14 @@ static bool session_header_from_ok(struct session *s, size_t hlen)
 	int n = smtp_header_from(p, hlen, addrs, &reply);
 	if (n < 0) {
 		log_info("%s smtp event=reject reason=header-from-invalid user=%s", s->idstr, s->user);
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "%s", reply);
 		return false;
 	}
 	for (int i = 0; i < n; i++) {
 		if (!userdb_sender_match(s->user, s->senders, s->nsenders, addrs[i])) {
 			policy_count(s->user, PC_REJECT_SENDER);
+			stats_inc(ST_REJECTED, 1);
 			log_info("%s smtp event=reject reason=header-from-not-allowed user=%s from=<%s>", s->idstr, s->user,
 				 addrs[i]);
 			session_reply(s, "553 5.7.1 From: header address <%s> not allowed for user %s", addrs[i], s->user);
@@ -953,6 +959,7 @@ static void session_end_body(struct session *s)
 	size_t size = s->msg.len - hlen + head.len;
 	if (size > smtp_cfg->max_message_size + 4096) {
 		buf_free(&head);
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "552 5.3.4 Message size exceeds fixed limit");
 		session_reset_transaction(s);
 		return;
@@ -1024,6 +1031,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 		session_reply(s, "250 2.0.0 Ok: queued as %s", id);
 		forward_notify(id, s->env.size);
 	} else if (qerrno == ENOSPC || qerrno == EDQUOT) {
+		stats_inc(ST_REJECTED, 1);
 		session_reply(s, "452 4.3.1 Insufficient system storage");
 	} else {
 		session_reply(s, "451 4.3.0 Local error writing the queue");

@@ -1,6 +1,9 @@
 /*
  * stats - counters and their rendering. Prometheus names are relayd_<name>_total for
- * counters; sections add their own gauges with # TYPE lines.
+ * counters; sections add their own families with # HELP and # TYPE lines.
+ * Invariants of the Prometheus text (exposition format 0.0.4): each family is one group of
+ * samples after its HELP and TYPE; what only grows is a counter named ..._total; durations
+ * are in seconds; label values are escaped.
  */
 #include "stats.h"
 
@@ -47,7 +50,9 @@ static const struct stats_name stats_names[ST_NCOUNTERS] = {
 	[ST_AUTH_CACHED] = { "auth_cached", "Successful AUTH answered by the verified-credential cache (no password hash)" },
 	[ST_ACCEPTED] = { "messages_accepted", "Messages committed to the queue (250 sent)" },
 	[ST_ACCEPTED_BYTES] = { "bytes_accepted", "Bytes of messages committed to the queue" },
-	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits)" },
+	[ST_REJECTED] = { "messages_rejected", "Transactions refused (policy, content, limits), one per refusal reply: "
+			  "MAIL (sender, SIZE=, rate, storage), RCPT (rate) or the message (content, From:, size, rate, "
+			  "storage)" },
 };
 
 /* stats_inc - count */
@@ -141,49 +146,182 @@ void stats_render(struct buf *out, bool prometheus)
 		stats_sections[i](out, prometheus);
 }
 
-/* the value of "upstream.N.name=" in kv */
-static void stats_upstream_name(const char *kv, long n, char *out, size_t outlen)
-{
-	char key[64];
-	snprintf(key, sizeof(key), "upstream.%ld.name=", n);
-	const char *p = strstr(kv, key);
-	out[0] = '\0';
-	if (p) {
-		p += strlen(key);
-		size_t len = strcspn(p, "\n\"\\");
-		snprintf(out, outlen, "%.*s", (int)len, p);
-	}
-}
+/* how a section's key=value line reads as a Prometheus metric: key is "<prefix>_<key>", or
+ * "upstream_<key>" for the per-upstream "upstream.N.<key>" lines. The section's keys are the
+ * relayctl stats names; what only grows is a counter named ..._total, durations are seconds */
+struct stats_kv_metric {
+	const char *key;
+	const char *name;  /* relayd_<name> */
+	const char *type;
+	double scale;      /* the value times this (milliseconds to seconds); 0 keeps it as it is */
+	const char *help;
+};
 
-/* stats_kv_prometheus - key=value lines as gauges */
-void stats_kv_prometheus(const char *kv, const char *prefix, struct buf *out)
+static const struct stats_kv_metric stats_kv_metrics[] = {
+	{ "forward_queued", "forward_queued", "gauge", 0, "Messages in the forwarder's queue now" },
+	{ "forward_deferred", "forward_deferred", "gauge", 0, "Queued messages waiting to retry after a failed attempt" },
+	{ "forward_active", "forward_active", "gauge", 0, "Messages being sent to an upstream now" },
+	{ "forward_waiting", "forward_waiting", "gauge", 0, "Messages waiting for a session to an upstream now" },
+	{ "forward_forwarded", "forward_forwarded_total", "counter", 0,
+	  "Messages delivered to every recipient and removed from the queue" },
+	{ "forward_bounced", "forward_bounced_total", "counter", 0,
+	  "Messages removed with a bounce to their sender for failed recipients" },
+	{ "forward_dropped", "forward_dropped_total", "counter", 0, "Bounces that could not be delivered, dropped" },
+	{ "forward_rcpt_delivered", "forward_rcpt_delivered_total", "counter", 0, "Recipients accepted by an upstream" },
+	{ "forward_rcpt_failed", "forward_rcpt_failed_total", "counter", 0,
+	  "Recipients failed for good (refused by an upstream or expired)" },
+	{ "forward_deferrals", "forward_deferrals_total", "counter", 0, "Delivery attempts that ended in a later retry" },
+	{ "forward_credential_sets", "forward_credential_sets", "gauge", 0, "Client TLS credential sets held now" },
+	{ "upstream_state", "upstream_up", "gauge", 0, "1 when the upstream is up, 0 while it is marked down" },
+	{ "upstream_connections", "upstream_connections", "gauge", 0, "Sessions open to the upstream now" },
+	{ "upstream_waiting", "upstream_waiting", "gauge", 0, "Messages waiting for a session to the upstream now" },
+	{ "upstream_messages", "upstream_messages_total", "counter", 0,
+	  "Messages the upstream accepted for at least one recipient" },
+	{ "upstream_recipients", "upstream_recipients_total", "counter", 0, "Recipients the upstream accepted" },
+	{ "upstream_failures", "upstream_failures_total", "counter", 0, "Times the upstream was marked down" },
+	{ "upstream_connects", "upstream_connects_total", "counter", 0, "Connections opened to the upstream" },
+	{ "upstream_latency_avg_ms", "upstream_latency_avg_seconds", "gauge", 0.001,
+	  "Mean time of a transaction on the upstream, MAIL to its last reply (millisecond resolution)" },
+	{ "upstream_latency_last_ms", "upstream_latency_last_seconds", "gauge", 0.001,
+	  "Time of the last transaction on the upstream (millisecond resolution)" },
+};
+
+/* the next "key=value" line from *p, copied into l and split at its '='; false at the end */
+static bool stats_kv_next(const char **p, char *l, size_t lsize, const char **key, const char **val)
 {
-	for (const char *line = kv; line && *line;) {
-		const char *nl = strchr(line, '\n');
-		size_t len = nl ? (size_t)(nl - line) : strlen(line);
-		char l[256], name[128];
-		snprintf(l, sizeof(l), "%.*s", (int)len, line);
-		line = nl ? nl + 1 : NULL;
+	while (*p && **p) {
+		const char *nl = strchr(*p, '\n');
+		size_t len = nl ? (size_t)(nl - *p) : strlen(*p);
+		snprintf(l, lsize, "%.*s", (int)len, *p);
+		*p = nl ? nl + 1 : NULL;
 		char *eq = strchr(l, '=');
 		if (!eq)
 			continue;
 		*eq = '\0';
-		const char *key = l, *val = eq + 1;
-		if (!strncmp(key, "upstream.", 9)) {
-			char *dot;
-			long n = strtol(key + 9, &dot, 10);
-			if (*dot != '.' || !strcmp(dot + 1, "name"))
-				continue;
-			stats_upstream_name(kv, n, name, sizeof(name));
-			if (!strcmp(dot + 1, "state"))
-				buf_printf(out, "relayd_upstream_up{upstream=\"%s\"} %d\n", name, !strcmp(val, "up"));
-			else
-				buf_printf(out, "relayd_upstream_%s{upstream=\"%s\"} %s\n", dot + 1, name, val);
-			continue;
+		*key = l;
+		*val = eq + 1;
+		return true;
+	}
+	return false;
+}
+
+/* "upstream.N.<sub>": N, and *sub; -1 for any other key */
+static long stats_kv_upstream(const char *key, const char **sub)
+{
+	char *dot;
+	if (strncmp(key, "upstream.", 9))
+		return -1;
+	long n = strtol(key + 9, &dot, 10);
+	if (dot == key + 9 || *dot != '.' || n < 0)
+		return -1;
+	*sub = dot + 1;
+	return n;
+}
+
+/* key of section prefix as a metric: its table entry, or a gauge named for it (name holds
+ * the name and help then) */
+static struct stats_kv_metric stats_kv_describe(const char *prefix, const char *key, char *name, size_t namelen)
+{
+	snprintf(name, namelen, "%s_%s", prefix, key);
+	for (size_t i = 0; i < sizeof(stats_kv_metrics) / sizeof(stats_kv_metrics[0]); i++)
+		if (!strcmp(stats_kv_metrics[i].key, name))
+			return stats_kv_metrics[i];
+	return (struct stats_kv_metric){ name, name, "gauge", 0, name };
+}
+
+static void stats_kv_header(struct buf *out, const struct stats_kv_metric *m)
+{
+	buf_printf(out, "# HELP relayd_%s %s\n# TYPE relayd_%s %s\n", m->name, m->help, m->name, m->type);
+}
+
+static bool stats_kv_numeric(const char *val)
+{
+	char *end;
+	strtod(val, &end);
+	return *val && !*end;
+}
+
+/* " value\n" of a sample, scaled to its unit */
+static void stats_kv_value(struct buf *out, const struct stats_kv_metric *m, const char *val)
+{
+	if (m->scale)
+		buf_printf(out, " %g\n", strtod(val, NULL) * m->scale);
+	else
+		buf_printf(out, " %s\n", val);
+}
+
+/* v as a label value: backslash, double quote and newline escaped (exposition format 0.0.4) */
+static void stats_label_value(struct buf *out, const char *v)
+{
+	for (; *v; v++) {
+		if (*v == '\\' || *v == '"')
+			buf_printf(out, "\\%c", *v);
+		else if (*v == '\n')
+			buf_append(out, "\\n", 2);
+		else
+			buf_append(out, v, 1);
+	}
+}
+
+/* the value of the line "upstream.N.name=" in kv */
+static void stats_upstream_name(const char *kv, long n, char *out, size_t outlen)
+{
+	char l[512];
+	const char *key, *val, *sub, *p = kv;
+	out[0] = '\0';
+	while (stats_kv_next(&p, l, sizeof(l), &key, &val))
+		if (stats_kv_upstream(key, &sub) == n && !strcmp(sub, "name")) {
+			snprintf(out, outlen, "%s", val);
+			return;
 		}
-		char *end;
-		strtod(val, &end);
-		if (*val && !*end)
-			buf_printf(out, "# TYPE relayd_%s_%s gauge\nrelayd_%s_%s %s\n", prefix, key, prefix, key, val);
+}
+
+/* one per-upstream family: its header, then the line of each upstream */
+static void stats_kv_upstream_family(const char *kv, const char *family, struct buf *out)
+{
+	char name[128], l[512], label[300];
+	struct stats_kv_metric m = stats_kv_describe("upstream", family, name, sizeof(name));
+	const char *key, *val, *sub, *p = kv;
+	stats_kv_header(out, &m);
+	while (stats_kv_next(&p, l, sizeof(l), &key, &val)) {
+		long n = stats_kv_upstream(key, &sub);
+		if (n < 0 || strcmp(sub, family))
+			continue;
+		if (!strcmp(family, "state"))
+			val = strcmp(val, "up") ? "0" : "1";
+		if (!stats_kv_numeric(val))
+			continue;
+		stats_upstream_name(kv, n, label, sizeof(label));
+		buf_printf(out, "relayd_%s{upstream=\"", m.name);
+		stats_label_value(out, label);
+		buf_append(out, "\"}", 2);
+		stats_kv_value(out, &m, val);
+	}
+}
+
+/* stats_kv_prometheus - key=value lines as metric families */
+void stats_kv_prometheus(const char *kv, const char *prefix, struct buf *out)
+{
+	char l[512], name[128];
+	const char *key, *val, *sub, *p = kv;
+	long first = -1;
+	while (stats_kv_next(&p, l, sizeof(l), &key, &val)) {
+		if (stats_kv_upstream(key, &sub) >= 0)
+			continue;
+		if (!stats_kv_numeric(val))
+			continue;
+		struct stats_kv_metric m = stats_kv_describe(prefix, key, name, sizeof(name));
+		stats_kv_header(out, &m);
+		buf_printf(out, "relayd_%s", m.name);
+		stats_kv_value(out, &m, val);
+	}
+	/* family by family, in the order of the first upstream's keys: a family's samples are
+	 * one group in the format, so not upstream by upstream */
+	for (p = kv; stats_kv_next(&p, l, sizeof(l), &key, &val);) {
+		long n = stats_kv_upstream(key, &sub);
+		if (n < 0 || (first >= 0 && n != first) || !strcmp(sub, "name"))
+			continue;
+		first = n;
+		stats_kv_upstream_family(kv, sub, out);
 	}
 }

@@ -37,9 +37,12 @@ void stats_observe(enum stats_hist h, double seconds);
 double stats_hist_quantile(const uint64_t counts[STATS_HIST_NBUCKETS], double q);
 /* stats_add_section - another module's lines (gauges, per-upstream, per-user) */
 void stats_add_section(void (*fn)(struct buf *out, bool prometheus));
-/* stats_kv_prometheus - turn "key=value" lines into gauges named relayd_<prefix>_<key>;
+/* stats_kv_prometheus - turn a section's "key=value" lines into metric families, each with
+ * its HELP and TYPE: the keys stats.c knows get their type, name (counters end in _total)
+ * and unit (seconds); other numeric keys become gauges named relayd_<prefix>_<key>.
  * "upstream.N.key=value" lines become relayd_upstream_<key>{upstream="<upstream.N.name>"},
- * and upstream.N.state=up|down becomes relayd_upstream_up 1|0 */
+ * rendered family by family (every upstream's line of one key together), and
+ * upstream.N.state=up|down becomes relayd_upstream_up 1|0 */
 void stats_kv_prometheus(const char *kv, const char *prefix, struct buf *out);
 /* stats_render - everything, as key=value lines or Prometheus exposition text */
 void stats_render(struct buf *out, bool prometheus);

@@ -50,6 +50,94 @@ def connect_refused():
         return True
 
 
+PROM_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+PROM_SAMPLE = re.compile(rf'^({PROM_NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\}})? (\S+)$')
+
+
+def prom_family(name, types):
+    """the family a sample belongs to: a histogram's _bucket/_sum/_count are its own"""
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[:-len(suffix)]
+        if name.endswith(suffix) and types.get(base) in ("histogram", "summary"):
+            return base
+    return name
+
+
+def prom_check(text):
+    """strict checks of Prometheus text format 0.0.4: each family one group of samples, after
+    its HELP and TYPE (once each); label values escaped; counters named ..._total and gauges
+    not; no _ms units; histogram buckets ascending, cumulative, ending in +Inf == _count
+    (histograms without other labels). Returns [error, ...]"""
+    errs, helps, types, done, hists, series = [], {}, {}, set(), {}, set()
+    cur = None
+    for i, line in enumerate(text.split("\n"), 1):
+        m = re.match(rf"^# (HELP|TYPE) ({PROM_NAME}) (.*)$", line)
+        if m:
+            kind, name, rest = m.groups()
+            seen = helps if kind == "HELP" else types
+            if name in seen:
+                errs.append(f"{i}: a second {kind} for {name}")
+            if name in done or name == cur:
+                errs.append(f"{i}: {kind} for {name} after its samples")
+            if kind == "TYPE" and rest not in ("counter", "gauge", "histogram", "summary", "untyped"):
+                errs.append(f"{i}: unknown type {rest!r}")
+            seen[name] = rest
+            continue
+        if not line or line.startswith("#"):
+            continue
+        m = PROM_SAMPLE.match(line)
+        if not m:
+            errs.append(f"{i}: not a sample line: {line!r}")
+            continue
+        name, labels, value = m.groups()
+        try:
+            v = float(value)
+        except ValueError:
+            errs.append(f"{i}: not a number: {line!r}")
+            continue
+        if (name, labels) in series:
+            errs.append(f"{i}: a second sample of {name}{{{labels or ''}}}")
+        series.add((name, labels))
+        fam = prom_family(name, types)
+        if fam != cur:
+            if fam in done:
+                errs.append(f"{i}: the samples of {fam} are not one group")
+            if cur:
+                done.add(cur)
+            cur = fam
+        if fam not in helps or fam not in types:
+            errs.append(f"{i}: {fam} has no HELP or no TYPE before its samples")
+        if (types.get(fam) == "counter") != name.endswith("_total"):
+            errs.append(f"{i}: {name} is a {types.get(fam)}: only counters end in _total, and all of them")
+        if re.search(r"_ms(_|$)", fam):
+            errs.append(f"{i}: {fam} is not in base units (seconds)")
+        if types.get(fam) == "histogram":
+            h = hists.setdefault(fam, {"buckets": [], "count": None})
+            le = re.search(r'le="([^"]*)"', labels or "")
+            if name.endswith("_bucket") and le:
+                h["buckets"].append((float(le.group(1)), v))
+            elif name.endswith("_count"):
+                h["count"] = v
+    for fam, h in hists.items():
+        les, counts = [le for le, _ in h["buckets"]], [c for _, c in h["buckets"]]
+        if not les or les != sorted(les) or counts != sorted(counts):
+            errs.append(f"{fam}: buckets not ascending and cumulative: {h['buckets']}")
+        elif les[-1] != float("inf") or counts[-1] != h["count"]:
+            errs.append(f"{fam}: the last bucket is not +Inf == _count ({h['buckets'][-1]}, count {h['count']})")
+    return errs
+
+
+def prom_scrape(port):
+    """the /metrics body, and {sample name with labels: value}"""
+    rc, out = t.curl(["-s", f"http://127.0.0.1:{port}/metrics"])
+    samples = {}
+    for line in out.splitlines():
+        m = PROM_SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            samples[m.group(1) + (f"{{{m.group(2)}}}" if m.group(2) is not None else "")] = float(m.group(3))
+    return out, samples
+
+
 @t.test("SIGHUP under load: every session of 4 clients x 15 messages succeeds")
 def _():
     results = []
@@ -113,6 +201,7 @@ def _():
             continue
         samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     t.is_(bad, [], "every sample line parses")
+    t.is_(prom_check(out), [], "strict format check (families grouped, HELP and TYPE, _total, buckets)")
     t.ok(samples.get("relayd_messages_accepted_total", 0) >= 61, "accepted counter >= 61",
          str(samples.get("relayd_messages_accepted_total")))
     t.ok(samples.get("relayd_auth_success_total", 0) >= 61, "auth successes counted")
@@ -131,6 +220,88 @@ def _():
     rc, out = relay.relayctl("stats")
     m = re.search(r"(?m)^accept_to_250_p99_ms=([0-9.]+)$", out)
     t.ok(m and float(m.group(1)) > 0, "relayctl stats has the accept-to-250 p99", m.group(0) if m else out[-300:])
+
+
+@t.test("metrics with two upstreams: each upstream family is one group (HELP, TYPE, a line per upstream); "
+        "forwarder counters end in _total; latency in seconds")
+def _():
+    sink = t.Sink()
+    dead = t.free_port()
+    mport = t.free_port()
+    r = t.Relay(extra_config=f"metrics 127.0.0.1:{mport}\nupstream 127.0.0.1:{sink.port} tls=none\n"
+                f"upstream 127.0.0.1:{dead} tls=none\n", ipv6=False)
+    r.add_user(USER, PW)
+    r.start()
+    try:
+        c = r.session(USER)
+        for line in (f"MAIL FROM:<{USER}>", "RCPT TO:<a@example.net>", "RCPT TO:<b@example.net>", "DATA"):
+            c.cmd(line)
+        c.send(t.dot_stuff(t.make_message(USER, "a@example.net", subject="two upstreams")))
+        t.like(c.reply()[1], t.QUEUED_RE, "message queued")
+        c.close()
+        names = [f"127.0.0.1:{sink.port}", f"127.0.0.1:{dead}"]
+        t.ok(t.wait_for(lambda: prom_scrape(mport)[1].get(f'relayd_upstream_messages_total{{upstream="{names[0]}"}}') == 1,
+                        10 * t.SLOW), "the first upstream's message counter reaches 1")
+        out, samples = prom_scrape(mport)
+        t.is_(prom_check(out), [], "strict format check")
+        families = [l.split()[2] for l in out.splitlines() if l.startswith("# TYPE relayd_upstream_")]
+        t.ok(len(families) >= 8, "per-upstream families have TYPE lines", str(families))
+        for fam in families:
+            labels = re.findall(rf'(?m)^{fam}{{upstream="([^"]*)"}} \S+$', out)
+            t.is_(labels, names, f"{fam}: one line per upstream, in order")
+        types = dict(l.split()[2:4] for l in out.splitlines() if l.startswith("# TYPE "))
+        for fam in ("relayd_forward_forwarded_total", "relayd_forward_rcpt_delivered_total", "relayd_forward_deferrals_total",
+                    "relayd_upstream_messages_total", "relayd_upstream_recipients_total", "relayd_upstream_connects_total",
+                    "relayd_upstream_failures_total"):
+            t.is_(types.get(fam), "counter", f"{fam} is a counter")
+        t.is_(samples.get("relayd_forward_rcpt_delivered_total"), 2.0, "two recipients delivered")
+        t.is_(samples.get(f'relayd_upstream_recipients_total{{upstream="{names[0]}"}}'), 2.0, "by the first upstream")
+        last = samples.get(f'relayd_upstream_latency_last_seconds{{upstream="{names[0]}"}}')
+        t.ok(last is not None and 0 <= last < 10 * t.SLOW, "the last transaction's time is in seconds", str(last))
+        rc, kv = r.relayctl("stats")
+        t.like(kv, r"(?m)^upstream\.0\.latency_last_ms=\d+$", "relayctl stats keeps its key=value names (ms)")
+        t.like(kv, r"(?m)^forwarded=1$", "relayctl stats: forwarded=1")
+    finally:
+        r.stop()
+        sink.stop()
+
+
+@t.test("relayd_messages_rejected_total counts a refused sender, SIZE=, From: header and rate limit")
+def _():
+    mport = t.free_port()
+    r = t.Relay(extra_config=f"metrics 127.0.0.1:{mport}\nlimit_msgs 1/hour\n", ipv6=False)
+    r.add_user(USER, PW)
+    r.start()
+
+    def rejected():
+        return prom_scrape(mport)[1].get("relayd_messages_rejected_total")
+
+    def data(c, frm):
+        c.cmd("DATA")
+        c.send(t.dot_stuff(t.make_message(frm, "x@example.net", subject="rejected")))
+        return c.reply()
+
+    try:
+        c = r.session(USER)
+        n = rejected()
+        t.is_(n, 0.0, "none at start")
+        t.like(c.cmd("MAIL FROM:<mallory@example.org>")[1], r"^553 5\.7\.1 ", "disallowed sender: 553")
+        t.is_(rejected(), n + 1, "counted")
+        t.like(c.cmd(f"MAIL FROM:<{USER}> SIZE=2000000")[1], r"^552 5\.3\.4 ", "SIZE= over the limit: 552")
+        t.is_(rejected(), n + 2, "counted")
+        c.cmd(f"MAIL FROM:<{USER}>")
+        c.cmd("RCPT TO:<x@example.net>")
+        t.like(data(c, "mallory@example.org")[1], r"^553 5\.7\.1 ", "From: header not allowed: 553")
+        t.is_(rejected(), n + 3, "counted")
+        c.cmd(f"MAIL FROM:<{USER}>")
+        c.cmd("RCPT TO:<x@example.net>")
+        t.like(data(c, USER)[1], t.QUEUED_RE, "a message accepted (the hour's one)")
+        t.is_(rejected(), n + 3, "not counted")
+        t.like(c.cmd(f"MAIL FROM:<{USER}>")[1], r"^450 4\.7\.1 ", "over limit_msgs: 450")
+        t.is_(rejected(), n + 4, "counted")
+        c.close()
+    finally:
+        r.stop()
 
 
 @t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")

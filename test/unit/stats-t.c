@@ -1,7 +1,9 @@
 /*
- * stats-t - the latency histograms: bucketing, the quantile estimate, and both renderings.
+ * stats-t - the latency histograms: bucketing, the quantile estimate, and both renderings;
+ * a section's key=value lines as Prometheus families (types, units, grouping, label escaping).
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "../../relayd/stats.h"
 #include "tap.h"
@@ -28,9 +30,39 @@ static void quantiles(void)
 	   "a rank in +Inf gives the largest finite bound");
 }
 
+/* two upstreams, the second with a name that needs escaping: every upstream family is one
+ * group after its HELP and TYPE; counters end in _total; milliseconds become seconds */
+static void kv_sections(void)
+{
+	const char *kv = "forwarded=3\ncredential_sets=2\nnot_a_number=x\n"
+			 "upstream.0.name=a:25\nupstream.0.state=up\nupstream.0.messages=5\nupstream.0.latency_last_ms=250\n"
+			 "upstream.1.name=b\"\\:25\nupstream.1.state=down\nupstream.1.messages=0\nupstream.1.latency_last_ms=0\n";
+	const char *want =
+		"# HELP relayd_forward_forwarded_total Messages delivered to every recipient and removed from the queue\n"
+		"# TYPE relayd_forward_forwarded_total counter\nrelayd_forward_forwarded_total 3\n"
+		"# HELP relayd_forward_credential_sets Client TLS credential sets held now\n"
+		"# TYPE relayd_forward_credential_sets gauge\nrelayd_forward_credential_sets 2\n"
+		"# HELP relayd_upstream_up 1 when the upstream is up, 0 while it is marked down\n"
+		"# TYPE relayd_upstream_up gauge\n"
+		"relayd_upstream_up{upstream=\"a:25\"} 1\nrelayd_upstream_up{upstream=\"b\\\"\\\\:25\"} 0\n"
+		"# HELP relayd_upstream_messages_total Messages the upstream accepted for at least one recipient\n"
+		"# TYPE relayd_upstream_messages_total counter\n"
+		"relayd_upstream_messages_total{upstream=\"a:25\"} 5\n"
+		"relayd_upstream_messages_total{upstream=\"b\\\"\\\\:25\"} 0\n"
+		"# HELP relayd_upstream_latency_last_seconds Time of the last transaction on the upstream (millisecond "
+		"resolution)\n# TYPE relayd_upstream_latency_last_seconds gauge\n"
+		"relayd_upstream_latency_last_seconds{upstream=\"a:25\"} 0.25\n"
+		"relayd_upstream_latency_last_seconds{upstream=\"b\\\"\\\\:25\"} 0\n";
+	struct buf out = { 0 };
+	stats_kv_prometheus(kv, "forward", &out);
+	is_str(out.data, want, "key=value section: families grouped, typed, in seconds, labels escaped");
+	buf_free(&out);
+}
+
 int main(void)
 {
 	quantiles();
+	kv_sections();
 
 	stats_observe(SH_COMMIT, 0.0005);  /* on a bound: that bucket (le is "less or equal") */
 	stats_observe(SH_COMMIT, 0.0012);
