@@ -558,6 +558,9 @@ static int config_check(struct config_ctx *x)
 	config_check_at(x, "timeout_session", NULL);
 	if (c->timeout_session == 0)
 		return config_error(x, "timeout_session must be at least 1s");
+	config_check_at(x, "auth_lockout", NULL);
+	if (c->auth_lockout == 0) /* failures would be forgotten at once: no lockout, no growing delay */
+		return config_error(x, "auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)");
 	config_check_at(x, "retry_min", "retry_max");
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
 		return config_error(x, "retry_min (%us) must be at least 1s and not above retry_max (%us)",

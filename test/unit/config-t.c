@@ -80,6 +80,11 @@ int main(void)
 	   "timeout_idle 0 (no idle timeout at all) refused: %s", err);
 	ok(load(BASE "timeout_session 0s\n", &c, err, sizeof(err)) < 0 && strstr(err, "timeout_session must be at least 1s"),
 	   "timeout_session 0 refused: %s", err);
+	ok(load(BASE "auth_lockout 0\n# end\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)"),
+	   "auth_lockout 0 (no lockout and no growing delay) refused: %s", err);
+	ok(load(BASE "auth_fail_limit 0\n", &c, err, sizeof(err)) == 0 && c.auth_fail_limit == 0 && c.auth_lockout == 900,
+	   "auth_fail_limit 0 (no lockout) accepted: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
