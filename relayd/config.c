@@ -565,6 +565,9 @@ static int config_check(struct config_ctx *x)
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
 		return config_error(x, "retry_min (%us) must be at least 1s and not above retry_max (%us)",
 				    c->retry_min, c->retry_max);
+	config_check_at(x, "queue_lifetime", NULL);
+	if (c->queue_lifetime == 0) /* a message an upstream never takes would stay queued for ever */
+		return config_error(x, "queue_lifetime must be at least 1s");
 	config_check_at(x, "message_memory", "max_message_size");
 	if (!c->message_memory)
 		c->message_memory = config_default_message_memory(c->max_message_size);

@@ -73,7 +73,7 @@ struct config {
 
 	unsigned retry_min;       /* forwarding backoff, seconds (default 60) */
 	unsigned retry_max;       /* (default 3600) */
-	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days) */
+	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days, at least 1) */
 	unsigned delay_warning;   /* seconds deferred before a "delayed" DSN (default 4h, 0 = off) */
 	bool check_header_from;   /* check From: against allowed senders (default yes) */
 	unsigned auth_cache_ttl;  /* verified-credential cache, seconds (default 300, 0 = off) */
@@ -85,7 +85,7 @@ struct config {
 	unsigned max_conn_rate_per_ip; /* new connections per minute (default 120, 0 = off) */
 	bool limit_loopback;           /* apply per-IP limits to loopback too (default no) */
 	unsigned auth_fail_limit;      /* failures per IP or user name before lockout (default 5) */
-	unsigned auth_lockout;         /* seconds (default 900) */
+	unsigned auth_lockout;         /* seconds (default 900, at least 1) */
 };
 
 /* config_defaults - fill c with the built-in defaults */

@@ -85,6 +85,11 @@ int main(void)
 	   "auth_lockout 0 (no lockout and no growing delay) refused: %s", err);
 	ok(load(BASE "auth_fail_limit 0\n", &c, err, sizeof(err)) == 0 && c.auth_fail_limit == 0 && c.auth_lockout == 900,
 	   "auth_fail_limit 0 (no lockout) accepted: %s", err);
+	ok(load(BASE "queue_lifetime 0\nretry_max 1h\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: queue_lifetime must be at least 1s"),
+	   "queue_lifetime 0 (never bounce) refused: %s", err);
+	ok(load(BASE "queue_lifetime 3s\n", &c, err, sizeof(err)) == 0 && c.queue_lifetime == 3,
+	   "queue_lifetime 3s (the tests' short lifetimes) accepted: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
