@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #define CONFIG_MAX_WORDS 16
+#define CONFIG_LINE_MAX 4095 /* characters a line, its LF or CRLF not counted */
 #define CONFIG_MAX_SEEN 64 /* distinct directives remembered with their last line */
 
 /* a directive read, and the last line it was on: file-level checks name that line */
@@ -476,6 +477,17 @@ static void config_check_at(struct config_ctx *x, const char *a, const char *b)
 		x->line = x->lines;
 }
 
+/* is the line fgets just read longer than CONFIG_LINE_MAX? */
+static bool config_too_long(const char *line, FILE *f)
+{
+	size_t len = strcspn(line, "\n");
+	if (!line[len] && !feof(f))
+		return true; /* the buffer filled before the end of the line */
+	if (len && line[len - 1] == '\r')
+		len--;
+	return len > CONFIG_LINE_MAX;
+}
+
 /* split a line into words; strips the comment */
 static int config_split(char *line, char **argv)
 {
@@ -587,7 +599,7 @@ static int config_check(struct config_ctx *x)
 int config_load(const char *path, struct config *c, char *err, size_t errlen)
 {
 	struct config_ctx x = { .c = c, .file = path, .line = 0, .err = err, .errlen = errlen };
-	char line[4096];
+	char line[CONFIG_LINE_MAX + 3]; /* and CR, LF, NUL */
 	char *argv[CONFIG_MAX_WORDS];
 
 	config_defaults(c);
@@ -614,9 +626,8 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen)
 	int rc = 0;
 	while (fgets(line, sizeof(line), f)) {
 		x.line++;
-		size_t len = strlen(line);
-		if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
-			rc = config_error(&x, "line too long");
+		if (config_too_long(line, f)) {
+			rc = config_error(&x, "line too long (at most %d characters)", CONFIG_LINE_MAX);
 			break;
 		}
 		int argc = config_split(line, argv);

@@ -27,6 +27,7 @@ int main(void)
 {
 	struct config c;
 	char err[512], want[512];
+	int rc;
 	if (!mkdtemp(dir))
 		return 1;
 
@@ -90,6 +91,21 @@ int main(void)
 	   "queue_lifetime 0 (never bounce) refused: %s", err);
 	ok(load(BASE "queue_lifetime 3s\n", &c, err, sizeof(err)) == 0 && c.queue_lifetime == 3,
 	   "queue_lifetime 3s (the tests' short lifetimes) accepted: %s", err);
+	/* relayd.conf.5: 4095 characters a line, not counting its LF or CRLF */
+	static char text[sizeof(BASE) + 4200];
+	for (int len = 4094; len <= 4096; len++)
+		for (int crlf = 0; crlf <= 1; crlf++) {
+			int n = snprintf(text, sizeof(text), BASE "hostname relay.test #");
+			int pad = len - (n - (int)strlen(BASE));
+			memset(text + n, 'a', (size_t)pad);
+			snprintf(text + n + pad, sizeof(text) - (size_t)(n + pad), "%s# end\n", crlf ? "\r\n" : "\n");
+			rc = load(text, &c, err, sizeof(err));
+			if (len <= 4095)
+				ok(rc == 0, "a line of %d characters and %s loads: %s", len, crlf ? "CRLF" : "LF", err);
+			else
+				ok(rc < 0 && strstr(err, "relayd.conf:6: line too long (at most 4095 characters)"),
+				   "a line of %d characters and %s refused: %s", len, crlf ? "CRLF" : "LF", err);
+		}
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
@@ -102,7 +118,7 @@ int main(void)
 	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "must be at least max_message_size"), "message_memory below max_message_size refused: %s", err);
 	long pages = sysconf(_SC_PHYS_PAGES), pagesize = sysconf(_SC_PAGESIZE);
-	int rc = load(BASE, &c, err, sizeof(err));
+	rc = load(BASE, &c, err, sizeof(err));
 	ok(rc == 0 && c.message_memory >= 35u << 20 && c.message_memory <= (size_t)pages * (size_t)pagesize / 4,
 	   "message_memory defaults to at most a quarter of the memory, at least max_message_size (%zu MB)",
 	   c.message_memory >> 20);
