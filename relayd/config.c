@@ -1,8 +1,9 @@
 /*
  * config - parse and validate relayd.conf.
  * Grammar: one directive per line, words separated by blanks, '#' to end of line is a
- * comment. `listen ADDR:PORT MODE` and `upstream HOST:PORT [key=value ...]` repeat; every
- * other directive appears once. IPv6 addresses are written in brackets: [::1]:587.
+ * comment. `listen ADDR:PORT MODE` and `upstream HOST:PORT [key=value ...]` repeat, and
+ * tls_cert/tls_key up to CONFIG_MAX_CERTS times (paired by order); any other directive
+ * counts once, the last one read winning. IPv6 addresses are written in brackets: [::1]:587.
  * Invariant: a config that loads without error is complete (paths absolute, a listener,
  * a certificate when any listener needs TLS).
  */

@@ -1,6 +1,7 @@
 /*
  * config - relayd.conf: one directive per line, '#' starts a comment, repeatable
- * `listen` and `upstream`. Relative paths are relative to the config file's folder.
+ * `listen` and `upstream`, up to CONFIG_MAX_CERTS `tls_cert`/`tls_key` pairs; any other
+ * directive repeated: the last one wins. Relative paths are relative to the config file's folder.
  * Every error is reported as "FILE:LINE: what is wrong".
  */
 #ifndef RELAYD_CONFIG_H

@@ -106,6 +106,10 @@ int main(void)
 				ok(rc < 0 && strstr(err, "relayd.conf:6: line too long (at most 4095 characters)"),
 				   "a line of %d characters and %s refused: %s", len, crlf ? "CRLF" : "LF", err);
 		}
+	/* relayd.conf.5: tls_cert and tls_key accumulate; any other directive repeated, the last wins */
+	ok(load(BASE "tls_cert c2.pem\ntls_key k2.pem\nhostname a.test\nhostname b.test\n", &c, err, sizeof(err)) == 0 &&
+	   c.ncert == 2 && c.nkey == 2 && !strcmp(c.hostname, "b.test"),
+	   "two tls_cert/tls_key pairs kept, the last hostname wins: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
