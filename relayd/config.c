@@ -131,6 +131,12 @@ const char *config_listen_mode_str(enum listen_mode m)
 	return "?";
 }
 
+/* config_hostport_str - "host:port", or "[host]:port" when host is an IPv6 address */
+void config_hostport_str(const char *host, const char *port, char *out, size_t outlen)
+{
+	snprintf(out, outlen, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+}
+
 /* split "host:port" or "[v6]:port" */
 static int config_hostport(struct config_ctx *x, const char *s, char *host, size_t hostlen,
 			   char *port, size_t portlen)

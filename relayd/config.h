@@ -97,6 +97,9 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen);
 long long config_parse_size(const char *s);
 /* config_parse_duration - "30s", "5m", "2h", "5d", "60" -> seconds; -1 if not a duration */
 long long config_parse_duration(const char *s);
+/* config_hostport_str - host and port for logs and labels: "[::1]:25" for an IPv6 host, as
+ * written in relayd.conf */
+void config_hostport_str(const char *host, const char *port, char *out, size_t outlen);
 /* config_listen_mode_str - "starttls" | "tls" | "plain" */
 const char *config_listen_mode_str(enum listen_mode m);
 

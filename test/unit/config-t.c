@@ -126,6 +126,10 @@ int main(void)
 	ok(rc == 0 && c.message_memory >= 35u << 20 && c.message_memory <= (size_t)pages * (size_t)pagesize / 4,
 	   "message_memory defaults to at most a quarter of the memory, at least max_message_size (%zu MB)",
 	   c.message_memory >> 20);
+	config_hostport_str("::1", "25", want, sizeof(want));
+	is_str(want, "[::1]:25", "an IPv6 host:port is written in brackets");
+	config_hostport_str("smtp.example.net", "587", want, sizeof(want));
+	is_str(want, "smtp.example.net:587", "a name:port as is");
 	is_int((int)config_parse_size("35M"), 35 * 1024 * 1024, "35M");
 	is_int((int)config_parse_size("10k"), 10240, "10k");
 	ok(config_parse_size("-1") < 0, "negative size refused");
