@@ -20,6 +20,7 @@
 
 #define CONFIG_MAX_WORDS 16
 #define CONFIG_LINE_MAX 4095 /* characters a line, its LF or CRLF not counted */
+#define CONFIG_RATE_MAX 1000000 /* an upstream's rate= messages per unit */
 #define CONFIG_MAX_SEEN 64 /* distinct directives remembered with their last line */
 
 /* a directive read, and the last line it was on: file-level checks name that line */
@@ -225,6 +226,8 @@ static int config_rate(struct config_ctx *x, const char *v, struct upstream_cfg 
 	long n = strtol(v, &end, 10);
 	if (end == v || n <= 0 || *end != '/')
 		return config_error(x, "rate must look like 250/hour, got \"%s\"", v);
+	if (n > CONFIG_RATE_MAX)
+		return config_error(x, "rate= must be 1 to %d messages per unit, got \"%s\"", CONFIG_RATE_MAX, v);
 	end++;
 	if (!strcmp(end, "second") || !strcmp(end, "s"))
 		u->rate_window = 1;

@@ -110,6 +110,11 @@ int main(void)
 	ok(load(BASE "tls_cert c2.pem\ntls_key k2.pem\nhostname a.test\nhostname b.test\n", &c, err, sizeof(err)) == 0 &&
 	   c.ncert == 2 && c.nkey == 2 && !strcmp(c.hostname, "b.test"),
 	   "two tls_cert/tls_key pairs kept, the last hostname wins: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 rate=5000000000/hour\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: rate= must be 1 to 1000000 messages per unit, got \"5000000000/hour\""),
+	   "rate=5000000000/hour (was truncated to 32 bits) refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 rate=1000000/second\n", &c, err, sizeof(err)) == 0 &&
+	   c.upstream[0].rate_count == 1000000 && c.upstream[0].rate_window == 1, "rate=1000000/second: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
