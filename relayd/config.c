@@ -243,6 +243,14 @@ static int config_rate(struct config_ctx *x, const char *v, struct upstream_cfg 
 	return 0;
 }
 
+/* an upstream's ca= or auth= file (empty, config_path would make it the config folder) */
+static int config_upstream_file(struct config_ctx *x, const char *key, const char *v, char *out, size_t outlen)
+{
+	if (!*v)
+		return config_error(x, "%s= needs a file name", key);
+	return config_path(x, v, out, outlen);
+}
+
 static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, const char *opt)
 {
 	const char *eq = strchr(opt, '=');
@@ -262,9 +270,9 @@ static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, con
 	} else if (kl == 6 && !strncmp(opt, "verify", kl)) {
 		return config_bool(x, v, &u->verify);
 	} else if (kl == 2 && !strncmp(opt, "ca", kl)) {
-		return config_path(x, v, u->ca, sizeof(u->ca));
+		return config_upstream_file(x, "ca", v, u->ca, sizeof(u->ca));
 	} else if (kl == 4 && !strncmp(opt, "auth", kl)) {
-		return config_path(x, v, u->auth_file, sizeof(u->auth_file));
+		return config_upstream_file(x, "auth", v, u->auth_file, sizeof(u->auth_file));
 	} else if (kl == 4 && !strncmp(opt, "rate", kl)) {
 		return config_rate(x, v, u);
 	} else if (kl == 11 && !strncmp(opt, "connections", kl)) {

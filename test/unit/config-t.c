@@ -115,6 +115,10 @@ int main(void)
 	   "rate=5000000000/hour (was truncated to 32 bits) refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 rate=1000000/second\n", &c, err, sizeof(err)) == 0 &&
 	   c.upstream[0].rate_count == 1000000 && c.upstream[0].rate_window == 1, "rate=1000000/second: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 auth=\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: auth= needs a file name"), "empty auth= (was the config folder) refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 ca=\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: ca= needs a file name"), "empty ca= refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
