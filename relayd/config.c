@@ -10,6 +10,7 @@
 #include "config.h"
 #include "ratelimit.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -138,13 +139,27 @@ void config_hostport_str(const char *host, const char *port, char *out, size_t o
 	snprintf(out, outlen, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
 }
 
+/* an IPv6 address, with an optional %zone (fe80::1%eth0) */
+static bool config_ipv6(const char *host)
+{
+	char addr[INET6_ADDRSTRLEN];
+	struct in6_addr in6;
+	size_t n = strcspn(host, "%");
+	if (n >= sizeof(addr))
+		return false;
+	memcpy(addr, host, n);
+	addr[n] = '\0';
+	return inet_pton(AF_INET6, addr, &in6) == 1;
+}
+
 /* split "host:port" or "[v6]:port" */
 static int config_hostport(struct config_ctx *x, const char *s, char *host, size_t hostlen,
 			   char *port, size_t portlen)
 {
-	const char *colon;
+	const char *colon, *arg = s;
 	size_t hl;
-	if (s[0] == '[') {
+	bool bracketed = s[0] == '[';
+	if (bracketed) {
 		const char *rb = strchr(s, ']');
 		if (!rb || rb[1] != ':')
 			return config_error(x, "expected [IPv6]:PORT, got \"%s\"", s);
@@ -161,6 +176,8 @@ static int config_hostport(struct config_ctx *x, const char *s, char *host, size
 		return config_error(x, "bad host in \"%s\"", s);
 	memcpy(host, s, hl);
 	host[hl] = '\0';
+	if (bracketed && !config_ipv6(host))
+		return config_error(x, "brackets hold an IPv6 address, got \"%s\"", arg);
 	const char *p = colon + 1;
 	char *end;
 	long v = strtol(p, &end, 10);

@@ -119,6 +119,16 @@ int main(void)
 	   strstr(err, "relayd.conf:6: auth= needs a file name"), "empty auth= (was the config folder) refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 ca=\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "relayd.conf:6: ca= needs a file name"), "empty ca= refused: %s", err);
+	ok(load(BASE "listen [localhost]:25 starttls\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: brackets hold an IPv6 address, got \"[localhost]:25\""),
+	   "listen [localhost]:25 refused: %s", err);
+	ok(load(BASE "upstream [192.0.2.1]:25\n", &c, err, sizeof(err)) < 0 && strstr(err, "brackets hold an IPv6 address"),
+	   "upstream [192.0.2.1]:25 refused: %s", err);
+	ok(load(BASE "listen [::]:25 starttls\nupstream [2001:db8::1]:25\nmetrics [::1]:9100\n", &c, err, sizeof(err)) == 0 &&
+	   !strcmp(c.listen[1].host, "::") && !strcmp(c.upstream[0].host, "2001:db8::1") && !strcmp(c.metrics_host, "::1"),
+	   "[::]:25, [2001:db8::1]:25 and [::1]:9100 load: %s", err);
+	ok(load(BASE "upstream [fe80::1%eth0]:25\n", &c, err, sizeof(err)) == 0 && !strcmp(c.upstream[0].host, "fe80::1%eth0"),
+	   "a link-local address with its zone loads: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
