@@ -337,6 +337,36 @@ static int config_string(struct config_ctx *x, int argc, char **argv, char *out,
 	return 0;
 }
 
+/* a domain name as RFC 5321 writes one (sub-domain *("." sub-domain)): labels of 1 to 63
+ * letters, digits and hyphens, not beginning or ending with a hyphen; 253 characters in all */
+static bool config_domain(const char *s)
+{
+	size_t total = strlen(s);
+	if (total == 0 || total > 253)
+		return false;
+	for (const char *label = s;; label++) {
+		size_t n = strspn(label, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-");
+		if (n == 0 || n > 63 || label[0] == '-' || label[n - 1] == '-')
+			return false;
+		label += n;
+		if (!*label)
+			return true;
+		if (*label != '.')
+			return false;
+	}
+}
+
+/* hostname goes into the greeting, the EHLO reply, Received: and Message-ID: */
+static int config_hostname(struct config_ctx *x, int argc, char **argv)
+{
+	if (config_string(x, argc, argv, x->c->hostname, sizeof(x->c->hostname)) < 0)
+		return -1;
+	if (!config_domain(x->c->hostname))
+		return config_error(x, "hostname: \"%s\" is not a domain name (letters, digits and hyphens in labels "
+				    "of 1 to 63 characters, joined by dots; at most 253 characters)", x->c->hostname);
+	return 0;
+}
+
 static int config_unsigned(struct config_ctx *x, int argc, char **argv, unsigned *out, long long max,
 			   long long (*parse)(const char *))
 {
@@ -387,7 +417,7 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 	if (!strcmp(d, "upstream"))
 		return config_upstream(x, argc, argv);
 	if (!strcmp(d, "hostname"))
-		return config_string(x, argc, argv, c->hostname, sizeof(c->hostname));
+		return config_hostname(x, argc, argv);
 	if (!strcmp(d, "user"))
 		return config_string(x, argc, argv, c->user, sizeof(c->user));
 	if (argc == 2 && !strcmp(d, "tls_cert")) {

@@ -129,6 +129,27 @@ int main(void)
 	   "[::]:25, [2001:db8::1]:25 and [::1]:9100 load: %s", err);
 	ok(load(BASE "upstream [fe80::1%eth0]:25\n", &c, err, sizeof(err)) == 0 && !strcmp(c.upstream[0].host, "fe80::1%eth0"),
 	   "a link-local address with its zone loads: %s", err);
+	/* hostname goes into the greeting, Received: and Message-ID: a domain name (RFC 5321 Domain) */
+	static const char *bad_names[] = { "a<b>@c", "my_host.test", "-relay.test", "relay-.test", "relay..test",
+					   "relay.test.", ".relay.test", "r\xc3\xa9lay.test" };
+	for (size_t i = 0; i < sizeof(bad_names) / sizeof(bad_names[0]); i++) {
+		snprintf(text, sizeof(text), BASE "hostname %s\n", bad_names[i]);
+		ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: hostname: \"") &&
+		   strstr(err, "\" is not a domain name"), "hostname %s refused: %s", bad_names[i], err);
+	}
+	char label[64], name[300];
+	memset(label, 'a', 63);
+	label[63] = '\0';
+	snprintf(name, sizeof(name), "%s.%s.%s.%.61s", label, label, label, label); /* 253 */
+	snprintf(text, sizeof(text), BASE "hostname %s\n", name);
+	ok(load(text, &c, err, sizeof(err)) == 0 && strlen(c.hostname) == 253, "a 253-character name of 63-character labels: %s", err);
+	snprintf(text, sizeof(text), BASE "hostname %s.%s.%s.%.62s\n", label, label, label, label); /* 254 */
+	ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "is not a domain name"), "a 254-character name refused");
+	snprintf(text, sizeof(text), BASE "hostname a%s.test\n", label);
+	ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "is not a domain name"), "a 64-character label refused");
+	ok(load(BASE "hostname Relay-1.Example.org\n", &c, err, sizeof(err)) == 0 && !strcmp(c.hostname, "Relay-1.Example.org"),
+	   "hostname Relay-1.Example.org: %s", err);
+	ok(load(BASE "hostname localhost\n", &c, err, sizeof(err)) == 0, "hostname localhost (the default): %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
