@@ -664,7 +664,7 @@ static int config_check(struct config_ctx *x)
 int config_load(const char *path, struct config *c, char *err, size_t errlen)
 {
 	struct config_ctx x = { .c = c, .file = path, .line = 0, .err = err, .errlen = errlen };
-	char line[CONFIG_LINE_MAX + 3]; /* and CR, LF, NUL */
+	char buf[CONFIG_LINE_MAX + 6]; /* and a BOM, CR, LF, NUL */
 	char *argv[CONFIG_MAX_WORDS];
 
 	config_defaults(c);
@@ -689,8 +689,11 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen)
 		snprintf(c->dir, sizeof(c->dir), ".");
 	}
 	int rc = 0;
-	while (fgets(line, sizeof(line), f)) {
+	while (fgets(buf, sizeof(buf), f)) {
 		x.line++;
+		char *line = buf;
+		if (x.line == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
+			line += 3; /* a UTF-8 byte order mark, as some editors write */
 		if (config_too_long(line, f)) {
 			rc = config_error(&x, "line too long (at most %d characters)", CONFIG_LINE_MAX);
 			break;

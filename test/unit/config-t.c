@@ -150,6 +150,12 @@ int main(void)
 	ok(load(BASE "hostname Relay-1.Example.org\n", &c, err, sizeof(err)) == 0 && !strcmp(c.hostname, "Relay-1.Example.org"),
 	   "hostname Relay-1.Example.org: %s", err);
 	ok(load(BASE "hostname localhost\n", &c, err, sizeof(err)) == 0, "hostname localhost (the default): %s", err);
+	/* a UTF-8 byte order mark, as some Windows editors write, is skipped at the start of the file only */
+	ok(load("\xef\xbb\xbf" BASE, &c, err, sizeof(err)) == 0 && c.nlisten == 1, "a leading BOM is skipped: %s", err);
+	snprintf(text, sizeof(text), "\xef\xbb\xbfhostname relay.test #%4074d\n" BASE, 1); /* 4095 after the BOM */
+	ok(load(text, &c, err, sizeof(err)) == 0, "a BOM is not counted in the first line's 4095 characters: %s", err);
+	ok(load(BASE "\xef\xbb\xbfhostname relay.test\n", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: unknown directive"),
+	   "a BOM further down is not: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
