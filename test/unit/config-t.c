@@ -26,7 +26,7 @@ static int load(const char *text, struct config *c, char *err, size_t errlen)
 int main(void)
 {
 	struct config c;
-	char err[512], want[512];
+	char err[512] = "", want[512];
 	int rc;
 	if (!mkdtemp(dir))
 		return 1;
