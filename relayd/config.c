@@ -1,14 +1,16 @@
 /*
  * config - parse and validate relayd.conf.
  * Grammar: one directive per line, words separated by blanks, '#' to end of line is a
- * comment. `listen ADDR:PORT MODE` and `upstream HOST:PORT [key=value ...]` repeat; every
- * other directive appears once. IPv6 addresses are written in brackets: [::1]:587.
+ * comment. `listen ADDR:PORT MODE` and `upstream HOST:PORT [key=value ...]` repeat, and
+ * tls_cert/tls_key up to CONFIG_MAX_CERTS times (paired by order); any other directive
+ * counts once, the last one read winning. IPv6 addresses are written in brackets: [::1]:587.
  * Invariant: a config that loads without error is complete (paths absolute, a listener,
  * a certificate when any listener needs TLS).
  */
 #include "config.h"
 #include "ratelimit.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -18,6 +20,8 @@
 #include <unistd.h>
 
 #define CONFIG_MAX_WORDS 16
+#define CONFIG_LINE_MAX 4095 /* characters a line, its LF or CRLF not counted */
+#define CONFIG_RATE_MAX 1000000 /* an upstream's rate= messages per unit */
 #define CONFIG_MAX_SEEN 64 /* distinct directives remembered with their last line */
 
 /* a directive read, and the last line it was on: file-level checks name that line */
@@ -130,13 +134,33 @@ const char *config_listen_mode_str(enum listen_mode m)
 	return "?";
 }
 
+/* config_hostport_str - "host:port", or "[host]:port" when host is an IPv6 address */
+void config_hostport_str(const char *host, const char *port, char *out, size_t outlen)
+{
+	snprintf(out, outlen, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+}
+
+/* an IPv6 address, with an optional %zone (fe80::1%eth0) */
+static bool config_ipv6(const char *host)
+{
+	char addr[INET6_ADDRSTRLEN];
+	struct in6_addr in6;
+	size_t n = strcspn(host, "%");
+	if (n >= sizeof(addr))
+		return false;
+	memcpy(addr, host, n);
+	addr[n] = '\0';
+	return inet_pton(AF_INET6, addr, &in6) == 1;
+}
+
 /* split "host:port" or "[v6]:port" */
 static int config_hostport(struct config_ctx *x, const char *s, char *host, size_t hostlen,
 			   char *port, size_t portlen)
 {
-	const char *colon;
+	const char *colon, *arg = s;
 	size_t hl;
-	if (s[0] == '[') {
+	bool bracketed = s[0] == '[';
+	if (bracketed) {
 		const char *rb = strchr(s, ']');
 		if (!rb || rb[1] != ':')
 			return config_error(x, "expected [IPv6]:PORT, got \"%s\"", s);
@@ -153,6 +177,8 @@ static int config_hostport(struct config_ctx *x, const char *s, char *host, size
 		return config_error(x, "bad host in \"%s\"", s);
 	memcpy(host, s, hl);
 	host[hl] = '\0';
+	if (bracketed && !config_ipv6(host))
+		return config_error(x, "brackets hold an IPv6 address, got \"%s\"", arg);
 	const char *p = colon + 1;
 	char *end;
 	long v = strtol(p, &end, 10);
@@ -218,6 +244,8 @@ static int config_rate(struct config_ctx *x, const char *v, struct upstream_cfg 
 	long n = strtol(v, &end, 10);
 	if (end == v || n <= 0 || *end != '/')
 		return config_error(x, "rate must look like 250/hour, got \"%s\"", v);
+	if (n > CONFIG_RATE_MAX)
+		return config_error(x, "rate= must be 1 to %d messages per unit, got \"%s\"", CONFIG_RATE_MAX, v);
 	end++;
 	if (!strcmp(end, "second") || !strcmp(end, "s"))
 		u->rate_window = 1;
@@ -231,6 +259,14 @@ static int config_rate(struct config_ctx *x, const char *v, struct upstream_cfg 
 		return config_error(x, "rate unit must be second, minute, hour or day, got \"%s\"", end);
 	u->rate_count = (unsigned)n;
 	return 0;
+}
+
+/* an upstream's ca= or auth= file (empty, config_path would make it the config folder) */
+static int config_upstream_file(struct config_ctx *x, const char *key, const char *v, char *out, size_t outlen)
+{
+	if (!*v)
+		return config_error(x, "%s= needs a file name", key);
+	return config_path(x, v, out, outlen);
 }
 
 static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, const char *opt)
@@ -252,9 +288,9 @@ static int config_upstream_opt(struct config_ctx *x, struct upstream_cfg *u, con
 	} else if (kl == 6 && !strncmp(opt, "verify", kl)) {
 		return config_bool(x, v, &u->verify);
 	} else if (kl == 2 && !strncmp(opt, "ca", kl)) {
-		return config_path(x, v, u->ca, sizeof(u->ca));
+		return config_upstream_file(x, "ca", v, u->ca, sizeof(u->ca));
 	} else if (kl == 4 && !strncmp(opt, "auth", kl)) {
-		return config_path(x, v, u->auth_file, sizeof(u->auth_file));
+		return config_upstream_file(x, "auth", v, u->auth_file, sizeof(u->auth_file));
 	} else if (kl == 4 && !strncmp(opt, "rate", kl)) {
 		return config_rate(x, v, u);
 	} else if (kl == 11 && !strncmp(opt, "connections", kl)) {
@@ -299,6 +335,36 @@ static int config_string(struct config_ctx *x, int argc, char **argv, char *out,
 	if (strlen(argv[1]) >= outlen)
 		return config_error(x, "%s: value too long", argv[0]);
 	snprintf(out, outlen, "%s", argv[1]);
+	return 0;
+}
+
+/* a domain name as RFC 5321 writes one (sub-domain *("." sub-domain)): labels of 1 to 63
+ * letters, digits and hyphens, not beginning or ending with a hyphen; 253 characters in all */
+static bool config_domain(const char *s)
+{
+	size_t total = strlen(s);
+	if (total == 0 || total > 253)
+		return false;
+	for (const char *label = s;; label++) {
+		size_t n = strspn(label, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-");
+		if (n == 0 || n > 63 || label[0] == '-' || label[n - 1] == '-')
+			return false;
+		label += n;
+		if (!*label)
+			return true;
+		if (*label != '.')
+			return false;
+	}
+}
+
+/* hostname goes into the greeting, the EHLO reply, Received: and Message-ID: */
+static int config_hostname(struct config_ctx *x, int argc, char **argv)
+{
+	if (config_string(x, argc, argv, x->c->hostname, sizeof(x->c->hostname)) < 0)
+		return -1;
+	if (!config_domain(x->c->hostname))
+		return config_error(x, "hostname: \"%s\" is not a domain name (letters, digits and hyphens in labels "
+				    "of 1 to 63 characters, joined by dots; at most 253 characters)", x->c->hostname);
 	return 0;
 }
 
@@ -352,7 +418,7 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 	if (!strcmp(d, "upstream"))
 		return config_upstream(x, argc, argv);
 	if (!strcmp(d, "hostname"))
-		return config_string(x, argc, argv, c->hostname, sizeof(c->hostname));
+		return config_hostname(x, argc, argv);
 	if (!strcmp(d, "user"))
 		return config_string(x, argc, argv, c->user, sizeof(c->user));
 	if (argc == 2 && !strcmp(d, "tls_cert")) {
@@ -482,6 +548,17 @@ static void config_check_at(struct config_ctx *x, const char *a, const char *b)
 		x->line = x->lines;
 }
 
+/* is the line fgets just read longer than CONFIG_LINE_MAX? */
+static bool config_too_long(const char *line, FILE *f)
+{
+	size_t len = strcspn(line, "\n");
+	if (!line[len] && !feof(f))
+		return true; /* the buffer filled before the end of the line */
+	if (len && line[len - 1] == '\r')
+		len--;
+	return len > CONFIG_LINE_MAX;
+}
+
 /* split a line into words; strips the comment */
 static int config_split(char *line, char **argv)
 {
@@ -564,10 +641,16 @@ static int config_check(struct config_ctx *x)
 	config_check_at(x, "timeout_session", NULL);
 	if (c->timeout_session == 0)
 		return config_error(x, "timeout_session must be at least 1s");
+	config_check_at(x, "auth_lockout", NULL);
+	if (c->auth_lockout == 0) /* failures would be forgotten at once: no lockout, no growing delay */
+		return config_error(x, "auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)");
 	config_check_at(x, "retry_min", "retry_max");
 	if (c->retry_min == 0 || c->retry_max < c->retry_min)
 		return config_error(x, "retry_min (%us) must be at least 1s and not above retry_max (%us)",
 				    c->retry_min, c->retry_max);
+	config_check_at(x, "queue_lifetime", NULL);
+	if (c->queue_lifetime == 0) /* a message an upstream never takes would stay queued for ever */
+		return config_error(x, "queue_lifetime must be at least 1s");
 	config_check_at(x, "message_memory", "max_message_size");
 	if (!c->message_memory)
 		c->message_memory = config_default_message_memory(c->max_message_size);
@@ -587,7 +670,7 @@ static int config_check(struct config_ctx *x)
 int config_load(const char *path, struct config *c, char *err, size_t errlen)
 {
 	struct config_ctx x = { .c = c, .file = path, .line = 0, .err = err, .errlen = errlen };
-	char line[4096];
+	char buf[CONFIG_LINE_MAX + 6]; /* and a BOM, CR, LF, NUL */
 	char *argv[CONFIG_MAX_WORDS];
 
 	config_defaults(c);
@@ -612,11 +695,13 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen)
 		snprintf(c->dir, sizeof(c->dir), ".");
 	}
 	int rc = 0;
-	while (fgets(line, sizeof(line), f)) {
+	while (fgets(buf, sizeof(buf), f)) {
 		x.line++;
-		size_t len = strlen(line);
-		if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
-			rc = config_error(&x, "line too long");
+		char *line = buf;
+		if (x.line == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
+			line += 3; /* a UTF-8 byte order mark, as some editors write */
+		if (config_too_long(line, f)) {
+			rc = config_error(&x, "line too long (at most %d characters)", CONFIG_LINE_MAX);
 			break;
 		}
 		int argc = config_split(line, argv);

@@ -1,6 +1,7 @@
 /*
  * config - relayd.conf: one directive per line, '#' starts a comment, repeatable
- * `listen` and `upstream`. Relative paths are relative to the config file's folder.
+ * `listen` and `upstream`, up to CONFIG_MAX_CERTS `tls_cert`/`tls_key` pairs; any other
+ * directive repeated: the last one wins. Relative paths are relative to the config file's folder.
  * Every error is reported as "FILE:LINE: what is wrong".
  */
 #ifndef RELAYD_CONFIG_H
@@ -73,7 +74,7 @@ struct config {
 
 	unsigned retry_min;       /* forwarding backoff, seconds (default 60) */
 	unsigned retry_max;       /* (default 3600) */
-	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days) */
+	unsigned queue_lifetime;  /* seconds before a bounce (default 5 days, at least 1) */
 	unsigned delay_warning;   /* seconds deferred before a "delayed" DSN (default 4h, 0 = off) */
 	bool check_header_from;   /* check From: against allowed senders (default yes) */
 	unsigned auth_cache_ttl;  /* verified-credential cache, seconds (default 300, 0 = off) */
@@ -86,7 +87,7 @@ struct config {
 	bool limit_loopback;           /* apply per-IP limits to loopback too (default no) */
 	unsigned ipv6_prefix_length;   /* IPv6 clients count as one per this prefix (default 64) */
 	unsigned auth_fail_limit;      /* failures per IP or user name before lockout (default 5) */
-	unsigned auth_lockout;         /* seconds (default 900) */
+	unsigned auth_lockout;         /* seconds (default 900, at least 1) */
 };
 
 /* config_defaults - fill c with the built-in defaults */
@@ -97,6 +98,9 @@ int config_load(const char *path, struct config *c, char *err, size_t errlen);
 long long config_parse_size(const char *s);
 /* config_parse_duration - "30s", "5m", "2h", "5d", "60" -> seconds; -1 if not a duration */
 long long config_parse_duration(const char *s);
+/* config_hostport_str - host and port for logs and labels: "[::1]:25" for an IPv6 host, as
+ * written in relayd.conf */
+void config_hostport_str(const char *host, const char *port, char *out, size_t outlen);
 /* config_listen_mode_str - "starttls" | "tls" | "plain" */
 const char *config_listen_mode_str(enum listen_mode m);
 

@@ -1195,7 +1195,7 @@ static int forward_load_upstream(struct forward_upstream *t, const struct upstre
 	memset(t, 0, sizeof(*t));
 	t->conf = *uc;
 	t->cfg = &t->conf;
-	snprintf(t->name, sizeof(t->name), "%s:%s", uc->host, uc->port);
+	config_hostport_str(uc->host, uc->port, t->name, sizeof(t->name));
 	t->creds = forward_creds_get(calloc(1, sizeof(*t->creds)));
 	if (!t->creds) {
 		snprintf(err, errlen, "out of memory");

@@ -39,9 +39,11 @@ static int listener_bind_one(const struct listen_cfg *l, struct addrinfo *ai, ch
 		snprintf(err, errlen, "too many listening sockets");
 		return -1;
 	}
+	char name[sizeof(listeners[0].name)];
+	config_hostport_str(l->host, l->port, name, sizeof(name));
 	int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
 	if (fd < 0) {
-		snprintf(err, errlen, "socket for %s:%s: %s", l->host, l->port, strerror(errno));
+		snprintf(err, errlen, "socket for %s: %s", name, strerror(errno));
 		return -1;
 	}
 	int one = 1;
@@ -49,14 +51,14 @@ static int listener_bind_one(const struct listen_cfg *l, struct addrinfo *ai, ch
 	if (ai->ai_family == AF_INET6)
 		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
 	if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 1024) < 0) {
-		snprintf(err, errlen, "cannot listen on %s:%s: %s", l->host, l->port, strerror(errno));
+		snprintf(err, errlen, "cannot listen on %s: %s", name, strerror(errno));
 		close(fd);
 		return -1;
 	}
 	struct listener *L = &listeners[nlisteners++];
 	L->fd = fd;
 	L->mode = l->mode;
-	snprintf(L->name, sizeof(L->name), "%s:%s", l->host, l->port);
+	snprintf(L->name, sizeof(L->name), "%s", name);
 	return 0;
 }
 

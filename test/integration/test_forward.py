@@ -665,6 +665,24 @@ def _():
     done(relay, sink)
 
 
+@t.test("an IPv6 upstream is named [::1]:PORT in the log and the metrics label, as relayd.conf writes it")
+def _():
+    if not t.have_ipv6():
+        t.skip("IPv6 upstream named in brackets", "no ::1 here")
+        return
+    sink = t.Sink(["--listen", "[::1]:0"])
+    mport = t.free_port()
+    relay = make_relay([f"[::1]:{sink.port} tls=none"], extra=RETRY + f"metrics 127.0.0.1:{mport}\n")
+    code, qid, _ = submit(relay, ["ivan@example.net"])
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered upstream=\[::1\]:{sink.port} ", 10),
+         "delivered line names [::1]:PORT")
+    rc, out = t.curl(["-s", f"http://127.0.0.1:{mport}/metrics"])
+    t.like(out, rf'upstream="\[::1\]:{sink.port}"', "metrics label is [::1]:PORT")
+    t.unlike(out, rf'upstream="::1:{sink.port}"', "not ::1:PORT")
+    done(relay, sink)
+
+
 @t.test("kill -9 under load: every message that got 250 arrives")
 def _():
     sink = t.Sink()

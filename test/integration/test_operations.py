@@ -304,6 +304,16 @@ def _():
         r.stop()
 
 
+@t.test("listeners are logged as relayd.conf writes them: [::1]:PORT for IPv6, 127.0.0.1:PORT for IPv4")
+def _():
+    log = relay.log()
+    t.like(log, rf"listener event=listening address=127\.0\.0\.1:{relay.port_starttls} mode=starttls", "IPv4 as is")
+    if not relay.port_v6:
+        t.skip("IPv6 listener logged in brackets", "no ::1 here")
+        return
+    t.like(log, rf"listener event=listening address=\[::1\]:{relay.port_v6} mode=starttls", "IPv6 in brackets")
+
+
 @t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")
 def _():
     c = relay.session(USER)

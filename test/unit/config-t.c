@@ -26,7 +26,8 @@ static int load(const char *text, struct config *c, char *err, size_t errlen)
 int main(void)
 {
 	struct config c;
-	char err[512], want[512];
+	char err[512] = "", want[512];
+	int rc;
 	if (!mkdtemp(dir))
 		return 1;
 
@@ -80,6 +81,81 @@ int main(void)
 	   "timeout_idle 0 (no idle timeout at all) refused: %s", err);
 	ok(load(BASE "timeout_session 0s\n", &c, err, sizeof(err)) < 0 && strstr(err, "timeout_session must be at least 1s"),
 	   "timeout_session 0 refused: %s", err);
+	ok(load(BASE "auth_lockout 0\n# end\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)"),
+	   "auth_lockout 0 (no lockout and no growing delay) refused: %s", err);
+	ok(load(BASE "auth_fail_limit 0\n", &c, err, sizeof(err)) == 0 && c.auth_fail_limit == 0 && c.auth_lockout == 900,
+	   "auth_fail_limit 0 (no lockout) accepted: %s", err);
+	ok(load(BASE "queue_lifetime 0\nretry_max 1h\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: queue_lifetime must be at least 1s"),
+	   "queue_lifetime 0 (never bounce) refused: %s", err);
+	ok(load(BASE "queue_lifetime 3s\n", &c, err, sizeof(err)) == 0 && c.queue_lifetime == 3,
+	   "queue_lifetime 3s (the tests' short lifetimes) accepted: %s", err);
+	/* relayd.conf.5: 4095 characters a line, not counting its LF or CRLF */
+	static char text[sizeof(BASE) + 4200];
+	for (int len = 4094; len <= 4096; len++)
+		for (int crlf = 0; crlf <= 1; crlf++) {
+			int n = snprintf(text, sizeof(text), BASE "hostname relay.test #");
+			int pad = len - (n - (int)strlen(BASE));
+			memset(text + n, 'a', (size_t)pad);
+			snprintf(text + n + pad, sizeof(text) - (size_t)(n + pad), "%s# end\n", crlf ? "\r\n" : "\n");
+			rc = load(text, &c, err, sizeof(err));
+			if (len <= 4095)
+				ok(rc == 0, "a line of %d characters and %s loads: %s", len, crlf ? "CRLF" : "LF", err);
+			else
+				ok(rc < 0 && strstr(err, "relayd.conf:6: line too long (at most 4095 characters)"),
+				   "a line of %d characters and %s refused: %s", len, crlf ? "CRLF" : "LF", err);
+		}
+	/* relayd.conf.5: tls_cert and tls_key accumulate; any other directive repeated, the last wins */
+	ok(load(BASE "tls_cert c2.pem\ntls_key k2.pem\nhostname a.test\nhostname b.test\n", &c, err, sizeof(err)) == 0 &&
+	   c.ncert == 2 && c.nkey == 2 && !strcmp(c.hostname, "b.test"),
+	   "two tls_cert/tls_key pairs kept, the last hostname wins: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 rate=5000000000/hour\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: rate= must be 1 to 1000000 messages per unit, got \"5000000000/hour\""),
+	   "rate=5000000000/hour (was truncated to 32 bits) refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 rate=1000000/second\n", &c, err, sizeof(err)) == 0 &&
+	   c.upstream[0].rate_count == 1000000 && c.upstream[0].rate_window == 1, "rate=1000000/second: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 auth=\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: auth= needs a file name"), "empty auth= (was the config folder) refused: %s", err);
+	ok(load(BASE "upstream smtp.example.net:587 ca=\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: ca= needs a file name"), "empty ca= refused: %s", err);
+	ok(load(BASE "listen [localhost]:25 starttls\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: brackets hold an IPv6 address, got \"[localhost]:25\""),
+	   "listen [localhost]:25 refused: %s", err);
+	ok(load(BASE "upstream [192.0.2.1]:25\n", &c, err, sizeof(err)) < 0 && strstr(err, "brackets hold an IPv6 address"),
+	   "upstream [192.0.2.1]:25 refused: %s", err);
+	ok(load(BASE "listen [::]:25 starttls\nupstream [2001:db8::1]:25\nmetrics [::1]:9100\n", &c, err, sizeof(err)) == 0 &&
+	   !strcmp(c.listen[1].host, "::") && !strcmp(c.upstream[0].host, "2001:db8::1") && !strcmp(c.metrics_host, "::1"),
+	   "[::]:25, [2001:db8::1]:25 and [::1]:9100 load: %s", err);
+	ok(load(BASE "upstream [fe80::1%eth0]:25\n", &c, err, sizeof(err)) == 0 && !strcmp(c.upstream[0].host, "fe80::1%eth0"),
+	   "a link-local address with its zone loads: %s", err);
+	/* hostname goes into the greeting, Received: and Message-ID: a domain name (RFC 5321 Domain) */
+	static const char *bad_names[] = { "a<b>@c", "my_host.test", "-relay.test", "relay-.test", "relay..test",
+					   "relay.test.", ".relay.test", "r\xc3\xa9lay.test" };
+	for (size_t i = 0; i < sizeof(bad_names) / sizeof(bad_names[0]); i++) {
+		snprintf(text, sizeof(text), BASE "hostname %s\n", bad_names[i]);
+		ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: hostname: \"") &&
+		   strstr(err, "\" is not a domain name"), "hostname %s refused: %s", bad_names[i], err);
+	}
+	char label[64], name[300];
+	memset(label, 'a', 63);
+	label[63] = '\0';
+	snprintf(name, sizeof(name), "%s.%s.%s.%.61s", label, label, label, label); /* 253 */
+	snprintf(text, sizeof(text), BASE "hostname %s\n", name);
+	ok(load(text, &c, err, sizeof(err)) == 0 && strlen(c.hostname) == 253, "a 253-character name of 63-character labels: %s", err);
+	snprintf(text, sizeof(text), BASE "hostname %s.%s.%s.%.62s\n", label, label, label, label); /* 254 */
+	ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "is not a domain name"), "a 254-character name refused");
+	snprintf(text, sizeof(text), BASE "hostname a%s.test\n", label);
+	ok(load(text, &c, err, sizeof(err)) < 0 && strstr(err, "is not a domain name"), "a 64-character label refused");
+	ok(load(BASE "hostname Relay-1.Example.org\n", &c, err, sizeof(err)) == 0 && !strcmp(c.hostname, "Relay-1.Example.org"),
+	   "hostname Relay-1.Example.org: %s", err);
+	ok(load(BASE "hostname localhost\n", &c, err, sizeof(err)) == 0, "hostname localhost (the default): %s", err);
+	/* a UTF-8 byte order mark, as some Windows editors write, is skipped at the start of the file only */
+	ok(load("\xef\xbb\xbf" BASE, &c, err, sizeof(err)) == 0 && c.nlisten == 1, "a leading BOM is skipped: %s", err);
+	snprintf(text, sizeof(text), "\xef\xbb\xbfhostname relay.test #%4074d\n" BASE, 1); /* 4095 after the BOM */
+	ok(load(text, &c, err, sizeof(err)) == 0, "a BOM is not counted in the first line's 4095 characters: %s", err);
+	ok(load(BASE "\xef\xbb\xbfhostname relay.test\n", &c, err, sizeof(err)) < 0 && strstr(err, "relayd.conf:6: unknown directive"),
+	   "a BOM further down is not: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4x\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "connections= must be 1 to 100, got \"4x\""), "connections=4x refused: %s", err);
 	ok(load(BASE "upstream smtp.example.net:587 connections=4\n", &c, err, sizeof(err)) == 0 &&
@@ -92,10 +168,14 @@ int main(void)
 	ok(load(BASE "max_message_size 2M\nmessage_memory 1M\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "must be at least max_message_size"), "message_memory below max_message_size refused: %s", err);
 	long pages = sysconf(_SC_PHYS_PAGES), pagesize = sysconf(_SC_PAGESIZE);
-	int rc = load(BASE, &c, err, sizeof(err));
+	rc = load(BASE, &c, err, sizeof(err));
 	ok(rc == 0 && c.message_memory >= 35u << 20 && c.message_memory <= (size_t)pages * (size_t)pagesize / 4,
 	   "message_memory defaults to at most a quarter of the memory, at least max_message_size (%zu MB)",
 	   c.message_memory >> 20);
+	config_hostport_str("::1", "25", want, sizeof(want));
+	is_str(want, "[::1]:25", "an IPv6 host:port is written in brackets");
+	config_hostport_str("smtp.example.net", "587", want, sizeof(want));
+	is_str(want, "smtp.example.net:587", "a name:port as is");
 	is_int((int)config_parse_size("35M"), 35 * 1024 * 1024, "35M");
 	is_int((int)config_parse_size("10k"), 10240, "10k");
 	ok(config_parse_size("-1") < 0, "negative size refused");
