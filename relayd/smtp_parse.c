@@ -76,7 +76,41 @@ static bool smtp_domain_valid(const char *d, bool utf8)
 	return true;
 }
 
-/* smtp_addr_valid - mailbox syntax */
+/* a Dot-string local part, leniently: atext and dots, empty atoms tolerated */
+static bool smtp_dot_string_valid(const char *s, size_t n, bool utf8)
+{
+	if (n > 64)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8) || strchr("<>()[],;:\\\"", ch))
+			return false;
+	}
+	return true;
+}
+
+/* a Quoted-string local part: DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE (RFC 5321
+ * §4.1.2; qtextSMTP =/ UTF8-non-ascii, RFC 6531 §3.3). SP, bare or quoted, is refused:
+ * the queue file separates its fields with it */
+static bool smtp_quoted_valid(const char *s, size_t n, bool utf8)
+{
+	if (n < 2 || s[0] != '"' || s[n - 1] != '"')
+		return false;
+	for (size_t i = 1; i < n - 1; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch == '\\') { /* quoted-pairSMTP: one ASCII graphic (SP refused) */
+			ch = (unsigned char)s[++i];
+			if (i == n - 1 || ch < 0x21 || ch > 0x7e)
+				return false;
+		} else if (ch == '"' || ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8)) {
+			return false;
+		}
+	}
+	return true;
+}
+
+/* smtp_addr_valid - mailbox syntax: Local-part "@" Domain, the local part one Dot-string or
+ * one Quoted-string */
 bool smtp_addr_valid(const char *addr, bool utf8)
 {
 	size_t n = strlen(addr);
@@ -86,16 +120,7 @@ bool smtp_addr_valid(const char *addr, bool utf8)
 	if (!at || at == addr)
 		return false;
 	size_t ll = (size_t)(at - addr);
-	if (ll > 64 && addr[0] != '"')
-		return false;
-	for (size_t i = 0; i < ll; i++) {
-		unsigned char ch = (unsigned char)addr[i];
-		if (ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8))
-			return false;
-		if (addr[0] != '"' && strchr("<>()[],;:\\\"", ch))
-			return false;
-	}
-	if (addr[0] == '"' && (ll < 2 || addr[ll - 1] != '"'))
+	if (addr[0] == '"' ? !smtp_quoted_valid(addr, ll, utf8) : !smtp_dot_string_valid(addr, ll, utf8))
 		return false;
 	return smtp_domain_valid(at + 1, utf8);
 }

@@ -227,6 +227,29 @@ def _():
     c.close()
 
 
+@t.test("a quoted local part is parsed (RFC 5321 4.1.2): one Quoted-string, or 501")
+def _():
+    c = relay.session(ALICE)
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.is_(code, 250, "MAIL")
+    for bad in ('"x=1"reason="y"@example.net', '"a"."b"@example.net', '"a\\"@example.net'):
+        code, text = c.cmd(f"RCPT TO:<{bad}>")
+        t.like(text, r"^501 5\.1\.3 ", f"RCPT TO:<{bad}>: 501 5.1.3")
+    code, text = c.cmd('RCPT TO:<"john.doe"@example.net>')
+    t.like(text, r"^250 2\.1\.5 ", 'RCPT TO:<"john.doe"@example.net>: 250')
+    tag = marker("quoted")
+    code, text = c.cmd("DATA")
+    t.is_(code, 354, "DATA")
+    c.send(t.dot_stuff(t.make_message(ALICE, '"john.doe"@example.net', subject=tag)))
+    code, text = c.reply()
+    qid = t.queued_id(text)
+    t.ok(qid is not None, "queued", text)
+    env = t.queue_parse(relay.queue_files().get(qid, b""))[0] if qid else {}
+    t.ok(any('"john.doe"@example.net' in str(r) for r in env.get("rcpt", [])), "its recipient kept with the quotes",
+         env)
+    c.close()
+
+
 @t.test("accepted message: queued durably with Received, Message-ID, Date; dot-unstuffed")
 def _():
     m = marker("body")

@@ -160,6 +160,36 @@ static void test_xtext(void)
 	ok(!smtp_addr_valid("a<b@c.org", false), "'<' in local part refused");
 }
 
+/* a quoted local part is parsed (RFC 5321 §4.1.2), not only its first and last character */
+static void test_quoted_local(void)
+{
+	ok(smtp_addr_valid("\"john.doe\"@example.net", false), "quoted local part");
+	ok(smtp_addr_valid("\"a\\\"b\\\\c@d\"@example.net", false), "quoted-pairs and '@' inside the quotes");
+	ok(smtp_addr_valid("\"x=1;<y>\"@example.net", false), "specials are qtext");
+	ok(!smtp_addr_valid("\"x=1\"reason=\"y\"@example.net", false), "two quoted strings around text refused");
+	ok(!smtp_addr_valid("\"a\".\"b\"@example.net", false), "quoted strings joined by a dot refused");
+	ok(!smtp_addr_valid("\"a\"b@example.net", false), "quoted string then atext refused");
+	ok(!smtp_addr_valid("a\"b\"@example.net", false), "atext then quoted string refused");
+	ok(!smtp_addr_valid("\"@example.net", false), "a lone quote refused");
+	ok(!smtp_addr_valid("\"a\\\"@example.net", false), "the closing quote escaped refused");
+	ok(!smtp_addr_valid("\"john doe\"@example.net", false), "SP in quotes refused (queue format)");
+	ok(!smtp_addr_valid("\"john\\ doe\"@example.net", false), "quoted SP refused (queue format)");
+	ok(!smtp_addr_valid("\"a\tb\"@example.net", false), "TAB in quotes refused");
+	ok(!smtp_addr_valid("\"a\\\x01\"@example.net", false), "quoted control refused");
+	ok(!smtp_addr_valid("\"j\xc3\xa9\"@example.net", false), "8-bit in quotes without SMTPUTF8 refused");
+	ok(smtp_addr_valid("\"j\xc3\xa9\"@example.net", true), "UTF-8 in quotes with SMTPUTF8");
+	ok(!smtp_addr_valid("\"\\\xc3\xa9\"@example.net", true), "quoted-pair of a non-ASCII character refused");
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	char a1[] = "TO:<\"x=1\"reason=\"y\"@example.net>";
+	ok(smtp_parse_rcpt(a1, false, &r, &reply) < 0 && reply && !strncmp(reply, "501 5.1.3", 9),
+	   "RCPT with text between quoted strings: 501 5.1.3");
+	char a2[] = "FROM:<\"a\"\"b\"@example.org>";
+	struct smtp_mail_args m;
+	ok(smtp_parse_mail(a2, &m, &reply) < 0 && reply && !strncmp(reply, "501 5.1.7", 9),
+	   "MAIL with two quoted strings: 501 5.1.7");
+}
+
 static void test_header_from(void)
 {
 	char a[SMTP_FROM_MAX][256];
@@ -317,5 +347,6 @@ int main(void)
 	test_bdat();
 	test_param_corners();
 	test_xtext();
+	test_quoted_local();
 	return done_testing();
 }
