@@ -48,6 +48,25 @@ def find_in_queue(needle):
     return [qid for qid, data in relay.queue_files().items() if needle in data]
 
 
+def log_unsafe_lines(r, needle):
+    """the lines of r's log (bytes) that contain needle and are not safe to show: not UTF-8,
+    or holding a C0 or C1 control or DEL (U+0000-U+001F, U+007F-U+009F)"""
+    with open(r.logfile, "rb") as f:
+        data = f.read()
+    bad = []
+    for line in data.split(b"\n"):
+        if needle not in line:
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(line)
+            continue
+        if re.search("[\x00-\x1f\x7f-\x9f]", text):
+            bad.append(line)
+    return bad
+
+
 def transaction(c, frm, rcpts, data):
     """MAIL, RCPT..., DATA, dot-stuffed data; returns the reply to the final dot"""
     code, text = c.cmd(f"MAIL FROM:<{frm}>")
@@ -248,6 +267,33 @@ def _():
     t.ok(any('"john.doe"@example.net' in str(r) for r in env.get("rcpt", [])), "its recipient kept with the quotes",
          env)
     c.close()
+
+
+@t.test("under SMTPUTF8 an address is well-formed UTF-8 without C1 controls (RFC 6531 3.3), or 501")
+def _():
+    c = relay.session(ALICE)
+    for bad in (b"al\xc2\x85ice\xff\x9b2J@example.org", b"al\xc0\xafice@example.org", b"al\xed\xa0\x80@example.org"):
+        c.send(b"MAIL FROM:<" + bad + b"> SMTPUTF8\r\n")
+        code, text = c.reply()
+        t.like(text, r"^501 5\.1\.7 ", f"MAIL FROM:<{bad!r}> SMTPUTF8: 501 5.1.7")
+    c.send(b"MAIL FROM:<al\xc2\x85ice@example.org>\r\n")
+    code, text = c.reply()
+    t.like(text, r"^553 5\.6\.7 ", "8-bit without SMTPUTF8: 553 5.6.7, as before")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}> SMTPUTF8")
+    t.is_(code, 250, "MAIL SMTPUTF8")
+    c.send(b"RCPT TO:<b\xc2\x9b2Job@example.net>\r\n")
+    code, text = c.reply()
+    t.like(text, r"^501 5\.1\.3 ", "RCPT with CSI (U+009B) under SMTPUTF8: 501 5.1.3")
+    code, text = c.cmd("RCPT TO:<j\u00f6rg@b\u00fccher.example>")
+    t.like(text, r"^250 2\.1\.5 ", "RCPT with UTF-8 under SMTPUTF8: 250")
+    code, text = c.cmd("DATA")
+    t.is_(code, 354, "DATA")
+    c.send(b"From: <x\x1b[2J\xc2\x9b@example.org>\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
+    code, text = c.reply()
+    t.like(text, r"^550 5\.6\.0 ", "a From: address with ESC and CSI: 550 5.6.0")
+    c.close()
+    t.wait_for(lambda: "header-from-invalid" in relay.log(), 5)
+    t.is_(log_unsafe_lines(relay, b"smtp event=reject"), [], "no reject line holds a control or invalid UTF-8")
 
 
 @t.test("accepted message: queued durably with Received, Message-ID, Date; dot-unstuffed")
