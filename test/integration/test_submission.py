@@ -7,6 +7,7 @@ pipelining, BDAT, and real clients (swaks, curl, smtplib over 587-mode, 465-mode
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_submission.py
 Slow groups (concurrency, kill -9) are in test_durability.py.
 """
+import base64
 import os
 import re
 import smtplib
@@ -202,6 +203,35 @@ def set_disabled(name, value):
         db.commit()
     finally:
         db.close()
+
+
+def auth_plain_bytes(r, name, password=b"wrong"):
+    """(code, text) of AUTH PLAIN with a user name given as bytes, on a new session of r"""
+    c = r.raw()
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        c.send(b"AUTH PLAIN " + base64.b64encode(b"\0" + name + b"\0" + password) + b"\r\n")
+        return c.reply()
+    finally:
+        c.close()
+
+
+@t.test("AUTH: a user name with C1 controls or not UTF-8 never reaches the log raw, not even at the lockout")
+def _():
+    r = t.Relay(extra_config="auth_fail_limit 2\nlimit_loopback no\n")
+    try:
+        r.add_user(ALICE, ALICE_PW)
+        r.start()
+        name = b'x\xc2\x85\xc2\x9b31m\xff\xfe="evil"@example.org'  # NEL, CSI, bytes that are not UTF-8
+        got = [auth_plain_bytes(r, name)[0] for _ in range(3)]
+        t.is_(got, [535, 535, 535], "AUTH with that name: 535 (it names no user, so it is never locked)")
+        t.ok(t.wait_for(lambda: r.log().count("event=auth result=fail") >= 3, 5), "the failures are logged")
+        t.is_(log_unsafe_lines(r, b"auth"), [], "no auth line holds a control or invalid UTF-8")
+        t.like(r.log(), r"event=auth result=fail mech=PLAIN client=\S+ user=- reason=bad-credentials",
+               "the name is logged as '-'")
+        t.is_(auth_plain_bytes(r, ALICE.encode(), ALICE_PW.encode())[0], 235, "alice still gets in")
+    finally:
+        r.stop()
 
 
 @t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
