@@ -436,8 +436,9 @@ static unsigned policy_fail_one(const char *kind, const char *id, time_t now)
 	p->last_fail = now;
 	if (policy_cfg->auth_fail_limit && p->auth_fails >= policy_cfg->auth_fail_limit && p->locked_until <= now) {
 		p->locked_until = now + (time_t)policy_cfg->auth_lockout;
-		log_warn("policy event=auth-lockout %s=%s failures=%u seconds=%u", kind, id, p->auth_fails,
-			 policy_cfg->auth_lockout);
+		char v[LOG_VALUE_SIZE(255)];
+		log_warn("policy event=auth-lockout %s=%s failures=%u seconds=%u", kind, log_value(id, v, sizeof(v)),
+			 p->auth_fails, policy_cfg->auth_lockout);
 	}
 	return p->auth_fails;
 }

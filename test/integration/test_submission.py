@@ -216,7 +216,8 @@ def auth_plain_bytes(r, name, password=b"wrong"):
         c.close()
 
 
-@t.test("AUTH: a user name with C1 controls or not UTF-8 never reaches the log raw, not even at the lockout")
+@t.test("AUTH: a user name with C1 controls, bytes that are not UTF-8 or quotes never reaches the log raw, "
+        "not even at the lockout")
 def _():
     r = t.Relay(extra_config="auth_fail_limit 2\nlimit_loopback no\n")
     try:
@@ -229,9 +230,73 @@ def _():
         t.is_(log_unsafe_lines(r, b"auth"), [], "no auth line holds a control or invalid UTF-8")
         t.like(r.log(), r"event=auth result=fail mech=PLAIN client=\S+ user=- reason=bad-credentials",
                "the name is logged as '-'")
+        name = 'x="evil"\\@b\u00fccher.example'.encode()  # a valid name, with '"', '=', '\\' and UTF-8
+        got = [auth_plain_bytes(r, name)[0] for _ in range(3)]
+        t.is_(got, [535, 535, 454], "AUTH with a valid name that holds quotes: locked after 2 failures")
+        t.ok(t.wait_for(lambda: "event=auth result=refused" in r.log(), 5), "the refusal is logged")
+        esc = 'x=\\"evil\\"\\\\@b\u00fccher.example'
+        t.like(r.log(), r"policy event=auth-lockout user=" + re.escape(esc) + " failures=2 ",
+               "the lockout line has the name with '\"' and '\\' escaped, its UTF-8 as it is")
+        t.like(r.log(), r"event=auth result=refused mech=PLAIN client=\S+ user=" + re.escape(esc) + " reason=lockout",
+               "so has the AUTH refused line")
+        t.is_([l for l in r.log().splitlines() if re.search(r'auth.*(?<!\\)"', l)], [],
+              "no auth line holds a quote that is not escaped")
+        t.is_(log_unsafe_lines(r, b"auth"), [], "nor a control or invalid UTF-8")
         t.is_(auth_plain_bytes(r, ALICE.encode(), ALICE_PW.encode())[0], 235, "alice still gets in")
     finally:
         r.stop()
+
+
+def hostile_upstream(lsock, served):
+    """answer one connection on lsock with replies full of ESC, C1, bytes that are not UTF-8
+    and quotes, then close (every socket operation bounded by a timeout)"""
+    try:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(b'220 up.test \x1b[2J\xc2\x9b31m\xff"x\\y\r\n')
+            conn.recv(512)  # EHLO
+            conn.sendall(b"421 4.3.2 gone\x1b]0;t\x07\xc2\x85\r\n")
+            served.append(True)
+    except OSError:
+        pass
+
+
+@t.test("the forwarder's debug line shows upstream reply text escaped (relayd -d)")
+def _():
+    if t.WRAPPER:
+        return t.skip("upstream replies at debug level", "relayd runs under a wrapper")
+    import socket
+    import threading
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(15 * t.SLOW)
+    served = []
+    th = threading.Thread(target=hostile_upstream, args=(lsock, served), daemon=True)
+    th.start()
+    r = t.Relay(extra_config=f"upstream 127.0.0.1:{lsock.getsockname()[1]} tls=none\n")
+    try:
+        r.add_user(ALICE, ALICE_PW)
+        t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
+        try:
+            r.start()
+        finally:
+            t.WRAPPER = []
+        c = r.session(ALICE)
+        code, text = transaction(c, ALICE, ["bob@example.net"], t.make_message(ALICE, "bob@example.net"))
+        c.close()
+        t.is_(code, 250, "a message queued")
+        t.ok(t.wait_for(lambda: r.log().count("forward event=reply") >= 2, 10 * t.SLOW), "both replies logged")
+        t.like(r.log(), r'event=reply state=\S+ reply="220 up\.test \\x1b\[2J\\xc2\\x9b31m\\xff\\"x\\\\y"',
+               "the greeting: ESC, CSI, byte FF as \\xHH, quote and backslash escaped")
+        t.like(r.log(), r'event=reply state=\S+ reply="421 4\.3\.2 gone\\x1b\]0;t\\x07\\xc2\\x85"',
+               "the 421: ESC, BEL, NEL as \\xHH")
+        t.is_(log_unsafe_lines(r, b"event=reply"), [], "no reply line holds a control or invalid UTF-8")
+    finally:
+        r.stop()
+        th.join(15 * t.SLOW)
+        lsock.close()
 
 
 @t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
