@@ -897,12 +897,13 @@ static void forward_session_552_as_452(int *code, char *line)
 /* one complete reply: the state decides */
 static void forward_session_response(struct forward_session *s, int code)
 {
-	char line[600], why[700];
+	char line[600], why[700], head[81], v[LOG_VALUE_SIZE(80)];
 	smtp_reply_line(&s->reply, line, sizeof(line));
 	snprintf(why, sizeof(why), "%d %s", code, line);
 	int cls = code / 100;
-	log_debug("%s forward event=reply state=%s reply=\"%d %.80s\"", s->idstr, forward_session_strstate(s->state), code,
-		  s->state == FS_AUTH ? "..." : line);
+	snprintf(head, sizeof(head), "%.80s", s->state == FS_AUTH ? "..." : line);
+	log_debug("%s forward event=reply state=%s reply=\"%d %s\"", s->idstr, forward_session_strstate(s->state), code,
+		  log_value(head, v, sizeof(v)));
 	/* RFC 5321 §3.8: 421 means the server closes; the transaction, if any, is transient */
 	if (code == 421 && s->state >= FS_READY && s->state != FS_QUIT) {
 		s->must_close = true;

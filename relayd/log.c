@@ -1,7 +1,9 @@
 /*
  * log - event lines to stderr or syslog.
  * Invariant: one call writes one whole line (a single write(2) on stderr), so lines from
- * worker threads never interleave.
+ * worker threads never interleave. log_value() leaves nothing in a value that a terminal,
+ * journalctl (which shows text that is not printable UTF-8 as a blob) or a key=value parser
+ * could take for something else.
  */
 #include "log.h"
 
@@ -11,6 +13,8 @@
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "utf8.h"
 
 static int log_to_stderr = 1;
 static int log_debug_on;
@@ -73,6 +77,38 @@ void fatal(const char *fmt, ...)
 	log_vmsg(LOG_LVL_ERR, fmt, ap);
 	va_end(ap);
 	exit(1);
+}
+
+/* log_value - escape a value */
+const char *log_value(const char *in, char *out, size_t outlen)
+{
+	size_t o = 0;
+	if (outlen == 0)
+		return "";
+	for (const char *p = in ? in : ""; *p;) {
+		char esc[5];
+		unsigned cp = 0;
+		size_t n = utf8_char(p, &cp);
+		const char *piece = p;
+		size_t plen = n;
+		if (n == 0 || cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
+			n = 1; /* one byte at a time: a C1 character is its two bytes */
+			plen = (size_t)snprintf(esc, sizeof(esc), "\\x%02x", (unsigned char)*p);
+			piece = esc;
+		} else if (cp == '"' || cp == '\\') {
+			esc[0] = '\\';
+			esc[1] = (char)cp;
+			plen = 2;
+			piece = esc;
+		}
+		if (o + plen >= outlen)
+			break;
+		memcpy(out + o, piece, plen);
+		o += plen;
+		p += n;
+	}
+	out[o] = '\0';
+	return out;
 }
 
 /* err_set - the caller's err buffer, when it gave one */

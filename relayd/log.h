@@ -2,7 +2,8 @@
  * log - one line per event, key=value, to stderr (foreground) or syslog.
  * Lines start with the session or queue id when there is one:
  *   a1b2c3d4e5f60718 smtp event=auth result=fail user=alice reason=bad-password
- * Never pass a password or a secret to these functions.
+ * Never pass a password or a secret to these functions. A value that a client or an upstream
+ * chose, and that was not validated to be clean, goes through log_value().
  */
 #ifndef RELAYD_LOG_H
 #define RELAYD_LOG_H
@@ -18,6 +19,14 @@ void log_init(const char *ident, int to_stderr, int debug);
 void log_msg(enum log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* fatal - log and exit(1); only for broken invariants and start-up failures */
 void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* the size of a log_value() buffer that holds any value of n bytes */
+#define LOG_VALUE_SIZE(n) (4 * (n) + 1)
+
+/* log_value - in made safe as a log value, in out: bytes below 0x20, DEL, bytes that are not
+ * well-formed UTF-8 and C1 controls (U+0080-U+009F) as \xHH, '"' and '\' as \" and \\, the
+ * rest (UTF-8 included) as it is; cut at a whole character to fit outlen; returns out */
+const char *log_value(const char *in, char *out, size_t outlen);
 
 /* err_set - format a message into a caller's error buffer; nothing when err is NULL or
  * errlen 0 (the convention of functions that take char *err, size_t errlen) */

@@ -522,11 +522,11 @@ static unsigned policy_fail_one(const char *kind, const char *id, const char *na
 	policy_fail_name(p, name);
 	if (policy_cfg->auth_fail_limit && p->auth_fails >= policy_cfg->auth_fail_limit && p->locked_until <= now) {
 		p->locked_until = now + (time_t)policy_cfg->auth_lockout;
-		char net[INET6_ADDRSTRLEN + 16] = "";
+		char net[INET6_ADDRSTRLEN + 16] = "", v[LOG_VALUE_SIZE(255)];
 		if (!strcmp(kind, "ip") && policy_ipv6_net(id, net + 5, sizeof(net) - 5))
 			memcpy(net, " net=", 5);
-		log_warn("policy event=auth-lockout %s=%s%s failures=%u seconds=%u", kind, id, net, p->auth_fails,
-			 policy_cfg->auth_lockout);
+		log_warn("policy event=auth-lockout %s=%s%s failures=%u seconds=%u", kind, log_value(id, v, sizeof(v)), net,
+			 p->auth_fails, policy_cfg->auth_lockout);
 	}
 	return p->auth_fails;
 }

@@ -2,7 +2,8 @@
  * smtp_parse - command and parameter parsing (RFC 5321 §4.1.1-4.1.2, RFC 1870, RFC 3461,
  * RFC 3030, RFC 6531, RFC 4954 §5).
  * Invariants: never reads past the NUL, never allocates; every error is a full reply with
- * an enhanced status code (RFC 3463).
+ * an enhanced status code (RFC 3463). An address that passes holds no control character,
+ * and non-ASCII only as well-formed UTF-8 without C1 controls: it can be logged as it is.
  */
 #include "smtp_parse.h"
 
@@ -15,6 +16,7 @@
 #include <strings.h>
 
 #include "queue.h"
+#include "utf8.h"
 
 #define SMTP_STR_(x) #x
 #define SMTP_STR(x) SMTP_STR_(x)
@@ -76,26 +78,51 @@ static bool smtp_domain_valid(const char *d, bool utf8)
 	return true;
 }
 
-/* smtp_addr_valid - mailbox syntax */
+/* a Dot-string local part, leniently: atext and dots, empty atoms tolerated */
+static bool smtp_dot_string_valid(const char *s, size_t n, bool utf8)
+{
+	if (n > 64)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8) || strchr("<>()[],;:\\\"", ch))
+			return false;
+	}
+	return true;
+}
+
+/* a Quoted-string local part: DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE (RFC 5321
+ * §4.1.2; qtextSMTP =/ UTF8-non-ascii, RFC 6531 §3.3). SP, bare or quoted, is refused:
+ * the queue file separates its fields with it */
+static bool smtp_quoted_valid(const char *s, size_t n, bool utf8)
+{
+	if (n < 2 || s[0] != '"' || s[n - 1] != '"')
+		return false;
+	for (size_t i = 1; i < n - 1; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		if (ch == '\\') { /* quoted-pairSMTP: one ASCII graphic (SP refused) */
+			ch = (unsigned char)s[++i];
+			if (i == n - 1 || ch < 0x21 || ch > 0x7e)
+				return false;
+		} else if (ch == '"' || ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8)) {
+			return false;
+		}
+	}
+	return true;
+}
+
+/* smtp_addr_valid - mailbox syntax: Local-part "@" Domain, the local part one Dot-string or
+ * one Quoted-string */
 bool smtp_addr_valid(const char *addr, bool utf8)
 {
 	size_t n = strlen(addr);
-	if (n == 0 || n > 254)
+	if (n == 0 || n > 254 || (utf8 && !utf8_clean(addr))) /* RFC 6531 §3.3: UTF-8 */
 		return false;
 	const char *at = strrchr(addr, '@');
 	if (!at || at == addr)
 		return false;
 	size_t ll = (size_t)(at - addr);
-	if (ll > 64 && addr[0] != '"')
-		return false;
-	for (size_t i = 0; i < ll; i++) {
-		unsigned char ch = (unsigned char)addr[i];
-		if (ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8))
-			return false;
-		if (addr[0] != '"' && strchr("<>()[],;:\\\"", ch))
-			return false;
-	}
-	if (addr[0] == '"' && (ll < 2 || addr[ll - 1] != '"'))
+	if (addr[0] == '"' ? !smtp_quoted_valid(addr, ll, utf8) : !smtp_dot_string_valid(addr, ll, utf8))
 		return false;
 	return smtp_domain_valid(at + 1, utf8);
 }
@@ -492,6 +519,16 @@ static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], in
 	return i;
 }
 
+/* no control character (C0, DEL, C1) and only well-formed UTF-8 (RFC 6532 §3.2): the
+ * address goes into a log line and a reply as it is */
+static bool smtp_mailbox_chars_ok(const char *item)
+{
+	for (const char *p = item; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return false;
+	return utf8_clean(item);
+}
+
 /* the addresses of one From: value v[0..n) into out; -1 with *reply set */
 static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char **reply)
 {
@@ -502,7 +539,7 @@ static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char *
 		i = smtp_mailbox(v, n, i, item, &il);
 		if (il == 0)
 			continue;
-		if (il < 0 || !strchr(item, '@')) {
+		if (il < 0 || !strchr(item, '@') || !smtp_mailbox_chars_ok(item)) {
 			*reply = "550 5.6.0 From: header has an address that cannot be parsed";
 			return -1;
 		}

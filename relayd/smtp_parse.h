@@ -48,8 +48,9 @@ int smtp_parse_mail(char *arg, struct smtp_mail_args *m, const char **reply);
 int smtp_parse_rcpt(char *arg, bool smtputf8, struct smtp_rcpt_args *r, const char **reply);
 /* smtp_parse_bdat - parse "SIZE [LAST]"; 0, or -1 with *reply set */
 int smtp_parse_bdat(const char *arg, size_t *size, bool *last, const char **reply);
-/* smtp_addr_valid - a mailbox local@domain (RFC 5321 §4.1.2, lenient on the local part);
- * non-ASCII only when utf8 */
+/* smtp_addr_valid - a mailbox local@domain (RFC 5321 §4.1.2): the local part one
+ * Quoted-string (without SP) or a Dot-string (leniently: empty atoms pass); non-ASCII only
+ * when utf8 */
 bool smtp_addr_valid(const char *addr, bool utf8);
 /* smtp_xtext_valid - RFC 3461 §4 xtext */
 bool smtp_xtext_valid(const char *s);

@@ -549,8 +549,9 @@ static void session_auth_failed(struct session *s, struct auth_req *r)
 static void session_auth_locked(struct session *s, struct auth_req *r)
 {
 	const char *name = session_auth_name(r);
+	char v[LOG_VALUE_SIZE(255)];
 	log_info("%s smtp event=auth result=refused mech=%s client=%s user=%s reason=lockout", s->idstr, r->mech,
-		 s->peer, name ? name : "-");
+		 s->peer, name ? log_value(name, v, sizeof(v)) : "-");
 	session_auth_count(s, name, true);
 }
 

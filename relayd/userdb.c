@@ -28,6 +28,7 @@
 #include "log.h"
 #include "passwd.h"
 #include "schema_sql.h"
+#include "utf8.h"
 
 #define USERDB_BUSY_MS   5000
 #define USERDB_NAME_MAX  255
@@ -282,7 +283,8 @@ void userdb_close(struct userdb *db)
 	free(db);
 }
 
-/* userdb_name_valid - 1..255 bytes, printable, no space, colon or control character */
+/* userdb_name_valid - 1..255 bytes of UTF-8, no space, colon or control character (C0, DEL,
+ * C1): a name that passes can be logged as it is */
 bool userdb_name_valid(const char *name)
 {
 	size_t i;
@@ -294,11 +296,10 @@ bool userdb_name_valid(const char *name)
 
 		if (i >= USERDB_NAME_MAX)
 			return false;
-		/* bytes >= 0x80 allowed: UTF-8 names and addresses (RFC 6531) */
 		if (c <= ' ' || c == 0x7f || c == ':')
 			return false;
 	}
-	return true;
+	return utf8_clean(name); /* UTF-8 names and addresses (RFC 6531) */
 }
 
 static bool userdb_addr_chars_ok(const char *s)
@@ -349,7 +350,7 @@ static int userdb_name_check(const char *name, char *err, size_t errlen)
 		    USERDB_NAME_MAX);
 	else
 		err_set(err, errlen,
-		    "user name may not contain spaces, colons or control characters");
+		    "user name must be UTF-8 without spaces, colons or control characters");
 	return -1;
 }
 

@@ -78,7 +78,8 @@ int userdb_limits_set(struct userdb *db, const char *name, const struct userdb_l
 /* userdb_check_password - check name/password against the stored salted slow hash (slow: call off the loop) */
 enum userdb_check userdb_check_password(struct userdb *db, const char *name, const char *password);
 
-/* userdb_name_valid - a user name is 1..255 bytes, printable, without spaces, colons or control characters */
+/* userdb_name_valid - a user name is 1..255 bytes of well-formed UTF-8 without spaces, colons or control
+ * characters (C0, DEL, C1) */
 bool userdb_name_valid(const char *name);
 /* userdb_pattern_valid - a sender pattern is "*", "@domain" or "local@domain" (one '@', both parts non-empty) */
 bool userdb_pattern_valid(const char *pattern);

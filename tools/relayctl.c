@@ -190,8 +190,8 @@ static int relayctl_user_setpw(const char *config_path, const char *name, bool a
 	int rc;
 
 	if (add && !userdb_name_valid(name))
-		relayctl_die("bad user name \"%s\": 1 to 255 characters without spaces, colons "
-		    "or control characters", name);
+		relayctl_die("bad user name \"%s\": 1 to 255 bytes of UTF-8 without spaces, "
+		    "colons or control characters", name);
 	db = relayctl_open(config_path);
 	pw = relayctl_read_password();
 	rc = add ? userdb_user_add(db, name, pw, err, sizeof(err))

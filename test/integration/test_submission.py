@@ -7,6 +7,7 @@ pipelining, BDAT, and real clients (swaks, curl, smtplib over 587-mode, 465-mode
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_submission.py
 Slow groups (concurrency, kill -9) are in test_durability.py.
 """
+import base64
 import os
 import re
 import smtplib
@@ -46,6 +47,25 @@ def find_in_queue(needle):
     if isinstance(needle, str):
         needle = needle.encode()
     return [qid for qid, data in relay.queue_files().items() if needle in data]
+
+
+def log_unsafe_lines(r, needle):
+    """the lines of r's log (bytes) that contain needle and are not safe to show: not UTF-8,
+    or holding a C0 or C1 control or DEL (U+0000-U+001F, U+007F-U+009F)"""
+    with open(r.logfile, "rb") as f:
+        data = f.read()
+    bad = []
+    for line in data.split(b"\n"):
+        if needle not in line:
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(line)
+            continue
+        if re.search("[\x00-\x1f\x7f-\x9f]", text):
+            bad.append(line)
+    return bad
 
 
 def transaction(c, frm, rcpts, data):
@@ -185,6 +205,100 @@ def set_disabled(name, value):
         db.close()
 
 
+def auth_plain_bytes(r, name, password=b"wrong"):
+    """(code, text) of AUTH PLAIN with a user name given as bytes, on a new session of r"""
+    c = r.raw()
+    try:
+        c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+        c.send(b"AUTH PLAIN " + base64.b64encode(b"\0" + name + b"\0" + password) + b"\r\n")
+        return c.reply()
+    finally:
+        c.close()
+
+
+@t.test("AUTH: a user name with C1 controls, bytes that are not UTF-8 or quotes never reaches the log raw, "
+        "not even at the lockout")
+def _():
+    r = t.Relay(extra_config="auth_fail_limit 2\nlimit_loopback no\n")
+    try:
+        r.add_user(ALICE, ALICE_PW)
+        r.start()
+        name = b'x\xc2\x85\xc2\x9b31m\xff\xfe="evil"@example.org'  # NEL, CSI, bytes that are not UTF-8
+        got = [auth_plain_bytes(r, name)[0] for _ in range(3)]
+        t.is_(got, [535, 535, 535], "AUTH with that name: 535 (it names no user, so it is never locked)")
+        t.ok(t.wait_for(lambda: r.log().count("event=auth result=fail") >= 3, 5), "the failures are logged")
+        t.is_(log_unsafe_lines(r, b"auth"), [], "no auth line holds a control or invalid UTF-8")
+        t.like(r.log(), r"event=auth result=fail mech=PLAIN client=\S+ user=- reason=bad-credentials",
+               "the name is logged as '-'")
+        name = 'x="evil"\\@b\u00fccher.example'.encode()  # a valid name, with '"', '=', '\\' and UTF-8
+        got = [auth_plain_bytes(r, name)[0] for _ in range(3)]
+        t.is_(got, [535, 535, 454], "AUTH with a valid name that holds quotes: locked after 2 failures")
+        t.ok(t.wait_for(lambda: "event=auth result=refused" in r.log(), 5), "the refusal is logged")
+        esc = 'x=\\"evil\\"\\\\@b\u00fccher.example'
+        t.like(r.log(), r"policy event=auth-lockout user=" + re.escape(esc) + " failures=2 ",
+               "the lockout line has the name with '\"' and '\\' escaped, its UTF-8 as it is")
+        t.like(r.log(), r"event=auth result=refused mech=PLAIN client=\S+ user=" + re.escape(esc) + " reason=lockout",
+               "so has the AUTH refused line")
+        t.is_([l for l in r.log().splitlines() if re.search(r'auth.*(?<!\\)"', l)], [],
+              "no auth line holds a quote that is not escaped")
+        t.is_(log_unsafe_lines(r, b"auth"), [], "nor a control or invalid UTF-8")
+        t.is_(auth_plain_bytes(r, ALICE.encode(), ALICE_PW.encode())[0], 235, "alice still gets in")
+    finally:
+        r.stop()
+
+
+def hostile_upstream(lsock, served):
+    """answer one connection on lsock with replies full of ESC, C1, bytes that are not UTF-8
+    and quotes, then close (every socket operation bounded by a timeout)"""
+    try:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(b'220 up.test \x1b[2J\xc2\x9b31m\xff"x\\y\r\n')
+            conn.recv(512)  # EHLO
+            conn.sendall(b"421 4.3.2 gone\x1b]0;t\x07\xc2\x85\r\n")
+            served.append(True)
+    except OSError:
+        pass
+
+
+@t.test("the forwarder's debug line shows upstream reply text escaped (relayd -d)")
+def _():
+    if t.WRAPPER:
+        return t.skip("upstream replies at debug level", "relayd runs under a wrapper")
+    import socket
+    import threading
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(15 * t.SLOW)
+    served = []
+    th = threading.Thread(target=hostile_upstream, args=(lsock, served), daemon=True)
+    th.start()
+    r = t.Relay(extra_config=f"upstream 127.0.0.1:{lsock.getsockname()[1]} tls=none\n")
+    try:
+        r.add_user(ALICE, ALICE_PW)
+        t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
+        try:
+            r.start()
+        finally:
+            t.WRAPPER = []
+        c = r.session(ALICE)
+        code, text = transaction(c, ALICE, ["bob@example.net"], t.make_message(ALICE, "bob@example.net"))
+        c.close()
+        t.is_(code, 250, "a message queued")
+        t.ok(t.wait_for(lambda: r.log().count("forward event=reply") >= 2, 10 * t.SLOW), "both replies logged")
+        t.like(r.log(), r'event=reply state=\S+ reply="220 up\.test \\x1b\[2J\\xc2\\x9b31m\\xff\\"x\\\\y"',
+               "the greeting: ESC, CSI, byte FF as \\xHH, quote and backslash escaped")
+        t.like(r.log(), r'event=reply state=\S+ reply="421 4\.3\.2 gone\\x1b\]0;t\\x07\\xc2\\x85"',
+               "the 421: ESC, BEL, NEL as \\xHH")
+        t.is_(log_unsafe_lines(r, b"event=reply"), [], "no reply line holds a control or invalid UTF-8")
+    finally:
+        r.stop()
+        th.join(15 * t.SLOW)
+        lsock.close()
+
+
 @t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
 def _():
     dave, dave_pw = "dave@example.org", "dave-secret-4"
@@ -225,6 +339,56 @@ def _():
     code, text = c.cmd("MAIL FROM:<x@sub.example.net>")
     t.like(text, r"^553 5\.7\.1 ", "@example.net does not cover sub.example.net")
     c.close()
+
+
+@t.test("a quoted local part is parsed (RFC 5321 4.1.2): one Quoted-string, or 501")
+def _():
+    c = relay.session(ALICE)
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}>")
+    t.is_(code, 250, "MAIL")
+    for bad in ('"x=1"reason="y"@example.net', '"a"."b"@example.net', '"a\\"@example.net'):
+        code, text = c.cmd(f"RCPT TO:<{bad}>")
+        t.like(text, r"^501 5\.1\.3 ", f"RCPT TO:<{bad}>: 501 5.1.3")
+    code, text = c.cmd('RCPT TO:<"john.doe"@example.net>')
+    t.like(text, r"^250 2\.1\.5 ", 'RCPT TO:<"john.doe"@example.net>: 250')
+    tag = marker("quoted")
+    code, text = c.cmd("DATA")
+    t.is_(code, 354, "DATA")
+    c.send(t.dot_stuff(t.make_message(ALICE, '"john.doe"@example.net', subject=tag)))
+    code, text = c.reply()
+    qid = t.queued_id(text)
+    t.ok(qid is not None, "queued", text)
+    env = t.queue_parse(relay.queue_files().get(qid, b""))[0] if qid else {}
+    t.ok(any('"john.doe"@example.net' in str(r) for r in env.get("rcpt", [])), "its recipient kept with the quotes",
+         env)
+    c.close()
+
+
+@t.test("under SMTPUTF8 an address is well-formed UTF-8 without C1 controls (RFC 6531 3.3), or 501")
+def _():
+    c = relay.session(ALICE)
+    for bad in (b"al\xc2\x85ice\xff\x9b2J@example.org", b"al\xc0\xafice@example.org", b"al\xed\xa0\x80@example.org"):
+        c.send(b"MAIL FROM:<" + bad + b"> SMTPUTF8\r\n")
+        code, text = c.reply()
+        t.like(text, r"^501 5\.1\.7 ", f"MAIL FROM:<{bad!r}> SMTPUTF8: 501 5.1.7")
+    c.send(b"MAIL FROM:<al\xc2\x85ice@example.org>\r\n")
+    code, text = c.reply()
+    t.like(text, r"^553 5\.6\.7 ", "8-bit without SMTPUTF8: 553 5.6.7, as before")
+    code, text = c.cmd(f"MAIL FROM:<{ALICE}> SMTPUTF8")
+    t.is_(code, 250, "MAIL SMTPUTF8")
+    c.send(b"RCPT TO:<b\xc2\x9b2Job@example.net>\r\n")
+    code, text = c.reply()
+    t.like(text, r"^501 5\.1\.3 ", "RCPT with CSI (U+009B) under SMTPUTF8: 501 5.1.3")
+    code, text = c.cmd("RCPT TO:<j\u00f6rg@b\u00fccher.example>")
+    t.like(text, r"^250 2\.1\.5 ", "RCPT with UTF-8 under SMTPUTF8: 250")
+    code, text = c.cmd("DATA")
+    t.is_(code, 354, "DATA")
+    c.send(b"From: <x\x1b[2J\xc2\x9b@example.org>\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
+    code, text = c.reply()
+    t.like(text, r"^550 5\.6\.0 ", "a From: address with ESC and CSI: 550 5.6.0")
+    c.close()
+    t.wait_for(lambda: "header-from-invalid" in relay.log(), 5)
+    t.is_(log_unsafe_lines(relay, b"smtp event=reject"), [], "no reject line holds a control or invalid UTF-8")
 
 
 @t.test("accepted message: queued durably with Received, Message-ID, Date; dot-unstuffed")

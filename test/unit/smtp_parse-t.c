@@ -160,6 +160,78 @@ static void test_xtext(void)
 	ok(!smtp_addr_valid("a<b@c.org", false), "'<' in local part refused");
 }
 
+/* a quoted local part is parsed (RFC 5321 §4.1.2), not only its first and last character */
+static void test_quoted_local(void)
+{
+	ok(smtp_addr_valid("\"john.doe\"@example.net", false), "quoted local part");
+	ok(smtp_addr_valid("\"a\\\"b\\\\c@d\"@example.net", false), "quoted-pairs and '@' inside the quotes");
+	ok(smtp_addr_valid("\"x=1;<y>\"@example.net", false), "specials are qtext");
+	ok(!smtp_addr_valid("\"x=1\"reason=\"y\"@example.net", false), "two quoted strings around text refused");
+	ok(!smtp_addr_valid("\"a\".\"b\"@example.net", false), "quoted strings joined by a dot refused");
+	ok(!smtp_addr_valid("\"a\"b@example.net", false), "quoted string then atext refused");
+	ok(!smtp_addr_valid("a\"b\"@example.net", false), "atext then quoted string refused");
+	ok(!smtp_addr_valid("\"@example.net", false), "a lone quote refused");
+	ok(!smtp_addr_valid("\"a\\\"@example.net", false), "the closing quote escaped refused");
+	ok(!smtp_addr_valid("\"john doe\"@example.net", false), "SP in quotes refused (queue format)");
+	ok(!smtp_addr_valid("\"john\\ doe\"@example.net", false), "quoted SP refused (queue format)");
+	ok(!smtp_addr_valid("\"a\tb\"@example.net", false), "TAB in quotes refused");
+	ok(!smtp_addr_valid("\"a\\\x01\"@example.net", false), "quoted control refused");
+	ok(!smtp_addr_valid("\"j\xc3\xa9\"@example.net", false), "8-bit in quotes without SMTPUTF8 refused");
+	ok(smtp_addr_valid("\"j\xc3\xa9\"@example.net", true), "UTF-8 in quotes with SMTPUTF8");
+	ok(!smtp_addr_valid("\"\\\xc3\xa9\"@example.net", true), "quoted-pair of a non-ASCII character refused");
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	char a1[] = "TO:<\"x=1\"reason=\"y\"@example.net>";
+	ok(smtp_parse_rcpt(a1, false, &r, &reply) < 0 && reply && !strncmp(reply, "501 5.1.3", 9),
+	   "RCPT with text between quoted strings: 501 5.1.3");
+	char a2[] = "FROM:<\"a\"\"b\"@example.org>";
+	struct smtp_mail_args m;
+	ok(smtp_parse_mail(a2, &m, &reply) < 0 && reply && !strncmp(reply, "501 5.1.7", 9),
+	   "MAIL with two quoted strings: 501 5.1.7");
+}
+
+/* under SMTPUTF8 only well-formed UTF-8 without C1 controls (RFC 6531 §3.3) */
+static void test_utf8_addr(void)
+{
+	ok(smtp_addr_valid("j\xc3\xb6rg@b\xc3\xbc" "cher.example", true), "UTF-8 local part and domain");
+	ok(!smtp_addr_valid("al\xc2\x85ice@example.org", true), "NEL (U+0085) refused");
+	ok(!smtp_addr_valid("al\xc2\x9b" "2J@example.org", true), "CSI (U+009B) refused");
+	ok(!smtp_addr_valid("al\xffice@example.org", true), "byte FF refused");
+	ok(!smtp_addr_valid("al\x9bice@example.org", true), "a raw C1 byte refused");
+	ok(!smtp_addr_valid("a\xc0\xaf@example.org", true), "overlong refused");
+	ok(!smtp_addr_valid("a\xed\xa0\x80@example.org", true), "surrogate refused");
+	ok(!smtp_addr_valid("a\xf4\x90\x80\x80@example.org", true), "above U+10FFFF refused");
+	ok(!smtp_addr_valid("a@ex\xe2\x82" "ample.org", true), "cut sequence in the domain refused");
+	ok(!smtp_addr_valid("\"\xc2\x85\"@example.org", true), "NEL in a quoted local part refused");
+	struct smtp_mail_args m;
+	struct smtp_rcpt_args r;
+	const char *reply = NULL;
+	char a1[] = "FROM:<al\xc2\x85ice\xff\x9b" "2J@example.org> SMTPUTF8";
+	ok(smtp_parse_mail(a1, &m, &reply) < 0 && reply && !strncmp(reply, "501 5.1.7", 9),
+	   "MAIL SMTPUTF8 with invalid UTF-8: 501 5.1.7");
+	char a2[] = "FROM:<al\xc3\xaf" "ce@example.org>";
+	ok(smtp_parse_mail(a2, &m, &reply) < 0 && reply && !strncmp(reply, "553 5.6.7", 9),
+	   "MAIL without SMTPUTF8 with UTF-8: 553 5.6.7, as before");
+	char a3[] = "TO:<b\xc2\x9bob@example.net>";
+	ok(smtp_parse_rcpt(a3, true, &r, &reply) < 0 && reply && !strncmp(reply, "501 5.1.3", 9),
+	   "RCPT with a C1 control under SMTPUTF8: 501 5.1.3");
+	char a4[] = "TO:<b\xc3\xb6" "b@example.net>";
+	ok(smtp_parse_rcpt(a4, true, &r, &reply) == 0, "RCPT with UTF-8 under SMTPUTF8");
+	char a5[] = "TO:<b\xff" "b@example.net>";
+	ok(smtp_parse_rcpt(a5, false, &r, &reply) < 0 && reply && !strncmp(reply, "553 5.6.7", 9),
+	   "RCPT with 8-bit without SMTPUTF8: 553 5.6.7");
+	char a[SMTP_FROM_MAX][256];
+	const char *h1 = "From: <x\x1b[2J@example.org>\r\n";
+	ok(smtp_header_from(h1, strlen(h1), a, &reply) == -1 && !strncmp(reply, "550 5.6.0", 9),
+	   "From: address with ESC: 550 5.6.0");
+	const char *h2 = "From: x\xc2\x9b" "2J\xff@example.org\r\n";
+	ok(smtp_header_from(h2, strlen(h2), a, &reply) == -1 && !strncmp(reply, "550 5.6.0", 9),
+	   "From: address with CSI and byte FF: 550 5.6.0");
+	const char *h3 = "From: J\xc3\xb6rg <j\xc3\xb6rg@example.org>\r\n";
+	ok(smtp_header_from(h3, strlen(h3), a, &reply) == 1 && !strcmp(a[0], "j\xc3\xb6rg@example.org"),
+	   "From: address in UTF-8 (RFC 6532)");
+}
+
 static void test_header_from(void)
 {
 	char a[SMTP_FROM_MAX][256];
@@ -317,5 +389,7 @@ int main(void)
 	test_bdat();
 	test_param_corners();
 	test_xtext();
+	test_quoted_local();
+	test_utf8_addr();
 	return done_testing();
 }

@@ -94,6 +94,16 @@ static void test_open_and_users(void)
 	ok(userdb_user_add(db, "a:b", "x", err, sizeof(err)) == -1, "name with a colon refused");
 	ok(userdb_user_add(db, "tab\there", "x", err, sizeof(err)) == -1,
 	    "name with a control character refused");
+	ok(userdb_name_valid("j\xc3\xb6rg@b\xc3\xbc" "cher.example"), "UTF-8 name is valid");
+	ok(!userdb_name_valid("x\xc2\x85y"), "name with NEL (U+0085) refused");
+	ok(!userdb_name_valid("x\xc2\x9b" "31m"), "name with CSI (U+009B) refused");
+	ok(!userdb_name_valid("x\x9b" "31m"), "name with a raw C1 byte refused");
+	ok(!userdb_name_valid("x\xff\xfe"), "name that is not UTF-8 refused");
+	ok(!userdb_name_valid("x\xc0\xaf"), "name with an overlong form refused");
+	ok(!userdb_name_valid("x\xed\xa0\x80"), "name with a surrogate refused");
+	err[0] = '\0';
+	ok(userdb_user_add(db, "x\xc2\x85\xc2\x9b" "31m\xff\xfe=\"evil\"@example.org", "x", err, sizeof(err)) == -1 &&
+	   strstr(err, "UTF-8"), "user add of such a name refused: %s", err);
 	{
 		char longname[300];
 
