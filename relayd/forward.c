@@ -46,6 +46,7 @@
 #include "forward_int.h"
 #include "forward_session.h"
 #include "log.h"
+#include "utf8.h"
 #include "queue.h"
 #include "ratelimit.h"
 #include "tls.h"
@@ -115,12 +116,24 @@ static void forward_io_retry_cancel(struct forward_msg *m);
 static void forward_msg_finish(struct forward_msg *m);
 static void forward_msg_free(struct forward_msg *m);
 
-/* forward_logsafe - text safe inside a log value in double quotes */
+/* forward_logsafe - text safe inside a log value in double quotes (and in a status record or
+ * a bounce): a quote becomes ', a control byte a space, DEL, a C1 control or a byte that is
+ * not well-formed UTF-8 a ? (an upstream's reply is free text) */
 void forward_logsafe(const char *in, char *out, size_t outlen)
 {
 	size_t o = 0;
-	for (const char *p = in ? in : ""; *p && o + 1 < outlen; p++)
-		out[o++] = *p == '"' ? '\'' : ((unsigned char)*p < 0x20 ? ' ' : *p);
+	for (const char *p = in ? in : ""; *p && o + 1 < outlen;) {
+		unsigned cp;
+		size_t n = (unsigned char)*p < 0x80 ? 1 : utf8_char(p, &cp);
+		if (n > 1 && cp > 0x9f && o + n < outlen) {
+			memcpy(out + o, p, n);
+			o += n, p += n;
+			continue;
+		}
+		unsigned char c = (unsigned char)*p;
+		out[o++] = c == '"' ? '\'' : c < 0x20 ? ' ' : c >= 0x7f ? '?' : (char)c;
+		p += n ? n : 1;
+	}
 	out[o] = '\0';
 }
 

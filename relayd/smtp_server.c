@@ -537,8 +537,9 @@ static void session_auth_count(struct session *s, const char *name, bool locked)
 static void session_auth_failed(struct session *s, struct auth_req *r)
 {
 	bool known = r->check == USERDB_BAD_PASSWORD;
+	char v[LOG_VALUE_SIZE(255)];
 	log_info("%s smtp event=auth result=fail mech=%s client=%s user=%s reason=%s", s->idstr, r->mech, s->peer,
-		 known ? r->attempted : "-", known ? "bad-password" : "bad-credentials");
+		 known ? log_value(r->attempted, v, sizeof(v)) : "-", known ? "bad-password" : "bad-credentials");
 	if (known) /* per-user counters only for real names */
 		policy_count(r->attempted, PC_AUTH_FAIL);
 	session_auth_count(s, session_auth_name(r), false);
@@ -569,7 +570,8 @@ static void session_auth_ok(struct session *s, struct auth_req *r)
 	s->nsenders = r->nsenders;
 	r->senders = NULL;
 	r->nsenders = 0;
-	log_info("%s smtp event=auth result=ok user=%s mech=%s", s->idstr, s->user, r->mech);
+	char v[LOG_VALUE_SIZE(255)];
+	log_info("%s smtp event=auth result=ok user=%s mech=%s", s->idstr, log_value(s->user, v, sizeof(v)), r->mech);
 	session_reply(s, "235 2.7.0 Authentication successful");
 }
 

@@ -293,6 +293,9 @@ def _():
         t.like(r.log(), r'event=reply state=\S+ reply="421 4\.3\.2 gone\\x1b\]0;t\\x07\\xc2\\x85"',
                "the 421: ESC, BEL, NEL as \\xHH")
         t.is_(log_unsafe_lines(r, b"event=reply"), [], "no reply line holds a control or invalid UTF-8")
+        t.ok(t.wait_for(lambda: "event=upstream-failed" in r.log(), 10 * t.SLOW), "the 421 ends the session")
+        t.is_(log_unsafe_lines(r, b"event=upstream-failed"), [],
+              "nor does the info line that quotes the upstream's reply")
     finally:
         r.stop()
         th.join(15 * t.SLOW)
