@@ -94,7 +94,7 @@ static bool smtp_dot_string_valid(const char *s, size_t n, bool utf8)
 /* a Quoted-string local part: DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE (RFC 5321
  * §4.1.2; qtextSMTP =/ UTF8-non-ascii, RFC 6531 §3.3). SP, bare or quoted, is refused:
  * the queue file separates its fields with it */
-static bool smtp_quoted_valid(const char *s, size_t n, bool utf8)
+static bool smtp_quoted_valid(const char *s, size_t n, bool utf8, bool sp)
 {
 	if (n < 2 || s[0] != '"' || s[n - 1] != '"')
 		return false;
@@ -102,18 +102,17 @@ static bool smtp_quoted_valid(const char *s, size_t n, bool utf8)
 		unsigned char ch = (unsigned char)s[i];
 		if (ch == '\\') { /* quoted-pairSMTP: one ASCII graphic (SP refused) */
 			ch = (unsigned char)s[++i];
-			if (i == n - 1 || ch < 0x21 || ch > 0x7e)
+			if (i == n - 1 || ch < (sp ? 0x20 : 0x21) || ch > 0x7e)
 				return false;
-		} else if (ch == '"' || ch < 0x21 || ch == 0x7f || (ch >= 0x80 && !utf8)) {
+		} else if (ch == '"' || ch < (sp ? 0x20 : 0x21) || ch == 0x7f || (ch >= 0x80 && !utf8)) {
 			return false;
 		}
 	}
 	return true;
 }
 
-/* smtp_addr_valid - mailbox syntax: Local-part "@" Domain, the local part one Dot-string or
- * one Quoted-string */
-bool smtp_addr_valid(const char *addr, bool utf8)
+/* mailbox syntax; sp: a space in a quoted local part (a header's address, not a path) */
+static bool smtp_addr_syntax(const char *addr, bool utf8, bool sp)
 {
 	size_t n = strlen(addr);
 	if (n == 0 || n > 254 || (utf8 && !utf8_clean(addr))) /* RFC 6531 §3.3: UTF-8 */
@@ -122,9 +121,16 @@ bool smtp_addr_valid(const char *addr, bool utf8)
 	if (!at || at == addr)
 		return false;
 	size_t ll = (size_t)(at - addr);
-	if (addr[0] == '"' ? !smtp_quoted_valid(addr, ll, utf8) : !smtp_dot_string_valid(addr, ll, utf8))
+	if (addr[0] == '"' ? !smtp_quoted_valid(addr, ll, utf8, sp) : !smtp_dot_string_valid(addr, ll, utf8))
 		return false;
 	return smtp_domain_valid(at + 1, utf8);
+}
+
+/* smtp_addr_valid - mailbox syntax: Local-part "@" Domain, the local part one Dot-string or
+ * one Quoted-string */
+bool smtp_addr_valid(const char *addr, bool utf8)
+{
+	return smtp_addr_syntax(addr, utf8, false);
 }
 
 /* smtp_xtext_valid - xtext: printable ASCII but '+' and '=', or "+HH" */
@@ -469,8 +475,18 @@ static size_t smtp_field_end(const char *h, size_t len, size_t vs)
 	return end;
 }
 
+/* one more byte of a From: address; false when it does not fit */
+static bool smtp_mailbox_put(char item[256], size_t *l, char ch)
+{
+	if (*l >= 255)
+		return false;
+	item[(*l)++] = ch;
+	return true;
+}
+
 /* one mailbox of a folded From: value v[i..n): up to a ',' or ';' outside quotes, comments
- * and <>. Its address (the part in <> when there is one) goes to item; returns the index
+ * and <>. Its address (the part in <> when there is one; a quoted local part kept as
+ * written, a display name left out) goes to item; returns the index
  * after it. *il is the address's length, -1 when it is too long or the mailbox is not one
  * address (a second <>, a group name after <>): nothing that is not checked gets through */
 static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], int *il)
@@ -480,19 +496,26 @@ static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], in
 	bool quoted = false, angle = false, bad = false;
 	for (; i < n; i++) {
 		char ch = v[i];
-		if (quoted || depth) { /* quoted-pair in both (RFC 5322 §3.2.1) */
+		if (quoted) { /* kept as written: a quoted local part is the address's own */
+			bad |= !smtp_mailbox_put(item, &l, ch);
+			if (ch == '\\' && i + 1 < n)
+				bad |= !smtp_mailbox_put(item, &l, v[++i]);
+			else if (ch == '"')
+				quoted = false;
+			continue;
+		}
+		if (depth) { /* a comment: quoted-pair inside (RFC 5322 §3.2.1) */
 			if (ch == '\\')
 				i++;
-			else if (quoted && ch == '"')
-				quoted = false;
-			else if (!quoted && ch == '(')
+			else if (ch == '(')
 				depth++;
-			else if (!quoted && ch == ')')
+			else if (ch == ')')
 				depth--;
 			continue;
 		}
 		if (ch == '"') {
 			quoted = true;
+			bad |= !smtp_mailbox_put(item, &l, ch);
 		} else if (ch == '(') {
 			depth = 1;
 		} else if (ch == '<') {
@@ -508,14 +531,11 @@ static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], in
 			bad |= angles > 0;
 			l = 0;
 		} else if (ch != ' ' && ch != '\t' && ch != '\r' && ch != '\n') {
-			if (l < 255)
-				item[l++] = ch;
-			else
-				bad = true;
+			bad |= !smtp_mailbox_put(item, &l, ch);
 		}
 	}
 	item[l] = '\0';
-	*il = bad ? -1 : (int)l;
+	*il = bad || quoted ? -1 : (int)l;
 	return i;
 }
 
@@ -539,7 +559,7 @@ static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char *
 		i = smtp_mailbox(v, n, i, item, &il);
 		if (il == 0)
 			continue;
-		if (il < 0 || !strchr(item, '@') || !smtp_mailbox_chars_ok(item)) {
+		if (il < 0 || !smtp_mailbox_chars_ok(item) || !smtp_addr_syntax(item, true, true)) {
 			*reply = "550 5.6.0 From: header has an address that cannot be parsed";
 			return -1;
 		}

@@ -252,6 +252,27 @@ static void test_header_from(void)
 	const char *h5 = "From-Extra: e@x.y\r\nFrom: <d@example.com>\r\n";
 	ok(smtp_header_from(h5, strlen(h5), a, &reply) == 1 && !strcmp(a[0], "d@example.com"),
 	   "From-Extra: is not From:");
+
+	/* the address as MAIL FROM would read it: a quoted local part kept, malformed ones refused */
+	const char *q1 = "From: <\"john.doe\"@example.org>\r\n";
+	ok(smtp_header_from(q1, strlen(q1), a, &reply) == 1 && !strcmp(a[0], "\"john.doe\"@example.org"),
+	   "a quoted local part is kept, as in MAIL FROM (%s)", a[0]);
+	const char *q2 = "From: \"john doe\"@example.org\r\n";
+	ok(smtp_header_from(q2, strlen(q2), a, &reply) == 1 && !strcmp(a[0], "\"john doe\"@example.org"),
+	   "a quoted local part with a space, without <> (%s)", a[0]);
+	const char *q3 = "From: \"Carol <boss>\" <carol@example.org>\r\n";
+	ok(smtp_header_from(q3, strlen(q3), a, &reply) == 1 && !strcmp(a[0], "carol@example.org"),
+	   "a display name with <> inside its quotes is left out");
+	const char *bad[] = { "From: <\"ceo@bank.example\"carol@example.org>\r\n",
+			      "From: <carol@example.org\"@evil.example\">\r\n",
+			      "From: <carol@example.org\"@evil.example>\r\n",
+			      "From: <@relay.example:carol@example.org>\r\n",
+			      "From: \"Carol\" carol@example.org\r\n" };
+	for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++) {
+		reply = NULL;
+		ok(smtp_header_from(bad[i], strlen(bad[i]), a, &reply) == -1 && reply && !strncmp(reply, "550 5.6.0", 9),
+		   "malformed address refused with 550 5.6.0: %.40s", bad[i] + 6);
+	}
 }
 
 /* the ways around the From: check that the audit found (F1), each closed */
