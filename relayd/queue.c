@@ -421,7 +421,7 @@ int queue_write_sync(const char *dir, struct queue_envelope *env, const char *ms
 		return -1;
 	}
 	snprintf(tmp, sizeof(tmp), "%s/msg/.%s.tmp", dir, env->id);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (fd < 0) {
 		buf_free(&head);
 		return -1;
@@ -617,9 +617,13 @@ int queue_load(const char *dir, const char *id, struct queue_envelope *env)
 		errno = ENAMETOOLONG;
 		return QUEUE_LOAD_UNUSABLE;
 	}
-	FILE *f = fopen(path, "r");
-	if (!f)
+	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC); /* recovery runs as root: no link is followed */
+	FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+	if (!f) {
+		if (fd >= 0)
+			close(fd);
 		return QUEUE_LOAD_UNUSABLE;
+	}
 	int rc = queue_load_version(f, &line, &cap, &err);
 	if (rc == 0)
 		rc = queue_load_header(f, env, &line, &cap, &damaged);
@@ -653,7 +657,7 @@ int queue_open_message(const char *dir, const char *id)
 		errno = ENAMETOOLONG;
 		return -1;
 	}
-	return open(path, O_RDONLY | O_CLOEXEC);
+	return open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 }
 
 /* queue_read_body - the message bytes */
@@ -703,7 +707,7 @@ int queue_append_status(const char *dir, const char *id, const char *record)
 		errno = ENAMETOOLONG;
 		return -1;
 	}
-	int fd = open(path, O_RDWR | O_APPEND | O_CLOEXEC);
+	int fd = open(path, O_RDWR | O_APPEND | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return -1; /* only here is ENOENT "the message is gone" */
 	char last = '\n';

@@ -305,6 +305,34 @@ def _():
     sink.stop()
 
 
+@t.test("recovery does not follow a link in QUEUE/msg (it runs as root): kept, logged, not delivered")
+def _():
+    sink = t.Sink()
+    relay = t.Relay(extra_config=f"upstream 127.0.0.1:{sink.port} tls=none\nretry_min 1s\nretry_max 2s\n")
+    relay.add_user(ALICE, ALICE_PW)
+    qid = craft_id(0)
+    path = craft(relay, qid, craft_head(qid, ["linked@example.net"]))
+    outside = os.path.join(relay.dir, "outside-the-queue")
+    os.rename(path, outside)        # a file in queue format somewhere else ...
+    os.symlink(outside, path)       # ... and a link to it planted in the queue
+    relay.start()
+    t.ok(re.search(rf"{qid} queue event=unloadable .*action=kept-in-place", relay.log()),
+         "the link is not loaded: logged as unloadable and kept", relay.log()[-400:])
+    t.ok(os.path.islink(path) and os.path.exists(outside), "the link and its target are left as they are")
+    c = relay.session(ALICE)
+    c.cmd(f"MAIL FROM:<{ALICE}>")
+    c.cmd("RCPT TO:<after@example.net>")
+    c.cmd("DATA")
+    c.send(t.dot_stuff(t.make_message(ALICE, "after@example.net")))
+    t.like(c.reply()[1], t.QUEUED_RE, "a later message is queued")
+    c.close()
+    t.ok(t.wait_for(lambda: "after@example.net" in sink_rcpts(sink), 10 * t.SLOW),
+         "and delivered: the forwarder runs")
+    t.ok("linked@example.net" not in sink_rcpts(sink), "what the link points to is never forwarded")
+    t.is_(relay.stop(), 0, "relayd exits 0 on SIGTERM")
+    sink.stop()
+
+
 def file_status(relay, qid):
     """the status section of a queue file (after the END trailer), b"" when it is gone"""
     try:
