@@ -313,14 +313,14 @@ static bool userdb_addr_chars_ok(const char *s)
 	return true;
 }
 
-/* userdb_pattern_valid - "*", "@domain" or "local@domain" (one '@', both sides non-empty) */
+/* userdb_pattern_valid - "*", "<>", "@domain" or "local@domain" (one '@', both sides non-empty) */
 bool userdb_pattern_valid(const char *pattern)
 {
 	const char *at;
 
 	if (!pattern || !*pattern || strlen(pattern) > USERDB_PAT_MAX)
 		return false;
-	if (strcmp(pattern, "*") == 0)
+	if (strcmp(pattern, "*") == 0 || strcmp(pattern, "<>") == 0)
 		return true;
 	if (!userdb_addr_chars_ok(pattern) || strchr(pattern, '*'))
 		return false;
@@ -587,7 +587,7 @@ int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, 
 	}
 	if (!userdb_pattern_valid(pattern)) {
 		err_set(err, errlen,
-		    "bad sender pattern \"%s\": expected user@domain, @domain or *",
+		    "bad sender pattern \"%s\": expected user@domain, @domain, * or <>",
 		    pattern ? pattern : "");
 		return -1;
 	}
@@ -814,8 +814,14 @@ bool userdb_sender_match(const char *username, char *const *patterns, size_t n, 
 	const char *dom;
 	size_t i;
 
-	if (!addr || !*addr)
-		return false;    /* the null sender is never the user's to claim */
+	if (!addr)
+		return false;
+	if (!*addr) {    /* the null sender only with "<>" (an MTA's notices), not with "*" */
+		for (i = 0; i < n; i++)
+			if (patterns[i] && strcmp(patterns[i], "<>") == 0)
+				return true;
+		return false;
+	}
 	if (username && strchr(username, '@') && strcasecmp(username, addr) == 0)
 		return true;
 	dom = userdb_addr_domain(addr);

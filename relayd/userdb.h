@@ -81,7 +81,7 @@ enum userdb_check userdb_check_password(struct userdb *db, const char *name, con
 /* userdb_name_valid - a user name is 1..255 bytes of well-formed UTF-8 without spaces, colons or control
  * characters (C0, DEL, C1) */
 bool userdb_name_valid(const char *name);
-/* userdb_pattern_valid - a sender pattern is "*", "@domain" or "local@domain" (one '@', both parts non-empty) */
+/* userdb_pattern_valid - a sender pattern is "*", "<>" (the null sender), "@domain" or "local@domain" (one '@', both parts non-empty) */
 bool userdb_pattern_valid(const char *pattern);
 
 /* userdb_sender_match - pure: may a user with these patterns send as addr?

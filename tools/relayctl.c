@@ -5,7 +5,7 @@
  *   relayctl [-c FILE] user del NAME
  *   relayctl [-c FILE] user list
  *   relayctl [-c FILE] user show NAME
- *   relayctl [-c FILE] user sender NAME add|del PATTERN    (user@domain, @domain or *)
+ *   relayctl [-c FILE] user sender NAME add|del PATTERN    (user@domain, @domain, * or <>)
  *   relayctl [-c FILE] user limit NAME [msgs=N/UNIT] [rcpts=N/UNIT] [bytes=SIZE/UNIT] | clear
  *   relayctl [-c FILE] queue list | show ID | flush | delete ID
  *   relayctl [-c FILE] stats
@@ -59,7 +59,7 @@ static const char relayctl_usage_text[] =
 	"  user del NAME                    delete a user and their senders and limits\n"
 	"  user list                        list user names, one per line\n"
 	"  user show NAME                   show a user and the senders they may use\n"
-	"  user sender NAME add|del PATTERN allow or disallow a sender: user@domain, @domain or *\n"
+	"  user sender NAME add|del PATTERN allow or disallow a sender: user@domain, @domain, * or <>\n"
 	"  user limit NAME LIMIT...         set limits: msgs=N/UNIT rcpts=N/UNIT bytes=SIZE/UNIT\n"
 	"                                   (UNIT minute, hour or day; SIZE like 50M; N=0 is\n"
 	"                                   unlimited; msgs=default uses relayd.conf's value)\n"
@@ -306,6 +306,8 @@ static int relayctl_user_show(const char *config_path, const char *name)
 
 			if (strcmp(p, "*") == 0)
 				printf("  %-32s (any address)\n", p);
+			else if (strcmp(p, "<>") == 0)
+				printf("  %-32s (the null sender: an MTA's bounces and notices)\n", p);
 			else if (p[0] == '@')
 				printf("  %-32s (any address at %s)\n", p, p + 1);
 			else
@@ -336,7 +338,7 @@ static int relayctl_user_sender(const char *config_path, int argc, char **argv)
 	else
 		relayctl_usage();
 	if (add && !userdb_pattern_valid(argv[2]))
-		relayctl_die("bad sender pattern \"%s\": expected user@domain, @domain or *",
+		relayctl_die("bad sender pattern \"%s\": expected user@domain, @domain, * or <>",
 		    argv[2]);
 	db = relayctl_open(config_path);
 	rc = add ? userdb_sender_add(db, argv[0], argv[2], err, sizeof(err))

@@ -164,6 +164,47 @@ def _():
     one_error_line(out, r"no such user: nobody$", "and says so")
 
 
+@t.test("user sender <>: the null sender for an MTA's notices, only when allowed (not with *)")
+def _():
+    code, text = mail_from(ALICE, "")
+    t.like(f"{code} {text}", r"^553 553 5\.7\.1 ", "before: MAIL FROM:<> refused 553 5.7.1")
+    rc, out = ctl("user", "sender", ALICE, "add", "*")
+    code, text = mail_from(ALICE, "")
+    t.is_(code, 553, "with * still refused: * is any address, not the null sender")
+    ctl("user", "sender", ALICE, "del", "*")
+    rc, out = ctl("user", "sender", ALICE, "add", "<>")
+    t.is_((rc, out), (0, ""), "sender add <>: exit 0")
+    rc, out = ctl("user", "show", ALICE)
+    t.like(out, r"(?m)^  <> +\(the null sender", "show lists it")
+    c = relay.session(ALICE)
+    try:
+        t.is_(c.cmd("MAIL FROM:<>")[0], 250, "MAIL FROM:<> allowed")
+        t.is_(c.cmd("RCPT TO:<bob@example.net>")[0], 250, "RCPT")
+        t.is_(c.cmd("DATA")[0], 354, "DATA")
+        c.send(t.dot_stuff(t.make_message(ALICE, "bob@example.net", subject="a notice")))
+        code, text = c.reply()
+        t.like(text, t.QUEUED_RE, "a notice whose From: is the user's own address is queued")
+        qid = t.queued_id(text)
+    finally:
+        c.close()
+    env = t.queue_parse(relay.queue_files()[qid])[0] if qid in relay.queue_files() else {"from": [""]}
+    t.is_(env.get("from"), [""], "queued with the null reverse-path")
+    c = relay.session(ALICE)
+    try:
+        c.cmd("MAIL FROM:<>")
+        c.cmd("RCPT TO:<bob@example.net>")
+        c.cmd("DATA")
+        c.send(t.dot_stuff(t.make_message("ceo@bank.example", "bob@example.net", subject="spoof")))
+        t.like(c.reply()[1], r"^553 5\.7\.1 From: header", "the From: header is still checked")
+    finally:
+        c.close()
+    if qid:
+        ctl("queue", "delete", qid)  # the later tests count the queue
+    ctl("user", "sender", ALICE, "del", "<>")
+    code, text = mail_from(ALICE, "")
+    t.is_(code, 553, "after del: refused again")
+
+
 @t.test("user limit set / show / unset / clear")
 def _():
     rc, out = ctl("user", "limit", ALICE, "msgs=100/hour", "rcpts=1000/day", "bytes=50M/day")

@@ -401,6 +401,12 @@ static void test_sender_match(void)
 		    cases[i].want ? "yes" : "no");
 	ok(userdb_sender_match("bob", star, 1, "anyone@anywhere.example"), "* matches any");
 	ok(!userdb_sender_match("bob", star, 1, ""), "* does not match the null sender");
+	char *mta[] = { "@example.net", "<>" };
+	ok(userdb_sender_match("relay", mta, 2, ""), "<> allows the null sender (an MTA's notices)");
+	ok(userdb_sender_match("relay", mta, 2, "x@example.net") && !userdb_sender_match("relay", mta, 2, "x@example.org"),
+	    "<> does not widen the other patterns");
+	ok(userdb_pattern_valid("<>") && !userdb_pattern_valid("<x>") && !userdb_pattern_valid("<"),
+	    "<> is a pattern, <x> and < are not");
 	ok(!userdb_sender_match("bob", NULL, 0, "bob@example.org"), "no patterns: nothing");
 	ok(!userdb_sender_match("alice@example.com", NULL, 0, "alice@example.org"),
 	    "own address only, not the same local part elsewhere");
