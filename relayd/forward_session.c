@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <ev.h>
 #include <stdarg.h>
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <sasl/sasl.h>
 #include <sasl/saslutil.h>
@@ -42,11 +43,13 @@
 #include "dsn.h"
 #include "log.h"
 #include "queue.h"
+#include "smtp_parse.h"
 #include "smtp_reply.h"
 #include "tls.h"
 #include "workq.h"
 
 #define FORWARD_TIMEOUT_CONNECT 30.     /* per address */
+
 /* RFC 5321 §4.5.3.2: the least a client waits for each reply (upstream_timeout replaces them) */
 #define FORWARD_TIMEOUT_REPLY   300.    /* the greeting, EHLO, MAIL, RCPT ... (§4.5.3.2.1-3) */
 #define FORWARD_TIMEOUT_DATA    120.    /* 354 to DATA (§4.5.3.2.4) */
@@ -397,6 +400,24 @@ static void forward_session_sendline(struct forward_session *s, const char *fmt,
 	conn_write(&s->conn, line, (size_t)n);
 }
 
+/* EHLO with hostname when it is a domain name with a dot; else (localhost, a bare machine
+ * name) with this connection's address literal, as RFC 5321 §4.1.4 asks of a client without
+ * a meaningful name: smarthosts with reject_non_fqdn_helo_hostname refuse the bare name */
+static void forward_session_ehlo(struct forward_session *s)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char ip[INET6_ADDRSTRLEN], literal[INET6_ADDRSTRLEN + 8];
+	if (strchr(forward_cfg->hostname, '.') ||
+	    getsockname(s->conn.fd, (struct sockaddr *)&ss, &sl) < 0 ||
+	    getnameinfo((struct sockaddr *)&ss, sl, ip, sizeof(ip), NULL, 0, NI_NUMERICHOST) != 0) {
+		forward_session_sendline(s, "EHLO %s", forward_cfg->hostname);
+		return;
+	}
+	smtp_addr_literal(ip, literal, sizeof(literal));
+	forward_session_sendline(s, "EHLO [%s]", literal);
+}
+
 static void forward_session_notify_param(unsigned notify, char *out, size_t outlen)
 {
 	if (notify & DSN_NOTIFY_NEVER) {
@@ -590,7 +611,7 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 		break;
 	case FS_EHLO:
 		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));
-		forward_session_sendline(s, "EHLO %s", forward_cfg->hostname);
+		forward_session_ehlo(s);
 		break;
 	case FS_STARTTLS:
 		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_REPLY));

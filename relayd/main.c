@@ -733,6 +733,10 @@ int main(int argc, char **argv)
 				 main_cfg.upstream[i].port,
 				 main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE ? "none" : "yes",
 				 main_cfg.upstream[i].verify ? "yes" : "no");
+	if (!strchr(main_cfg.hostname, '.'))
+		log_warn("main event=hostname-not-fqdn hostname=%s hint=\"set hostname to this host's domain name: it "
+			 "names relayd in its greeting, Received: and Message-ID:, and in EHLO to upstreams, which get "
+			 "an address literal meanwhile\"", main_cfg.hostname);
 	if (listener_bind_all(&main_cfg, err, sizeof(err)) < 0)
 		main_refuse(foreground, err);
 	if (!foreground)

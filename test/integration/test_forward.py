@@ -105,11 +105,12 @@ class Upstream(t.AsyncServer):
     MAIL/RCPT.../DATA group in one write, as Postfix does. It takes rcpt_limit recipients per
     transaction and answers the others with over; pad adds that many 1000-byte lines to every
     RCPT reply (a big burst); ehlo: its EHLO keywords. messages: [(recipients, data)] it took,
-    mails: every MAIL command."""
+    mails: every MAIL command, ehlos: every EHLO name; fqdn_helo: refuse an EHLO name that is
+    neither a domain with a dot nor an address literal (Postfix's reject_non_fqdn_helo_hostname)."""
 
     def __init__(self, rcpt_limit=1000, over=b"452 4.5.3 Too many recipients", pad=0,
-                 ehlo=(b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES")):
-        self.rcpt_limit, self.over, self.pad = rcpt_limit, over, pad
+                 ehlo=(b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"), fqdn_helo=False):
+        self.rcpt_limit, self.over, self.pad, self.fqdn_helo, self.ehlos = rcpt_limit, over, pad, fqdn_helo, []
         self.ehlo = b"250-up.test\r\n" + b"".join(b"250-" + k + b"\r\n" for k in ehlo[:-1]) + b"250 " + ehlo[-1] + b"\r\n"
         self.messages, self.connections, self.mails = [], 0, []
         t.AsyncServer.__init__(self)
@@ -138,7 +139,11 @@ class Upstream(t.AsyncServer):
                     writer.write(b"221 2.0.0 bye\r\n")
                     return
                 if verb == b"EHLO":
-                    out.append(self.ehlo)
+                    name = line[5:].strip().decode(errors="replace")
+                    self.ehlos.append(name)
+                    fqdn = "." in name.strip(".") or (name.startswith("[") and name.endswith("]"))
+                    out.append(self.ehlo if fqdn or not self.fqdn_helo else
+                               b"504 5.5.2 <" + name.encode() + b">: Helo command rejected: need fully-qualified hostname\r\n")
                 elif verb == b"MAIL":
                     rcpts = []
                     self.mails.append(line.rstrip(b"\r\n"))
@@ -619,6 +624,25 @@ def _():
     t.like(data, rb"It is not returned\.", "and says the message is not returned")
     t.unlike(data, rb"Undelivered Message", "no returned part")
     t.unlike(relay.log(), r"event=dropped", "nothing dropped")
+    done(relay, up)
+
+
+@t.test("hostname without a dot (localhost): EHLO to the upstream with an address literal, and a warning at start")
+def _():
+    up = Upstream(fqdn_helo=True)
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra=RETRY + "hostname localhost\n")
+    t.like(relay.log(), r"main event=hostname-not-fqdn hostname=localhost ", "warned at start")
+    code, qid, _ = submit(relay, ["walter@example.net"], subject=marker("ehlo literal"))
+    t.is_(code, 250, "accepted")
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "delivered by an upstream that refuses non-FQDN EHLO names")
+    t.is_(up.ehlos[:1], ["[127.0.0.1]"], "EHLO [127.0.0.1]: the connection's address literal")
+    done(relay, up)
+    up = Upstream(fqdn_helo=True)
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    code, qid, _ = submit(relay, ["walter@example.net"], subject=marker("ehlo name"))
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "with a domain name as hostname: delivered")
+    t.is_(up.ehlos[:1], ["relay.test"], "EHLO relay.test: the name itself")
+    t.unlike(relay.log(), r"hostname-not-fqdn", "and no warning")
     done(relay, up)
 
 
