@@ -54,14 +54,21 @@ bool ratelimit_allows(const struct ratelimit_window *w, time_t now, uint64_t n)
 	return ratelimit_usage(w, now) + n <= w->limit;
 }
 
+/* the slot of time t's bucket, and that bucket's start */
+static int ratelimit_bucket(const struct ratelimit_window *w, time_t t, int64_t *start)
+{
+	uint32_t len = ratelimit_slot_len(w);
+	*start = (int64_t)t - (int64_t)t % len;
+	return (int)((*start / len) % RATELIMIT_SLOTS);
+}
+
 /* ratelimit_add - count n units in the bucket of time t */
 void ratelimit_add(struct ratelimit_window *w, time_t t, uint64_t n)
 {
+	int64_t start;
 	if (!w->window)
 		return;
-	uint32_t len = ratelimit_slot_len(w);
-	int64_t start = (int64_t)t - (int64_t)t % len;
-	int i = (int)((start / len) % RATELIMIT_SLOTS);
+	int i = ratelimit_bucket(w, t, &start);
 	if (w->slot_start[i] != start) {
 		w->slot_start[i] = start;
 		w->count[i] = 0;
@@ -72,11 +79,10 @@ void ratelimit_add(struct ratelimit_window *w, time_t t, uint64_t n)
 /* ratelimit_take_back - uncount n units counted at time t, from t's bucket only */
 void ratelimit_take_back(struct ratelimit_window *w, time_t t, uint64_t n)
 {
+	int64_t start;
 	if (!w->window)
 		return;
-	uint32_t len = ratelimit_slot_len(w);
-	int64_t start = (int64_t)t - (int64_t)t % len;
-	int i = (int)((start / len) % RATELIMIT_SLOTS);
+	int i = ratelimit_bucket(w, t, &start);
 	if (w->slot_start[i] == start)
 		w->count[i] -= n < w->count[i] ? n : w->count[i];
 }
