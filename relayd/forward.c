@@ -275,7 +275,7 @@ static void forward_msg_expire(struct forward_msg *m)
 
 static bool forward_msg_expired(const struct forward_msg *m, time_t at)
 {
-	return forward_cfg->queue_lifetime && at >= m->env.created + (time_t)forward_cfg->queue_lifetime;
+	return at >= m->env.created + (time_t)forward_cfg->queue_lifetime; /* at least 1 s (config.c) */
 }
 
 static unsigned forward_backoff(unsigned attempts)

@@ -727,12 +727,14 @@ int main(int argc, char **argv)
 	if (auth_init(&main_cfg, err, sizeof(err)) < 0)
 		main_refuse(foreground, err);
 	auth_use_loop_db(db); /* and AUTH PLAIN answered from the credential cache uses it, on the loop */
-	for (int i = 0; i < main_cfg.nupstream; i++)
-		if (main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE || !main_cfg.upstream[i].verify)
-			log_warn("main event=insecure-upstream upstream=%s:%s tls=%s verify=%s", main_cfg.upstream[i].host,
-				 main_cfg.upstream[i].port,
-				 main_cfg.upstream[i].tls == UPSTREAM_TLS_NONE ? "none" : "yes",
-				 main_cfg.upstream[i].verify ? "yes" : "no");
+	for (int i = 0; i < main_cfg.nupstream; i++) {
+		const struct upstream_cfg *u = &main_cfg.upstream[i];
+		char name[300];
+		config_hostport_str(u->host, u->port, name, sizeof(name));
+		if (u->tls == UPSTREAM_TLS_NONE || !u->verify)
+			log_warn("main event=insecure-upstream upstream=%s tls=%s verify=%s", name,
+				 u->tls == UPSTREAM_TLS_NONE ? "none" : "yes", u->verify ? "yes" : "no");
+	}
 	if (!strchr(main_cfg.hostname, '.'))
 		log_warn("main event=hostname-not-fqdn hostname=%s hint=\"set hostname to this host's domain name: it "
 			 "names relayd in its greeting, Received: and Message-ID:, and in EHLO to upstreams, which get "

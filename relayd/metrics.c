@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "buf.h"
+#include "config.h"
 #include "log.h"
 #include "stats.h"
 
@@ -164,7 +165,9 @@ int metrics_init(struct ev_loop *loop, const char *host, const char *port, char 
 	ev_io_init(&metrics_accept_io, metrics_accept, metrics_fd, EV_READ);
 	ev_io_start(loop, &metrics_accept_io);
 	ev_init(&metrics_pause, metrics_resume);
-	log_info("metrics event=listening address=%s:%s", host, port);
+	char name[300];
+	config_hostport_str(host, port, name, sizeof(name));
+	log_info("metrics event=listening address=%s", name);
 	return 0;
 }
 
