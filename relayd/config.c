@@ -386,6 +386,14 @@ static int config_unsigned(struct config_ctx *x, int argc, char **argv, unsigned
 	return 0;
 }
 
+/* an unsigned from 1 to max: 0 would refuse every session, recipient or command */
+static int config_positive(struct config_ctx *x, int argc, char **argv, unsigned *out, long long max)
+{
+	if (config_unsigned(x, argc, argv, out, max, NULL) < 0)
+		return -1;
+	return *out ? 0 : config_error(x, "%s must be at least 1", argv[0]);
+}
+
 /* a size of at least 1k: "35M", "512k" (example: a value to show in the error) */
 static int config_size(struct config_ctx *x, int argc, char **argv, size_t *out, const char *example)
 {
@@ -444,11 +452,11 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 	if (!strcmp(d, "message_memory"))
 		return config_size(x, argc, argv, &c->message_memory, "512M");
 	if (!strcmp(d, "max_recipients"))
-		return config_unsigned(x, argc, argv, &c->max_recipients, 100000, NULL);
+		return config_positive(x, argc, argv, &c->max_recipients, 100000);
 	if (!strcmp(d, "max_errors"))
-		return config_unsigned(x, argc, argv, &c->max_errors, 1000, NULL);
+		return config_positive(x, argc, argv, &c->max_errors, 1000);
 	if (!strcmp(d, "max_sessions"))
-		return config_unsigned(x, argc, argv, &c->max_sessions, 1000000, NULL);
+		return config_positive(x, argc, argv, &c->max_sessions, 1000000);
 	if (!strcmp(d, "timeout_idle"))
 		return config_unsigned(x, argc, argv, &c->timeout_idle, 86400, config_parse_duration);
 	if (!strcmp(d, "timeout_session"))

@@ -208,13 +208,18 @@ static void main_check_reloadable(const struct config *cfg)
 		paths[n++] = cfg->tls_key[i];
 	}
 	for (int i = 0; i < cfg->nupstream; i++)
-		if (cfg->upstream[i].auth_file[0])
-			paths[n++] = cfg->upstream[i].auth_file;
+		if (cfg->upstream[i].ca[0])
+			paths[n++] = cfg->upstream[i].ca;
 	for (size_t i = 0; i < n; i++)
 		if (access(paths[i], R_OK) < 0)
 			log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
 				 "make it readable by that user or one of its groups (e.g. ssl-cert, mode 0640)\"", paths[i],
 				 strerror(errno), cfg->user);
+	for (int i = 0; i < cfg->nupstream; i++) /* a secret: the user's own, group and others refused */
+		if (cfg->upstream[i].auth_file[0] && access(cfg->upstream[i].auth_file, R_OK) < 0)
+			log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
+				 "give it to that user, mode 0600 (chown %s %s; chmod 600 %s)\"", cfg->upstream[i].auth_file,
+				 strerror(errno), cfg->user, cfg->user, cfg->upstream[i].auth_file, cfg->upstream[i].auth_file);
 }
 
 /* after the drop: each worker thread opens the database itself, as the user, so the user
@@ -345,8 +350,8 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	if (!same_listen || strcmp(n->queue, o->queue) || strcmp(n->database, o->database) ||
 	    strcmp(n->user, o->user) || strcmp(n->control, o->control) || strcmp(n->metrics_host, o->metrics_host) ||
 	    strcmp(n->metrics_port, o->metrics_port) || n->auth_cache_ttl != o->auth_cache_ttl ||
-	    n->ipv6_prefix_length != o->ipv6_prefix_length)
-		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control, metrics, "
+	    n->ipv6_prefix_length != o->ipv6_prefix_length || strcmp(n->pidfile, o->pidfile))
+		log_warn("main event=reload-partial reason=\"listen, queue, database, user, control, metrics, pidfile, "
 			 "auth_cache_ttl and ipv6_prefix_length change only on restart\"");
 	memcpy(n->listen, o->listen, sizeof(n->listen));
 	n->nlisten = o->nlisten;
@@ -358,6 +363,7 @@ static void main_reload_keep(struct config *n, const struct config *o)
 	memcpy(n->metrics_port, o->metrics_port, sizeof(n->metrics_port));
 	n->auth_cache_ttl = o->auth_cache_ttl; /* the credential cache reads it once, at start */
 	n->ipv6_prefix_length = o->ipv6_prefix_length; /* the per-IP table's keys are made with it */
+	memcpy(n->pidfile, o->pidfile, sizeof(n->pidfile)); /* the one written at start goes at exit */
 }
 
 /* the CPUs relayd may run on (its affinity mask: taskset, systemd CPUAffinity=), at least 1 */

@@ -1364,6 +1364,11 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	}
 	if (smtp_sessions > smtp_cfg->max_sessions) {
 		stats_inc(ST_CONN_REFUSED, 1);
+		log_info("%s smtp event=refused client=%s reason=max-sessions", s->idstr, s->peer);
+		if (mode == LISTEN_TLS) { /* as above: no clear text before TLS */
+			session_free(s, "max-sessions");
+			return;
+		}
 		session_reply(s, "421 4.7.0 %s Too many connections, try again later", smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);
 		conn_pause_read(&s->conn);

@@ -314,6 +314,59 @@ def _():
     t.like(log, rf"listener event=listening address=\[::1\]:{relay.port_v6} mode=starttls", "IPv6 in brackets")
 
 
+@t.test("a reload that changes pidfile keeps the first one (removed at exit), not the new path")
+def _():
+    r = t.Relay(ipv6=False)
+    first, second = os.path.join(r.dir, "first.pid"), os.path.join(r.dir, "second.pid")
+    with open(second, "w") as f:
+        f.write("not relayd's\n")
+    r.write_config(f"pidfile {first}\n")
+    r.add_user(USER, PW)
+    rc = subprocess.run([t.RELAYD, "-c", r.conf], cwd=r.dir, timeout=20 * t.SLOW).returncode  # detaches
+    t.is_(rc, 0, "detached start: exit 0 once serving")
+    pid = int(open(first).read().strip()) if os.path.exists(first) else None
+    t.ok(pid, "the pidfile is written")
+    if not pid:
+        return
+    try:
+        r.write_config(f"pidfile {second}\n")
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(1)
+        os.kill(pid, signal.SIGTERM)
+        t.ok(t.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 15 * t.SLOW), "relayd exits on SIGTERM")
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    t.ok(not os.path.exists(first), "the pidfile it wrote is removed at exit")
+    t.ok(os.path.exists(second) and open(second).read() == "not relayd's\n", "the file named by the reload is left alone")
+
+
+@t.test("max_sessions on an implicit-TLS listener: the session over it is closed without clear text")
+def _():
+    import socket
+    r = t.Relay(extra_config="max_sessions 1\n", ipv6=False)
+    r.add_user(USER, PW)
+    r.start()
+    time.sleep(0.5)  # the start-up probes are gone
+    first = socket.create_connection(("127.0.0.1", r.port_tls), timeout=5 * t.SLOW)
+    time.sleep(0.3)
+    second = socket.create_connection(("127.0.0.1", r.port_tls), timeout=5 * t.SLOW)
+    data = b""
+    try:
+        while True:
+            chunk = second.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    t.is_(data, b"", "no clear-text 421 before TLS: closed at once")
+    t.like(r.log(), r"smtp event=refused client=127\.0\.0\.1 reason=max-sessions", "logged")
+    first.close()
+    second.close()
+    r.stop()
+
+
 @t.test("SIGTERM during DATA: the transfer finishes with 250, then 421, then exit 0")
 def _():
     c = relay.session(USER)
@@ -378,6 +431,30 @@ def _():
     t.is_(os.stat(os.path.join(r.dir, "relayd.db")).st_mode & 0o077, 0, "database not readable by others")
     t.like(r.log(), r"main event=reload-will-fail path=\S+/server-key\.pem .*make it readable by that user",
            "the root-only key is named at start: a SIGHUP could not re-read it")
+    r.stop()
+
+
+@t.test("privilege drop: an upstream's root-only auth= and ca= files are named at start, the secret with its own hint")
+def _():
+    if os.geteuid() != 0:
+        t.skip("files relayd's user cannot re-read", "not root")
+        return
+    import shutil
+    r = t.Relay(extra_config="user nobody\n")
+    os.chmod(r.dir, 0o755)
+    secret, ca = os.path.join(r.dir, "upstream.secret"), os.path.join(r.dir, "upstream-ca.pem")
+    with open(secret, "w") as f:
+        f.write("relay:upstream-password\n")
+    shutil.copy(r.ca_file, ca)
+    for path in (secret, ca):
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o600)
+    r.write_config(f"user nobody\nupstream 127.0.0.1:{t.free_port()} auth={secret} ca={ca}\n")
+    r.add_user(USER, PW)
+    r.start()
+    t.like(r.log(), rf"main event=reload-will-fail path={re.escape(secret)} .*hint=\"[^\"]*chown nobody "
+           rf"{re.escape(secret)}; chmod 600 ", "the secret: give it to the user, mode 0600 (0640 would be refused)")
+    t.like(r.log(), rf"main event=reload-will-fail path={re.escape(ca)} ", "the CA file is named too")
     r.stop()
 
 

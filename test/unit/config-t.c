@@ -81,6 +81,16 @@ int main(void)
 	   "timeout_idle 0 (no idle timeout at all) refused: %s", err);
 	ok(load(BASE "timeout_session 0s\n", &c, err, sizeof(err)) < 0 && strstr(err, "timeout_session must be at least 1s"),
 	   "timeout_session 0 refused: %s", err);
+	const char *positive[] = { "max_sessions", "max_errors", "max_recipients" };
+	for (size_t i = 0; i < sizeof(positive) / sizeof(*positive); i++) {
+		char line[256], expect[96];
+		snprintf(line, sizeof(line), BASE "%s 0\n", positive[i]);
+		snprintf(expect, sizeof(expect), "relayd.conf:6: %s must be at least 1", positive[i]);
+		ok(load(line, &c, err, sizeof(err)) < 0 && strstr(err, expect), "%s 0 (refuse them all) refused: %s",
+		   positive[i], err);
+		snprintf(line, sizeof(line), BASE "%s 1\n", positive[i]);
+		ok(load(line, &c, err, sizeof(err)) == 0, "%s 1 loads", positive[i]);
+	}
 	ok(load(BASE "auth_lockout 0\n# end\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "relayd.conf:6: auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)"),
 	   "auth_lockout 0 (no lockout and no growing delay) refused: %s", err);
