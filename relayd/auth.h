@@ -41,6 +41,7 @@ struct auth_req {
 	char *input;                       /* decoded client data (wiped after use) */
 	unsigned inlen;
 	bool have_input;
+	unsigned responses;                /* client data decoded so far (LOGIN: the first is the name) */
 	/* results */
 	enum auth_result result;
 	char challenge[1024];              /* base64 server challenge for 334 */

@@ -136,6 +136,7 @@ static void session_process(struct session *s);
 static void smtp_server_stats(struct buf *out, bool prometheus);
 static void session_free(struct session *s, const char *reason);
 static void session_auth_abandon(struct session *s);
+static void session_auth_empty_login(struct session *s);
 
 /* seconds on CLOCK_MONOTONIC (vDSO, no system call) */
 static double session_clock(void)
@@ -386,7 +387,8 @@ static void session_auth_submit(struct session *s)
 
 /* decode a base64 client response; "=" is the empty initial response and an empty line an
  * empty continuation response (RFC 4954 §4 and §8: *(CRLF [base64])). -1 undecodable, -2 a
- * LOGIN user name or password with a NUL (Cyrus would cut it there; PLAIN refuses it too) */
+ * LOGIN user name or password with a NUL (Cyrus would cut it there; PLAIN refuses it too),
+ * -3 an empty LOGIN user name (Cyrus's LOGIN plugin leaks the password that follows one) */
 static int session_auth_decode(struct session *s, const char *b64, bool initial)
 {
 	size_t blen = strlen(b64);
@@ -404,6 +406,10 @@ static int session_auth_decode(struct session *s, const char *b64, bool initial)
 		explicit_bzero(out, blen + 1);
 		free(out);
 		return -2;
+	}
+	if (!strcasecmp(s->auth->mech, "LOGIN") && s->auth->responses++ == 0 && outlen == 0) {
+		free(out);
+		return -3;
 	}
 	s->auth->input = out;
 	s->auth->inlen = outlen;
@@ -453,6 +459,10 @@ static void cmd_auth(struct session *s, struct smtp_cmd *c)
 	s->auth->start = true;
 	snprintf(s->auth->mech, sizeof(s->auth->mech), "%s", mech);
 	int drc = initial ? session_auth_decode(s, initial, true) : 0;
+	if (drc == -3) {
+		session_auth_empty_login(s);
+		return;
+	}
 	if (drc < 0) {
 		auth_req_free(s->auth);
 		s->auth = NULL;
@@ -474,6 +484,10 @@ static void session_auth_response(struct session *s, char *line)
 	}
 	s->auth->start = false;
 	int drc = session_auth_decode(s, line, false);
+	if (drc == -3) {
+		session_auth_empty_login(s);
+		return;
+	}
 	if (drc < 0) {
 		session_auth_abandon(s);
 		session_error(s, drc == -2 ? "501 5.5.2 NUL in the user name or password" :
@@ -531,6 +545,15 @@ static void session_auth_count(struct session *s, const char *name, bool locked)
 	s->delay_locked = locked;
 	ev_timer_set(&s->delay, delay, 0.);
 	ev_timer_start(smtp_loop, &s->delay);
+}
+
+/* AUTH LOGIN with an empty user name: a failed AUTH, answered here and not by Cyrus SASL */
+static void session_auth_empty_login(struct session *s)
+{
+	log_info("%s smtp event=auth result=fail mech=LOGIN client=%s user=- reason=empty-user-name", s->idstr,
+		 s->peer);
+	session_auth_abandon(s);
+	session_auth_count(s, NULL, false);
 }
 
 /* a failed AUTH */
