@@ -739,7 +739,8 @@ int main(int argc, char **argv)
 		config_hostport_str(u->host, u->port, name, sizeof(name));
 		if (u->tls == UPSTREAM_TLS_NONE || !u->verify)
 			log_warn("main event=insecure-upstream upstream=%s tls=%s verify=%s", name,
-				 u->tls == UPSTREAM_TLS_NONE ? "none" : "yes", u->verify ? "yes" : "no");
+				 u->tls == UPSTREAM_TLS_NONE ? "none" : u->tls == UPSTREAM_TLS_IMPLICIT ? "implicit" : "starttls",
+				 u->verify ? "yes" : "no");
 	}
 	if (!strchr(main_cfg.hostname, '.'))
 		log_warn("main event=hostname-not-fqdn hostname=%s hint=\"set hostname to this host's domain name: it "

@@ -309,6 +309,38 @@ def _():
     done(relay, sink)
 
 
+@t.test("an upstream certificate for another host name is refused (the name is verified, not only the chain)")
+def _():
+    d = t.mkdtemp("relaytest-othername-")
+    with open(os.path.join(d, "other.tmpl"), "w") as f:
+        f.write('cn = "mail.other.example"\nserial = 7\nexpiration_days = 30\ndns_name = "mail.other.example"\n'
+                'tls_www_server\nsigning_key\nencryption_key\n')
+    key, cert = os.path.join(d, "other-key.pem"), os.path.join(d, "other-cert.pem")
+    subprocess.run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--outfile", key], check=True, capture_output=True)
+    subprocess.run(["certtool", "--generate-certificate", "--load-privkey", key, "--load-ca-certificate", SINK_CA,
+                    "--load-ca-privkey", os.path.join(SINK_CERTS, "ca-key.pem"), "--template",
+                    os.path.join(d, "other.tmpl"), "--outfile", cert], check=True, capture_output=True)
+    sink = t.Sink(["--tls-cert", cert, "--tls-key", key])
+    relay = make_relay([f"localhost:{sink.port} tls=starttls ca={SINK_CA}"])
+    code, qid, _ = submit(relay, ["nina@example.net"], subject=marker("name"))
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, r"upstream-failed .*tls-handshake", 10), "the handshake fails: the certificate is not for localhost")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred", 10), "the message is deferred, not sent")
+    t.is_(sink.messages(), [], "nothing reached the upstream with a trusted chain but another name")
+    done(relay, sink)
+
+
+@t.test("tls=none and verify=no are warned about at start, each upstream by name")
+def _():
+    relay = make_relay([f"127.0.0.1:{t.free_port()} tls=none", f"localhost:{t.free_port()} tls=implicit verify=no",
+                        f"localhost:{t.free_port()} tls=starttls ca={SINK_CA}"])
+    log = relay.log()
+    t.like(log, r"main event=insecure-upstream upstream=127\.0\.0\.1:\d+ tls=none verify=", "tls=none warned")
+    t.like(log, r"main event=insecure-upstream upstream=localhost:\d+ tls=implicit verify=no", "verify=no warned")
+    t.is_(len(re.findall(r"event=insecure-upstream", log)), 2, "the verified upstream is not")
+    done(relay)
+
+
 @t.test("tls=starttls and the upstream does not offer STARTTLS: never sent in clear")
 def _():
     sink = t.Sink()

@@ -386,9 +386,8 @@ def _():
     t.is_(c.cmd("NOOP")[0], 250, "in sync afterwards")
     t.is_(c.cmd("AUTH LOGIN")[0], 334, "AUTH LOGIN: 334")
     code, text = c.cmd("")
-    t.is_(code, 334, "an empty line (the empty response, RFC 4954 *(CRLF [base64])) goes to SASL: next 334")
-    code, text = c.cmd("*")
-    t.like(text, r"^501 ", "then '*' cancels")
+    t.like(text, r"^535 5\.7\.8 ", "an empty line is the empty response (RFC 4954 *(CRLF [base64])), not undecodable: "
+           "as a LOGIN user name, a failed AUTH (535)")
     t.is_(c.cmd("AUTH PLAIN")[0], 334, "AUTH PLAIN: 334")
     code, text = c.cmd("")
     t.like(text, r"^501 5\.5\.2 Malformed", "an empty PLAIN response is judged by SASL, not refused as undecodable")
@@ -490,6 +489,42 @@ def _():
                                       r.log()), 10 * SLOW),
          "a message_memory below max_message_size is refused (the old config kept)")
     t.is_(r.stop(), 0, "clean exit")
+
+
+@t.test("max_errors: the 10th bad command gets its reply, then 421 4.7.0, and the connection closes")
+def _():
+    c = relay.raw()
+    try:
+        c.reply(); c.ehlo()
+        codes = [c.cmd("BOGUS")[0] for _ in range(9)]
+        t.is_(codes, [500] * 9, "nine bad commands: 500 each, the session goes on")
+        c.send(b"BOGUS\r\n")
+        t.is_(c.reply()[0], 500, "the tenth: its 500")
+        t.like(c.reply_text(), r"^421 4\.7\.0 .*Too many errors", "then 421 4.7.0")
+        t.ok(c.eof(), "and the connection is closed")
+    finally:
+        c.close()
+
+
+@t.test("timeout_session: a client that keeps a session busy past it gets 421 4.4.2 and the close")
+def _():
+    r = t.Relay(extra_config="timeout_session 3s\n", ipv6=False)
+    r.add_user("alice@example.org", "alice-pw")
+    r.start()
+    c = r.raw()
+    try:
+        c.reply(); c.ehlo()
+        begin, code, text = time.monotonic(), 250, ""
+        while code == 250 and time.monotonic() - begin < 10 * SLOW * LOOSE:
+            time.sleep(0.5)  # never idle for long: only the session's age ends it
+            code, text = c.cmd("NOOP")
+        age = time.monotonic() - begin
+        t.like(text, r"^421 4\.4\.2 .*Session too long", f"NOOP every 0.5 s: 421 4.4.2 after {age:.1f} s")
+        t.ok(2.5 <= age <= 3 * SLOW * LOOSE + 2, "at about timeout_session (3 s)")
+        t.ok(c.eof(), "and the connection is closed")
+    finally:
+        c.close()
+        r.stop()
 
 
 @t.test("afterwards")

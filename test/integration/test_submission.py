@@ -318,6 +318,36 @@ def _():
         lsock.close()
 
 
+@t.test("passwords never reach the log, in clear or base64, even at debug level (relayd -d)")
+def _():
+    if t.WRAPPER:
+        return t.skip("passwords at debug level", "relayd runs under a wrapper")
+    secret, wrong = "Zq7-unique-secret-pw", "Wr0ng-unique-guess-pw"
+    r = t.Relay(ipv6=False)
+    try:
+        r.add_user(ALICE, secret)
+        t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
+        try:
+            r.start()
+        finally:
+            t.WRAPPER = []
+        for mech, pw, want in (("PLAIN", secret, 235), ("LOGIN", secret, 235), ("PLAIN", wrong, 535),
+                               ("LOGIN", wrong, 535)):
+            c = r.raw()
+            c.reply(); c.ehlo(); c.cmd("STARTTLS"); c.starttls(); c.ehlo()
+            code, text = c.auth_plain(ALICE, pw) if mech == "PLAIN" else c.auth_login(ALICE, pw)
+            t.is_(code, want, f"AUTH {mech} with the {'right' if pw == secret else 'wrong'} password: {want}")
+            c.close()
+        t.ok(t.wait_for(lambda: r.log().count("event=auth result=") >= 4, 5 * t.SLOW), "all four logged")
+        log = r.log()
+        forms = [pw for pw in (secret, wrong)] + [t.b64(pw) for pw in (secret, wrong)] + \
+                [t.b64(f"\0{ALICE}\0{pw}") for pw in (secret, wrong)]
+        t.is_([f for f in forms if f in log], [], "no password, base64 password or PLAIN response in the log")
+        t.like(log, r"\bdebug\b|level=debug|DEBUG|event=", "(the log is the debug one)")
+    finally:
+        r.stop()
+
+
 @t.test("AUTH: a disabled user is refused at once, also when the credential cache holds the password")
 def _():
     dave, dave_pw = "dave@example.org", "dave-secret-4"
