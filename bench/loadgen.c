@@ -424,6 +424,10 @@ static bool lg_pace(struct lg_client *c)
 	if (c->t_sched == 0) {
 		if (lg_next_start == 0)
 			lg_next_start = now;
+		if (opt.messages < 0 && lg_next_start >= lg_deadline) {
+			lg_stopping = true; /* the schedule is over: no slot waits past --duration */
+			return false;
+		}
 		c->t_sched = lg_next_start;
 		lg_next_start += 1.0 / opt.rate;
 		if (c->t_sched > now) { /* due times only grow: it goes last */

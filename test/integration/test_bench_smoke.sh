@@ -4,7 +4,7 @@
 # TAP output; run by `make check` (top_builddir/top_srcdir exported) or by hand.
 top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/../.." && pwd)}
 top_builddir=${top_builddir:-$top_srcdir}
-echo "1..8"
+echo "1..9"
 out=$(mktemp "${TMPDIR:-/tmp}/bench-smoke.XXXXXX") || { echo "Bail out! mktemp failed"; exit 1; }
 trap 'rm -f "$out"' EXIT
 
@@ -49,6 +49,13 @@ if grep -Eq '^RESULT server=relayd clients=[0-9]+ mode=resume msgs=[1-9][0-9]* .
 	echo "ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
 else
 	echo "not ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
+	half=bad
+fi
+sink=$(grep '^sink (relayd): received' "$out")
+if printf '%s\n' "$sink" | grep -Eq '^sink \(relayd\): received ([1-9][0-9]*) of \1 messages answered 250 \(0 files still'; then
+	echo "ok 9 - every message answered 250 reached the sink, none left in the queue"
+else
+	echo "not ok 9 - every message answered 250 reached the sink, none left in the queue ($sink)"
 	half=bad
 fi
 if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ "$half" = bad ] || [ -n "$bad_rate$bad_err" ]; then
