@@ -60,7 +60,7 @@ struct config {
 	char metrics_port[16];
 	unsigned drain_timeout;   /* seconds SIGTERM waits for sessions in progress (default 30) */
 	unsigned tls_threads;     /* server TLS handshake threads (0 = on the loop), or CONFIG_TLS_THREADS_AUTO
-	                           * (the default): one thread for RSA keys, none for EC keys */
+	                           * (the default): a thread per CPU for RSA keys, none for EC keys */
 
 	size_t max_message_size;  /* SIZE, bytes (default 35 MiB) */
 	size_t message_memory;    /* message bodies in transfer at once, bytes (0 in the file: a

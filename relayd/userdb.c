@@ -612,6 +612,8 @@ int userdb_sender_add(struct userdb *db, const char *name, const char *pattern, 
 	return -1;
 }
 
+static int userdb_user_exists(struct userdb *db, const char *name);
+
 /* userdb_sender_del - remove a sender pattern; -1 with err if it was not there */
 int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, char *err,
     size_t errlen)
@@ -633,8 +635,10 @@ int userdb_sender_del(struct userdb *db, const char *name, const char *pattern, 
 	sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
 	sqlite3_bind_text(st, 2, pat, -1, SQLITE_STATIC);
 	rc = userdb_write(db, st, err, errlen);
-	if (rc == 0)
+	if (rc == 0 && userdb_user_exists(db, name) == 1)
 		err_set(err, errlen, "%s has no sender pattern %s", name, pat);
+	else if (rc == 0)
+		err_set(err, errlen, "no such user: %s", name);
 	return rc > 0 ? 0 : -1;
 }
 

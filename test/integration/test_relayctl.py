@@ -162,6 +162,9 @@ def _():
     rc, out = ctl("user", "sender", "nobody", "add", "*")
     t.is_(rc, 1, "sender for unknown user: exit 1")
     one_error_line(out, r"no such user: nobody$", "and says so")
+    rc, out = ctl("user", "sender", "nobody", "del", "*")
+    t.is_(rc, 1, "sender del for an unknown user: exit 1")
+    one_error_line(out, r"no such user: nobody$", "and says so (not 'has no sender pattern')")
 
 
 @t.test("user sender <>: the null sender for an MTA's notices, only when allowed (not with *)")
