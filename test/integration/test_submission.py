@@ -49,6 +49,15 @@ def find_in_queue(needle):
     return [qid for qid, data in relay.queue_files().items() if needle in data]
 
 
+def start_debug(r):
+    """start relayd r with -d (debug log lines)"""
+    t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
+    try:
+        r.start()
+    finally:
+        t.WRAPPER = []
+
+
 def log_unsafe_lines(r, needle):
     """the lines of r's log (bytes) that contain needle and are not safe to show: not UTF-8,
     or holding a C0 or C1 control or DEL (U+0000-U+001F, U+007F-U+009F)"""
@@ -294,11 +303,7 @@ def _():
     r = t.Relay(extra_config=f"upstream 127.0.0.1:{lsock.getsockname()[1]} tls=none\n")
     try:
         r.add_user(ALICE, ALICE_PW)
-        t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
-        try:
-            r.start()
-        finally:
-            t.WRAPPER = []
+        start_debug(r)
         c = r.session(ALICE)
         code, text = transaction(c, ALICE, ["bob@example.net"], t.make_message(ALICE, "bob@example.net"))
         c.close()
@@ -326,11 +331,7 @@ def _():
     r = t.Relay(ipv6=False)
     try:
         r.add_user(ALICE, secret)
-        t.WRAPPER = ["/bin/sh", "-c", 'exec "$0" -d "$@"']  # relayd -d -f -c CONF
-        try:
-            r.start()
-        finally:
-            t.WRAPPER = []
+        start_debug(r)
         for mech, pw, want in (("PLAIN", secret, 235), ("LOGIN", secret, 235), ("PLAIN", wrong, 535),
                                ("LOGIN", wrong, 535)):
             c = r.raw()
