@@ -81,6 +81,16 @@ static ev_timer policy_sweep_timer;
 
 static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents);
 
+/* seconds on CLOCK_MONOTONIC: the per-IP and per-name tables (lockouts, failures, connection
+ * rates) live in memory only, so a step of the wall clock (NTP) must not stretch a lockout
+ * by the step or end it early; the per-user limits keep wall time (the usage journal) */
+static time_t policy_clock(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec;
+}
+
 static unsigned policy_hash(const char *s)
 {
 	unsigned h = 5381;
@@ -140,13 +150,15 @@ static void policy_replay(const char *path, time_t now)
 		char user[256];
 		if (sscanf(line, "%lld %lld %lld %lld %255s", &t, &msgs, &rcpts, &bytes, user) != 5)
 			continue; /* a torn last line after a crash */
-		if (t <= (long long)now - POLICY_DAY || t > (long long)now + 60)
+		if (t <= (long long)now - POLICY_DAY)
 			continue;
+		if (t > (long long)now)
+			t = now; /* written while the clock was ahead: still used, counted as now */
 		struct policy_user *u = policy_user_get(user);
 		if (u)
 			policy_user_add(u, (time_t)t, msgs, rcpts, bytes);
 		if (out)
-			fputs(line, out);
+			fprintf(out, "%lld %lld %lld %lld %s\n", t, msgs, rcpts, bytes, user);
 		n++;
 	}
 	fclose(in);
@@ -406,7 +418,7 @@ static void policy_ip_gc(struct policy_ip *p, time_t now)
 static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)revents;
-	time_t now = time(NULL);
+	time_t now = policy_clock();
 	for (int i = 0; i < POLICY_BUCKETS; i++)
 		for (struct policy_ip **pp = &policy_ips[i]; *pp;)
 			if (policy_ip_idle(*pp, now))
@@ -421,7 +433,7 @@ static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents)
 /* policy_ip_connect - count and maybe refuse a new connection */
 int policy_ip_connect(const char *ip, const char **why)
 {
-	time_t now = time(NULL);
+	time_t now = policy_clock();
 	struct policy_ip *p = policy_ip_get("ip", ip, true);
 	if (!p)
 		return 0;
@@ -454,7 +466,7 @@ void policy_ip_disconnect(const char *ip)
 		return;
 	if (p->conns)
 		p->conns--;
-	policy_ip_gc(p, time(NULL));
+	policy_ip_gc(p, policy_clock());
 }
 
 static bool policy_locked(const char *kind, const char *id, time_t now)
@@ -466,7 +478,7 @@ static bool policy_locked(const char *kind, const char *id, time_t now)
 /* policy_auth_allowed - not locked out */
 bool policy_auth_allowed(const char *ip, const char *name)
 {
-	time_t now = time(NULL);
+	time_t now = policy_clock();
 	return !policy_locked("ip", ip, now) && !policy_locked("user", name, now);
 }
 
@@ -534,7 +546,7 @@ static unsigned policy_fail_one(const char *kind, const char *id, const char *na
 /* policy_auth_failed - count, lock out past the limit, say how long to wait */
 double policy_auth_failed(const char *ip, const char *name)
 {
-	time_t now = time(NULL);
+	time_t now = policy_clock();
 	if (name && name[0])
 		policy_fail_one("user", name, NULL, now);
 	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
@@ -549,7 +561,7 @@ double policy_auth_failed(const char *ip, const char *name)
 /* policy_auth_ok - a success forgets the name's failures and the IP's for that name (not a lockout) */
 void policy_auth_ok(const char *ip, const char *name)
 {
-	time_t now = time(NULL);
+	time_t now = policy_clock();
 	struct policy_ip *p = policy_ip_get("ip", ip, false);
 	if (p && p->locked_until <= now)
 		policy_forgive_name(p, name);

@@ -42,6 +42,7 @@ struct queue_job {
 
 static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queue_cond = PTHREAD_COND_INITIALIZER;
+static clockid_t queue_cond_clock = CLOCK_REALTIME; /* what queue_cond's timed waits count in */
 static struct queue_job *queue_pending, *queue_done;
 static bool queue_stopping;
 static pthread_t queue_thread;
@@ -243,7 +244,7 @@ static void queue_thread_wait(void)
 			sync_due.tv_sec = 0;
 			continue;
 		}
-		clock_gettime(CLOCK_REALTIME, &ts);
+		clock_gettime(queue_cond_clock, &ts);
 		if (!sync_due.tv_sec) {
 			sync_due = ts;
 			sync_due.tv_sec += QUEUE_REMOVAL_SYNC;
@@ -340,6 +341,17 @@ int queue_init(struct ev_loop *loop, const char *dir, char *err, size_t errlen)
 	ev_async_init(&queue_async, queue_async_cb);
 	ev_async_start(loop, &queue_async);
 	ev_unref(loop);
+	pthread_condattr_t ca; /* the removal wait on CLOCK_MONOTONIC: a clock step must not stretch it */
+	if (pthread_condattr_init(&ca) == 0) {
+		if (pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0) {
+			pthread_cond_destroy(&queue_cond);
+			if (pthread_cond_init(&queue_cond, &ca) == 0)
+				queue_cond_clock = CLOCK_MONOTONIC;
+			else
+				pthread_cond_init(&queue_cond, NULL);
+		}
+		pthread_condattr_destroy(&ca);
+	}
 	if (pthread_create(&queue_thread, NULL, queue_thread_main, NULL) != 0) {
 		snprintf(err, errlen, "cannot start the commit thread");
 		return -1;

@@ -29,9 +29,11 @@ void ratelimit_set(struct ratelimit_window *w, uint64_t limit, uint32_t window)
 	w->window = window;
 }
 
+/* a bucket still in the window; one ahead of now (counted before the clock stepped back) too,
+ * so that a backward step does not give a user's limit back */
 static bool ratelimit_live(const struct ratelimit_window *w, int i, time_t now)
 {
-	return w->count[i] && w->slot_start[i] > (int64_t)now - (int64_t)w->window && w->slot_start[i] <= (int64_t)now;
+	return w->count[i] && w->slot_start[i] > (int64_t)now - (int64_t)w->window;
 }
 
 /* ratelimit_usage - sum of live buckets */

@@ -92,7 +92,7 @@ struct session {
 	unsigned errors;
 	unsigned auth_failures;
 	ev_timer timer;
-	ev_tstamp started;
+	double started;                 /* session_clock() at accept (monotonic: a wall-clock step must not end or stretch it) */
 	double t_accept;                /* CLOCK_MONOTONIC at accept(), for the latency histograms */
 	double t_body_end;              /* ... at the end of the message being committed */
 	time_t counted_at;              /* the message being committed: when policy_record counted it */
@@ -1232,7 +1232,7 @@ static void session_on_read(struct conn *c, void *arg)
 {
 	struct session *s = arg;
 	(void)c;
-	if (s->state != SS_QUIT && ev_now(smtp_loop) - s->started > smtp_cfg->timeout_session) {
+	if (s->state != SS_QUIT && session_clock() - s->started > smtp_cfg->timeout_session) {
 		log_info("%s smtp event=timeout reason=session-too-long", s->idstr);
 		session_reply(s, "421 4.4.2 %s Session too long, closing connection", smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);
@@ -1318,7 +1318,7 @@ static void session_free(struct session *s, const char *reason)
 	if (s->state == SS_TLS_HANDSHAKE && !s->tls && strncmp(reason, "tls", 3) == 0)
 		stats_inc(ST_TLS_FAIL, 1);
 	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
-		 ev_now(smtp_loop) - s->started);
+		 session_clock() - s->started);
 	session_unregister(s);
 	policy_ip_disconnect(s->peer);
 	ev_timer_stop(smtp_loop, &s->timer);
@@ -1354,7 +1354,7 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	s->id = ++smtp_next_id;
 	queue_new_id(s->idstr);
 	s->mode = mode;
-	s->started = ev_now(smtp_loop);
+	s->started = session_clock();
 	s->t_accept = session_clock();
 	if (getnameinfo(sa, salen, s->peer, sizeof(s->peer), NULL, 0, NI_NUMERICHOST) != 0)
 		snprintf(s->peer, sizeof(s->peer), "unknown");

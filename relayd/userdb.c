@@ -152,6 +152,10 @@ static int userdb_migrate(sqlite3 *db, const char *path, char *err, size_t errle
 	char pragma[64];
 	int i, have;
 
+	/* already current (every open but the first): no write lock, so an open while another
+	 * program holds the write lock (a long relayctl, a backup) does not wait for it */
+	if (userdb_user_version(db, &have) == 0 && have >= userdb_schema_version())
+		return userdb_newer_check(have, err, errlen);
 	for (i = 0; i < schema_migrations_count; i++) {
 		const struct schema_migration *m = &schema_migrations[i];
 

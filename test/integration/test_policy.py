@@ -14,6 +14,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import relaytest as t  # noqa: E402
 
+with open(t.RELAYD, "rb") as _f:  # an ASan build (tools/run-hardening)
+    SANITIZED = b"__asan_init" in _f.read()
+
 USER = "alice@example.org"
 PW = "correct horse"
 
@@ -471,6 +474,20 @@ def _():
     t.ok(len(lines) >= 1 and lines[-1].split()[1] == "1", "and it is journalled", lines[-1:])
 
 
+@t.test("usage journal lines dated ahead of the clock (written before it stepped back) still count at start")
+def _():
+    r = t.Relay(extra_config="limit_msgs 2/hour\n")
+    r.add_user(USER, PW)
+    os.makedirs(r.queue_dir, exist_ok=True)
+    ahead = int(time.time()) + 600
+    with open(os.path.join(r.queue_dir, "usage.log"), "w") as f:
+        f.write(f"{ahead} 1 1 300 {USER}\n{ahead + 1} 1 1 300 {USER}\n")
+    r.start()
+    t.like(r.log(), r"policy event=usage-replayed entries=2", "both replayed")
+    t.is_(send(r)[1], 450, "the user's two messages of the hour count: the third gets 450")
+    r.stop()
+
+
 @t.test("the byte limit counts what the client sent, not the headers relayd adds")
 def _():
     r = t.Relay(extra_config="limit_bytes 2k/hour\n")
@@ -527,6 +544,50 @@ def _():
     finally:
         r.stop()
         v6_addrs(False)
+
+
+# --- wall-clock steps (NTP): libfaketime moves CLOCK_REALTIME only -----------------------------
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+@t.test("a wall-clock step neither stretches an AUTH lockout nor ends a young session, and the limits hold")
+def _():
+    rc = os.path.join(t.mkdtemp("relaytest-clock-"), "faketime.rc")
+
+    def step(offset):
+        with open(rc, "w") as f:
+            f.write(offset + "\n")
+
+    def faked():  # in relayd's child before exec: its CLOCK_REALTIME follows rc
+        os.environ.update(LD_PRELOAD=FAKETIME, FAKETIME_TIMESTAMP_FILE=rc, FAKETIME_NO_CACHE="1",
+                          DONT_FAKE_MONOTONIC="1")
+        if SANITIZED:  # ASan must come first among the preloaded libraries otherwise
+            os.environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":")
+
+    step("+0")
+    r = t.Relay(extra_config="auth_fail_limit 3\nauth_lockout 4s\ntimeout_session 1h\nlimit_msgs 2/hour\n", ipv6=False)
+    r.add_user(OTHER, PW)
+    r.start(preexec_fn=faked)
+    try:
+        for i in range(3):
+            t.is_(auth_timed(r, OTHER, f"guess{i}")[0], 535, f"guess {i + 1}: 535")
+        t.like(auth_timed(r, OTHER, PW)[1], LOCKED, "locked out: 454 with the right password")
+        step("-3600")  # NTP steps the clock back an hour
+        time.sleep(5)  # more than auth_lockout (4 s) of real time
+        t.is_(auth_timed(r, OTHER, PW)[0], 235, "4 s of real time later the lockout is over, the step notwithstanding")
+        step("+0")
+        for n in range(2):
+            t.is_(send(r, user=OTHER, frm=OTHER)[1], 250, f"message {n + 1} of limit_msgs 2/hour")
+        step("-3600")  # back an hour again: the two messages are now counted an hour ahead of the clock
+        t.is_(send(r, user=OTHER, frm=OTHER)[1], 450, "the third is over the limit though the two are 'in the future'")
+        c = r.session(OTHER)
+        step("+86400")  # forward a day
+        time.sleep(1.2)
+        t.is_(c.cmd("NOOP")[0], 250, "a session a second old is not ended as too long by a step of a day")
+        c.close()
+    finally:
+        step("+0")
+        r.stop()
 
 
 t.done()
