@@ -826,7 +826,7 @@ static void forward_session_body_done(struct workq_job *job)
 	} else if (code) {
 		forward_session_tx_refuse(s, code, text);
 	} else {
-		s->tx_started = ev_now(forward_loop);
+		s->tx_started = forward_clock();
 		forward_session_enter_state(s, FS_MAIL);
 	}
 }
