@@ -117,6 +117,7 @@ struct forward_session {
 	int *rcode;                     /* final result per pending recipient, 0 = none */
 	char **rreply;
 	bool pipelined, mail_refused, body_abort, must_close;
+	bool dot_sent;                  /* the body and its final dot are written out (on_drain) */
 	bool closed_by_421;             /* the upstream said 421 in a transaction (RFC 5321 §3.8) */
 	unsigned ndelivered;            /* transactions on this connection that delivered someone */
 	char *body;                     /* dot-stuffed message + ".\r\n" */

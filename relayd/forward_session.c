@@ -646,6 +646,7 @@ static void forward_session_enter_state(struct forward_session *s, enum forward_
 			forward_session_sendline(s, "DATA");
 		break;
 	case FS_BODY:
+		s->dot_sent = false;
 		/* the block wait while the body goes out; the dot's wait once it is all out (on_drain) */
 		forward_session_timer(s, forward_session_wait(s->body_abort ? FORWARD_TIMEOUT_DOT : FORWARD_TIMEOUT_BLOCK));
 		if (s->body_abort)
@@ -916,6 +917,21 @@ static void forward_session_552_as_452(int *code, char *line)
 }
 
 /* one complete reply: the state decides */
+/* a reply to the message's text before its final dot went out (RFC 5321 §4.1.1.4: that reply
+ * follows the dot): out of sync, never taken as the message's; the recipients stay pending
+ * (retried: at least once, never a delivery the upstream did not get), the connection goes */
+static void forward_session_out_of_sync(struct forward_session *s, int code, const char *line)
+{
+	char why[700];
+	snprintf(why, sizeof(why), "reply before the end of the message was sent (out of sync): %d %s", code, line);
+	for (size_t j = 0; j < s->nrcpts; j++)
+		if (s->accepted[j])
+			s->rcode[j] = 0;
+	s->must_close = true;
+	forward_tx_done(s, why);
+	forward_session_close(s);
+}
+
 static void forward_session_response(struct forward_session *s, int code)
 {
 	char line[600], why[700], head[81], v[LOG_VALUE_SIZE(80)];
@@ -1054,8 +1070,10 @@ static void forward_session_response(struct forward_session *s, int code)
 		forward_session_enter_state(s, FS_RSET);
 		break;
 	case FS_BODY:
-		if (s->body_off < s->body_len && !s->body_abort)
-			s->must_close = true; /* replied before the body was complete: out of sync */
+		if (!s->body_abort && !s->dot_sent) {
+			forward_session_out_of_sync(s, code, line);
+			break;
+		}
 		if (!s->body_abort && !s->mail_refused)
 			for (size_t j = 0; j < s->nrcpts; j++)
 				if (s->accepted[j]) {
@@ -1131,6 +1149,7 @@ static void forward_session_on_drain(struct conn *c, void *arg)
 		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_BLOCK));
 		forward_session_body_push(s);
 	} else {
+		s->dot_sent = true;
 		forward_session_timer(s, forward_session_wait(FORWARD_TIMEOUT_DOT)); /* all sent, the dot too */
 	}
 }

@@ -678,6 +678,48 @@ def _():
     done(relay, up)
 
 
+class EarlyReply(Upstream):
+    """an Upstream whose first connection answers MAIL/RCPT/DATA and a 250 "for the dot" in one
+    write, before any of the body, then drops the connection; later ones behave"""
+
+    async def _client(self, reader, writer):
+        if self.connections > 0:
+            return await Upstream._client(self, reader, writer)
+        self.connections += 1
+        try:
+            writer.write(b"220 up.test ESMTP\r\n")
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                if not line:
+                    return
+                if line[:4].upper() == b"EHLO":
+                    writer.write(self.ehlo)
+                elif line[:4].upper() == b"DATA":
+                    writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued (not really)\r\n")
+                    await writer.drain()
+                    return
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@t.test("a 250 that comes before the message's final dot was sent is out of sync: retried, not taken as delivered")
+def _():
+    up = EarlyReply()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"])
+    code, qid, _ = submit(relay, ["xena@example.net"], subject=marker("early 250"), body="the body\r\n" * 50)
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred .*out of sync\): 250 2\.0\.0 queued \(not really\)", 10),
+         "the early 250 is not the message's: deferred")
+    t.ok(t.wait_for(lambda: up.messages, 15 * t.SLOW), "the retry delivers it")
+    t.is_(len(up.messages), 1, "once")
+    data = up.messages[0][1] if up.messages else b""
+    t.is_(data.count(b"the body\r\n"), 50, "with the whole body")
+    t.is_(len(re.findall(rf"{qid} forward event=delivered", relay.log())), 1, "logged delivered once, by the retry")
+    done(relay, up)
+
+
 @t.test("an upstream whose SIZE is too small for a message: the next upstream takes it")
 def _():
     small, big = t.Sink(["--max-size", "300"]), t.Sink([])
