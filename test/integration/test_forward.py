@@ -716,7 +716,8 @@ def _():
     t.is_(len(up.messages), 1, "once")
     data = up.messages[0][1] if up.messages else b""
     t.is_(data.count(b"the body\r\n"), 50, "with the whole body")
-    t.is_(len(re.findall(rf"{qid} forward event=delivered", relay.log())), 1, "logged delivered once, by the retry")
+    t.ok(wait_log(relay, rf"{qid} forward event=delivered", 10), "logged delivered, by the retry")
+    t.is_(len(re.findall(rf"{qid} forward event=delivered", relay.log())), 1, "once")
     done(relay, up)
 
 
