@@ -41,6 +41,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "config.h"
 #include "dsn.h"
 #include "forward_int.h"
@@ -370,7 +371,7 @@ static void forward_msg_route(struct forward_msg *m)
 		m->state = MS_IDLE; /* routed over the new list when the switch is done */
 		return;
 	}
-	double now = forward_clock();
+	double now = clock_mono();
 	struct forward_upstream *pick = NULL, *soonest = NULL;
 	bool any_tried = false;
 	for (int i = 0; i < forward_nup; i++) {
@@ -1006,7 +1007,7 @@ void forward_upstream_failed(struct forward_upstream *u)
 		down *= 2;
 	if (down > forward_cfg->retry_max)
 		down = forward_cfg->retry_max;
-	u->down_until = forward_clock() + down;
+	u->down_until = clock_mono() + down;
 }
 
 /* --- transactions: results from the sessions ---------------------------------------------- */
@@ -1019,7 +1020,7 @@ void forward_tx_done(struct forward_session *s, const char *why)
 	struct forward_upstream *u = s->up;
 	if (!m)
 		return;
-	double now = forward_clock();
+	double now = clock_mono();
 	double delay = (double)time(NULL) - (double)m->env.created;
 	bool any_ok = false;
 	const char *transient = NULL;
@@ -1447,7 +1448,7 @@ void forward_stats(struct buf *out)
 		   "dropped=%llu\nrcpt_delivered=%llu\nrcpt_failed=%llu\ndeferrals=%llu\ncredential_sets=%u\n", queued,
 		   deferred, active, waiting, forward_stat_forwarded, forward_stat_bounced, forward_stat_dropped,
 		   forward_stat_rcpt_ok, forward_stat_rcpt_failed, forward_stat_deferrals, forward_creds_live);
-	double now = forward_clock();
+	double now = clock_mono();
 	for (int i = 0; i < forward_nup; i++) {
 		struct forward_upstream *u = &forward_up[i];
 		buf_printf(out, "upstream.%d.name=%s\nupstream.%d.state=%s\nupstream.%d.connections=%u\n"

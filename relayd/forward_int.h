@@ -10,7 +10,6 @@
 #include <netdb.h>
 #include <sasl/sasl.h>
 #include <stdbool.h>
-#include <time.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -72,15 +71,6 @@ struct forward_msg {
 	bool warn_due;                  /* the "delayed" notice is to be made by the next disk job */
 	struct buf records;             /* status lines not yet appended */
 };
-
-/* seconds on CLOCK_MONOTONIC, for what lives in memory only (an upstream marked down, a
- * transaction's time): libev's ev_now() is the wall clock, which an NTP step moves */
-static inline double forward_clock(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* how much of a bounce's returned message is sent: all, its headers, nothing */
 enum forward_cut { FORWARD_CUT_NONE, FORWARD_CUT_HEADERS, FORWARD_CUT_ALL };

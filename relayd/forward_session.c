@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "config.h"
 #include "conn.h"
 #include "dsn.h"
@@ -827,7 +828,7 @@ static void forward_session_body_done(struct workq_job *job)
 	} else if (code) {
 		forward_session_tx_refuse(s, code, text);
 	} else {
-		s->tx_started = forward_clock();
+		s->tx_started = clock_mono();
 		forward_session_enter_state(s, FS_MAIL);
 	}
 }

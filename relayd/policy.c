@@ -23,6 +23,9 @@
  * (kept per name, a keyed hash each, for the first POLICY_FAIL_NAMES names): a typo then the
  * right password leaves no trace, but one valid account cannot be used from an address to
  * wipe its count while it tries passwords for other names.
+ * The per-IP and per-name tables (lockouts, failures, connection rates) live in memory only
+ * and count in clock_mono_sec(), so an NTP step neither stretches a lockout nor ends it
+ * early; the per-user limits keep wall time (the usage journal outlives the process).
  */
 #include "policy.h"
 
@@ -38,6 +41,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "ratelimit.h"
@@ -80,16 +84,6 @@ static ev_timer policy_rotate_timer;
 static ev_timer policy_sweep_timer;
 
 static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents);
-
-/* seconds on CLOCK_MONOTONIC: the per-IP and per-name tables (lockouts, failures, connection
- * rates) live in memory only, so a step of the wall clock (NTP) must not stretch a lockout
- * by the step or end it early; the per-user limits keep wall time (the usage journal) */
-static time_t policy_clock(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec;
-}
 
 static unsigned policy_hash(const char *s)
 {
@@ -418,7 +412,7 @@ static void policy_ip_gc(struct policy_ip *p, time_t now)
 static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)revents;
-	time_t now = policy_clock();
+	time_t now = clock_mono_sec();
 	for (int i = 0; i < POLICY_BUCKETS; i++)
 		for (struct policy_ip **pp = &policy_ips[i]; *pp;)
 			if (policy_ip_idle(*pp, now))
@@ -433,7 +427,7 @@ static void policy_sweep(struct ev_loop *loop, ev_timer *w, int revents)
 /* policy_ip_connect - count and maybe refuse a new connection */
 int policy_ip_connect(const char *ip, const char **why)
 {
-	time_t now = policy_clock();
+	time_t now = clock_mono_sec();
 	struct policy_ip *p = policy_ip_get("ip", ip, true);
 	if (!p)
 		return 0;
@@ -466,7 +460,7 @@ void policy_ip_disconnect(const char *ip)
 		return;
 	if (p->conns)
 		p->conns--;
-	policy_ip_gc(p, policy_clock());
+	policy_ip_gc(p, clock_mono_sec());
 }
 
 static bool policy_locked(const char *kind, const char *id, time_t now)
@@ -478,7 +472,7 @@ static bool policy_locked(const char *kind, const char *id, time_t now)
 /* policy_auth_allowed - not locked out */
 bool policy_auth_allowed(const char *ip, const char *name)
 {
-	time_t now = policy_clock();
+	time_t now = clock_mono_sec();
 	return !policy_locked("ip", ip, now) && !policy_locked("user", name, now);
 }
 
@@ -546,7 +540,7 @@ static unsigned policy_fail_one(const char *kind, const char *id, const char *na
 /* policy_auth_failed - count, lock out past the limit, say how long to wait */
 double policy_auth_failed(const char *ip, const char *name)
 {
-	time_t now = policy_clock();
+	time_t now = clock_mono_sec();
 	if (name && name[0])
 		policy_fail_one("user", name, NULL, now);
 	if (policy_is_loopback(ip) && !policy_cfg->limit_loopback)
@@ -561,7 +555,7 @@ double policy_auth_failed(const char *ip, const char *name)
 /* policy_auth_ok - a success forgets the name's failures and the IP's for that name (not a lockout) */
 void policy_auth_ok(const char *ip, const char *name)
 {
-	time_t now = policy_clock();
+	time_t now = clock_mono_sec();
 	struct policy_ip *p = policy_ip_get("ip", ip, false);
 	if (p && p->locked_until <= now)
 		policy_forgive_name(p, name);

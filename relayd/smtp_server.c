@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "auth.h"
+#include "clock.h"
 #include "conn.h"
 #include "credcache.h"
 #include "forward.h"
@@ -92,8 +93,7 @@ struct session {
 	unsigned errors;
 	unsigned auth_failures;
 	ev_timer timer;
-	double started;                 /* session_clock() at accept (monotonic: a wall-clock step must not end or stretch it) */
-	double t_accept;                /* CLOCK_MONOTONIC at accept(), for the latency histograms */
+	double t_accept;                /* clock_mono() at accept(): the session's age (timeout_session) and latency */
 	double t_body_end;              /* ... at the end of the message being committed */
 	time_t counted_at;              /* the message being committed: when policy_record counted it */
 	size_t counted_bytes;           /* ... and its bytes as the client sent them */
@@ -137,14 +137,6 @@ static void smtp_server_stats(struct buf *out, bool prometheus);
 static void session_free(struct session *s, const char *reason);
 static void session_auth_abandon(struct session *s);
 static void session_auth_empty_login(struct session *s);
-
-/* seconds on CLOCK_MONOTONIC (vDSO, no system call) */
-static double session_clock(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 /* --- certificates: one reference per session that began TLS ------------------------- */
 
@@ -1016,7 +1008,7 @@ static void session_end_body(struct session *s)
 		session_reset_transaction(s);
 		return;
 	}
-	s->t_body_end = session_clock();
+	s->t_body_end = clock_mono();
 	s->busy = true;
 	conn_pause_read(&s->conn);
 }
@@ -1024,7 +1016,7 @@ static void session_end_body(struct session *s)
 /* a message was accepted: its commit time, and the session's accept-to-250 once */
 static void session_observe_latency(struct session *s)
 {
-	double now = session_clock();
+	double now = clock_mono();
 	stats_observe(SH_COMMIT, now - s->t_body_end);
 	if (!s->first_250) {
 		s->first_250 = true;
@@ -1232,7 +1224,7 @@ static void session_on_read(struct conn *c, void *arg)
 {
 	struct session *s = arg;
 	(void)c;
-	if (s->state != SS_QUIT && session_clock() - s->started > smtp_cfg->timeout_session) {
+	if (s->state != SS_QUIT && clock_mono() - s->t_accept > smtp_cfg->timeout_session) {
 		log_info("%s smtp event=timeout reason=session-too-long", s->idstr);
 		session_reply(s, "421 4.4.2 %s Session too long, closing connection", smtp_cfg->hostname);
 		session_enter_state(s, SS_QUIT);
@@ -1318,7 +1310,7 @@ static void session_free(struct session *s, const char *reason)
 	if (s->state == SS_TLS_HANDSHAKE && !s->tls && strncmp(reason, "tls", 3) == 0)
 		stats_inc(ST_TLS_FAIL, 1);
 	log_info("%s smtp event=disconnect reason=\"%s\" duration=%.3f", s->idstr, reason,
-		 session_clock() - s->started);
+		 clock_mono() - s->t_accept);
 	session_unregister(s);
 	policy_ip_disconnect(s->peer);
 	ev_timer_stop(smtp_loop, &s->timer);
@@ -1354,8 +1346,7 @@ void smtp_server_accept(int fd, const struct sockaddr *sa, socklen_t salen, enum
 	s->id = ++smtp_next_id;
 	queue_new_id(s->idstr);
 	s->mode = mode;
-	s->started = session_clock();
-	s->t_accept = session_clock();
+	s->t_accept = clock_mono();
 	if (getnameinfo(sa, salen, s->peer, sizeof(s->peer), NULL, 0, NI_NUMERICHOST) != 0)
 		snprintf(s->peer, sizeof(s->peer), "unknown");
 	session_register(s);
