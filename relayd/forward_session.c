@@ -918,18 +918,18 @@ static void forward_session_552_as_452(int *code, char *line)
 }
 
 /* one complete reply: the state decides */
-/* a reply to the message's text before its final dot went out (RFC 5321 §4.1.1.4: that reply
- * follows the dot): out of sync, never taken as the message's; the recipients stay pending
- * (retried: at least once, never a delivery the upstream did not get), the connection goes */
-static void forward_session_out_of_sync(struct forward_session *s, int code, const char *line)
+/* the connection ends in the middle of things (a 421, a reply out of sync): the recipients of
+ * the transaction in progress, if any, stay pending (retried: at least once, never a delivery
+ * the upstream did not get), then the close */
+static void forward_session_abandon(struct forward_session *s, const char *why)
 {
-	char why[700];
-	snprintf(why, sizeof(why), "reply before the end of the message was sent (out of sync): %d %s", code, line);
-	for (size_t j = 0; j < s->nrcpts; j++)
-		if (s->accepted[j])
-			s->rcode[j] = 0;
 	s->must_close = true;
-	forward_tx_done(s, why);
+	if (s->msg) {
+		for (size_t j = 0; j < s->nrcpts; j++)
+			if (s->accepted[j])
+				s->rcode[j] = 0;
+		forward_tx_done(s, why);
+	}
 	forward_session_close(s);
 }
 
@@ -944,15 +944,8 @@ static void forward_session_response(struct forward_session *s, int code)
 		  log_value(head, v, sizeof(v)));
 	/* RFC 5321 §3.8: 421 means the server closes; the transaction, if any, is transient */
 	if (code == 421 && s->state >= FS_READY && s->state != FS_QUIT) {
-		s->must_close = true;
 		s->closed_by_421 = true;
-		if (s->msg) {
-			for (size_t j = 0; j < s->nrcpts; j++)
-				if (s->accepted[j])
-					s->rcode[j] = 0;
-			forward_tx_done(s, why);
-		}
-		forward_session_close(s);
+		forward_session_abandon(s, why);
 		return;
 	}
 	switch (s->state) {
@@ -1072,7 +1065,11 @@ static void forward_session_response(struct forward_session *s, int code)
 		break;
 	case FS_BODY:
 		if (!s->body_abort && !s->dot_sent) {
-			forward_session_out_of_sync(s, code, line);
+			/* RFC 5321 §4.1.1.4: the reply to the message follows its final dot; one before
+			 * the dot went out is out of sync, never taken as the message's */
+			char oos[760];
+			snprintf(oos, sizeof(oos), "reply before the end of the message was sent (out of sync): %s", why);
+			forward_session_abandon(s, oos);
 			break;
 		}
 		if (!s->body_abort && !s->mail_refused)
