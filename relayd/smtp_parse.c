@@ -539,16 +539,6 @@ static size_t smtp_mailbox(const char *v, size_t n, size_t i, char item[256], in
 	return i;
 }
 
-/* no control character (C0, DEL, C1) and only well-formed UTF-8 (RFC 6532 §3.2): the
- * address goes into a log line and a reply as it is */
-static bool smtp_mailbox_chars_ok(const char *item)
-{
-	for (const char *p = item; *p; p++)
-		if ((unsigned char)*p < 0x20 || *p == 0x7f)
-			return false;
-	return utf8_clean(item);
-}
-
 /* the addresses of one From: value v[0..n) into out; -1 with *reply set */
 static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char **reply)
 {
@@ -559,7 +549,9 @@ static int smtp_mailboxes(const char *v, size_t n, char out[][256], const char *
 		i = smtp_mailbox(v, n, i, item, &il);
 		if (il == 0)
 			continue;
-		if (il < 0 || !smtp_mailbox_chars_ok(item) || !smtp_addr_syntax(item, true, true)) {
+		/* the mailbox syntax also rules out controls (C0, DEL, C1) and text that is not
+		 * UTF-8 (RFC 6532 §3.2): the address goes into a log line and a reply as it is */
+		if (il < 0 || !smtp_addr_syntax(item, true, true)) {
 			*reply = "550 5.6.0 From: header has an address that cannot be parsed";
 			return -1;
 		}
