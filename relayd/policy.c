@@ -504,6 +504,8 @@ static void policy_fail_name(struct policy_ip *p, const char *name)
 /* a success for name takes back the IP's failures for that name alone */
 static void policy_forgive_name(struct policy_ip *p, const char *name)
 {
+	if (!p->auth_fails)
+		return; /* nothing to take back (every success of a clean address): no HMAC */
 	uint64_t id = policy_name_id(name);
 	for (int i = 0; id && i < POLICY_FAIL_NAMES; i++)
 		if (p->fail_names[i].name == id) {
