@@ -197,29 +197,36 @@ static void main_raise_nofile(const struct config *cfg)
 			 (unsigned long long)rl.rlim_cur, cfg->max_sessions);
 }
 
+/* a file a SIGHUP re-reads as the user: a warning now if the user cannot read it. A secret
+ * (auth=) must be the user's own, mode 0600: the group-readable mode of the others is refused */
+static void main_check_rereadable(const struct config *cfg, const char *path, bool secret)
+{
+	if (access(path, R_OK) == 0)
+		return;
+	if (secret)
+		log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
+			 "give it to that user, mode 0600 (chown %s %s; chmod 600 %s)\"", path, strerror(errno),
+			 cfg->user, cfg->user, path, path);
+	else
+		log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
+			 "make it readable by that user or one of its groups (e.g. ssl-cert, mode 0640)\"", path,
+			 strerror(errno), cfg->user);
+}
+
 /* after the drop: a SIGHUP re-reads these files as the user, so say now which it cannot */
 static void main_check_reloadable(const struct config *cfg)
 {
-	const char *paths[2 + 2 * CONFIG_MAX_CERTS + CONFIG_MAX_UPSTREAM];
-	size_t n = 0;
-	paths[n++] = cfg->path;
+	main_check_rereadable(cfg, cfg->path, false);
 	for (int i = 0; i < cfg->ncert; i++) {
-		paths[n++] = cfg->tls_cert[i];
-		paths[n++] = cfg->tls_key[i];
+		main_check_rereadable(cfg, cfg->tls_cert[i], false);
+		main_check_rereadable(cfg, cfg->tls_key[i], false);
 	}
-	for (int i = 0; i < cfg->nupstream; i++)
+	for (int i = 0; i < cfg->nupstream; i++) {
 		if (cfg->upstream[i].ca[0])
-			paths[n++] = cfg->upstream[i].ca;
-	for (size_t i = 0; i < n; i++)
-		if (access(paths[i], R_OK) < 0)
-			log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
-				 "make it readable by that user or one of its groups (e.g. ssl-cert, mode 0640)\"", paths[i],
-				 strerror(errno), cfg->user);
-	for (int i = 0; i < cfg->nupstream; i++) /* a secret: the user's own, group and others refused */
-		if (cfg->upstream[i].auth_file[0] && access(cfg->upstream[i].auth_file, R_OK) < 0)
-			log_warn("main event=reload-will-fail path=%s error=\"%s\" hint=\"a SIGHUP re-reads it as user %s: "
-				 "give it to that user, mode 0600 (chown %s %s; chmod 600 %s)\"", cfg->upstream[i].auth_file,
-				 strerror(errno), cfg->user, cfg->user, cfg->upstream[i].auth_file, cfg->upstream[i].auth_file);
+			main_check_rereadable(cfg, cfg->upstream[i].ca, false);
+		if (cfg->upstream[i].auth_file[0])
+			main_check_rereadable(cfg, cfg->upstream[i].auth_file, true);
+	}
 }
 
 /* after the drop: each worker thread opens the database itself, as the user, so the user
