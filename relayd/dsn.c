@@ -356,6 +356,23 @@ static bool dsn_boundary(const char *in, size_t hlen, const char **b, int *blen)
 	return true;
 }
 
+/* the bounce's header section in[0..hlen) into out without its top-level 8bit label (*label:
+ * it had one): a rewritten bounce gets it back from dsn_relabel only if still 8-bit */
+static int dsn_put_top(const char *in, size_t hlen, struct buf *out, bool *label)
+{
+	size_t cl = sizeof(DSN_CTE_8BIT) - 1;
+	*label = hlen >= cl && !memcmp(in + hlen - cl, DSN_CTE_8BIT, cl);
+	return buf_append(out, in, *label ? hlen - cl : hlen);
+}
+
+/* the top-level 8bit label back at `at` (where dsn_put_top left it out) when out is 8-bit */
+static int dsn_relabel(struct buf *out, size_t at, bool label)
+{
+	if (!label || !dsn_has_8bit(out->data, out->len))
+		return 0;
+	return buf_replace(out, at, 0, DSN_CTE_8BIT, sizeof(DSN_CTE_8BIT) - 1);
+}
+
 /* dsn_headers_only - a bounce that returns the whole message, cut to its header section */
 int dsn_headers_only(const char *in, size_t len, struct buf *out)
 {
@@ -378,10 +395,9 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	/* the returned message's headers, up to the bounce's closing boundary when it has no body */
 	const char *stop = memmem(msg, (size_t)(end - msg), m, (size_t)(4 + blen));
 	size_t mlen = dsn_header_len(msg, (size_t)((stop ? stop : end) - msg));
-	/* the top-level 8bit label stays only if the cut bounce is still 8-bit */
-	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
-	size_t top = top8 ? hlen - (sizeof(cte) - 1) : hlen;
-	int rc = buf_append(out, in, top);
+	bool label;
+	int rc = dsn_put_top(in, hlen, out, &label);
+	size_t top = out->len;
 	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
 	rc |= buf_printf(out, "\r\n--%.*s\r\nContent-Description: Undelivered Message Headers\r\n"
 			 "Content-Type: %s\r\n%s\r\n", blen, b, dsn_returned_type(true, global),
@@ -390,16 +406,16 @@ int dsn_headers_only(const char *in, size_t len, struct buf *out)
 	if (mlen > 0 && !(mlen >= 2 && msg[mlen - 2] == '\r' && msg[mlen - 1] == '\n'))
 		rc |= buf_append(out, "\r\n", 2);
 	rc |= buf_printf(out, "\r\n--%.*s--\r\n", blen, b);
-	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
-		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
+	if (rc == 0)
+		rc = dsn_relabel(out, top, label);
 	return rc ? -1 : 0;
 }
 
 /* dsn_without_content - a bounce from dsn_build with its returned part left out */
 int dsn_without_content(const char *in, size_t len, struct buf *out)
 {
-	static const char cte[] = DSN_CTE_8BIT;
 	static const char *attached[] = { " It's attached below.\r\n", " Its headers are attached below.\r\n" };
+	static const char gone[] = " It is not returned.\r\n";
 	size_t hlen = dsn_header_len(in, len);
 	const char *b;
 	int blen;
@@ -410,19 +426,17 @@ int dsn_without_content(const char *in, size_t len, struct buf *out)
 	const char *m = memmem(in, len, marker, (size_t)n);
 	if (!m)
 		return -1;
-	bool top8 = hlen >= sizeof(cte) - 1 && !memcmp(in + hlen - (sizeof(cte) - 1), cte, sizeof(cte) - 1);
-	size_t top = top8 ? hlen - (sizeof(cte) - 1) : hlen;
-	int rc = buf_append(out, in, top);
-	size_t parts = out->len;
+	bool label;
+	int rc = dsn_put_top(in, hlen, out, &label);
+	size_t top = out->len;
 	rc |= buf_append(out, in + hlen, (size_t)(m - (in + hlen)));
 	rc |= buf_printf(out, "\r\n--%.*s--\r\n", blen, b);
 	for (int i = 0; rc == 0 && i < 2; i++) {
-		const char *a = memmem(out->data + parts, out->len - parts, attached[i], strlen(attached[i]));
+		const char *a = memmem(out->data + top, out->len - top, attached[i], strlen(attached[i]));
 		if (a)
-			rc = buf_replace(out, (size_t)(a - out->data), strlen(attached[i]), " It is not returned.\r\n",
-					 strlen(" It is not returned.\r\n"));
+			rc = buf_replace(out, (size_t)(a - out->data), strlen(attached[i]), gone, sizeof(gone) - 1);
 	}
-	if (rc == 0 && top8 && dsn_has_8bit(out->data, out->len))
-		rc = buf_replace(out, top, 0, cte, sizeof(cte) - 1);
+	if (rc == 0)
+		rc = dsn_relabel(out, top, label);
 	return rc ? -1 : 0;
 }
