@@ -29,11 +29,13 @@ gnutls_priority_t tls_priority(void);
 /* tls_ticket_key - the server's session ticket key (NULL if tickets are off) */
 const gnutls_datum_t *tls_ticket_key(void);
 /* tls_server_creds - load n certificate chains with their keys (GnuTLS picks, per client,
- * one its signature algorithms allow: ECDSA for most, RSA for old clients); NULL with err */
+ * one its signature algorithms allow: ECDSA for most, RSA for old clients); an RSA key signs
+ * through rsakey (rsakey.h), others through GnuTLS; logs which; NULL with err */
 gnutls_certificate_credentials_t tls_server_creds(const char (*certs)[PATH_MAX], const char (*keys)[PATH_MAX], int n,
 						  char *err, size_t errlen);
-/* tls_creds_slow_sign - does a key of cred sign slowly (RSA, DSA, or a kind we cannot tell:
- * about a millisecond per handshake, too long for the loop)? EC keys sign in tens of µs */
+/* tls_creds_slow_sign - does a key of cred sign slowly (RSA, DSA, or a kind we cannot tell,
+ * such as an rsakey one: 0.6 ms or more per handshake, too long for the loop)? EC keys sign
+ * in tens of µs */
 bool tls_creds_slow_sign(gnutls_certificate_credentials_t cred);
 /* tls_client_creds - trust the CA file, or the system trust store when ca is NULL or "" */
 gnutls_certificate_credentials_t tls_client_creds(const char *ca, char *err, size_t errlen);

@@ -864,6 +864,130 @@ def gnutls_cli(r, port, *args):
     return p.stdout.decode("utf-8", "replace")
 
 
+def openssl_sigalg(r, *args):
+    """openssl s_client -brief against r's implicit-TLS port, verified against r's CA: (rc, output)"""
+    p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{r.port_tls}", "-CAfile", r.ca_file,
+                        "-verify_return_error", "-verify_hostname", "localhost", "-brief", "-ign_eof", *args],
+                       input=b"QUIT\r\n", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    return p.returncode, p.stdout.decode("utf-8", "replace")
+
+
+@t.test("RSA key: relayd's own signer (rsakey) makes every signature scheme a client may ask for (openssl)")
+def _():
+    r = t.Relay()
+    ec_cert(r, "ec-key.pem", "ec-cert.pem")
+    with open(r.conf, "a") as f:
+        f.write("tls_cert ec-cert.pem\ntls_key ec-key.pem\n")
+    r.start()
+    t.like(r.log(), r'tls event=certificate cert="[^"]*server-cert\.pem" key="[^"]*server-key\.pem" signer=rsakey',
+           "the RSA key signs through rsakey (logged)")
+    t.like(r.log(), r'tls event=certificate cert="[^"]*ec-cert\.pem" key="[^"]*ec-key\.pem" signer=gnutls',
+           "the ECDSA key through GnuTLS")
+    for version, sigalg, kind, digest in (("-tls1_3", "rsa_pss_rsae_sha256", "RSA-PSS", "SHA256"),
+                                          ("-tls1_3", "rsa_pss_rsae_sha384", "RSA-PSS", "SHA384"),
+                                          ("-tls1_3", "rsa_pss_rsae_sha512", "RSA-PSS", "SHA512"),
+                                          ("-tls1_2", "rsa_pss_rsae_sha256", "RSA-PSS", "SHA256"),
+                                          ("-tls1_2", "RSA+SHA256", "RSA", "SHA256"),
+                                          ("-tls1_2", "RSA+SHA384", "RSA", "SHA384"),
+                                          ("-tls1_2", "RSA+SHA512", "RSA", "SHA512")):
+        rc, out = openssl_sigalg(r, version, "-sigalgs", sigalg)
+        t.ok(rc == 0 and "Verification: OK" in out and re.search(r"^220 relay\.test", out, re.M),
+             f"{version[1:]} {sigalg}: handshake verified, greeting read", out)
+        t.like(out, rf"Hash used: {digest}\s+Signature type: {kind}\n",
+               f"{version[1:]} {sigalg}: the server signed {kind} with {digest}")
+    out = gnutls_cli(r, r.port_tls, "--priority", "NORMAL:-VERS-ALL:+VERS-TLS1.2:-SIGN-ALL:+SIGN-RSA-SHA256")
+    t.like(out, r"Handshake was completed", "gnutls-cli, TLS 1.2 with PKCS #1 v1.5 SHA-256 only: completed")
+    r.stop()
+
+
+@t.test("RSA key: 240 handshakes from 4 threads at once all verify (blinding shared by the TLS threads)")
+def _():
+    r = t.Relay()
+    r.start()
+    import ssl
+    since = len(r.log())
+    good, bad = [0], []
+    lock = threading.Lock()
+
+    def client():
+        ctx = ssl.create_default_context(cafile=r.ca_file)
+        for _ in range(60):
+            try:
+                with socket.create_connection(("127.0.0.1", r.port_tls), timeout=10) as sock:
+                    with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+                        line = tls.recv(200)
+                with lock:
+                    good[0] += line.startswith(b"220 ")
+            except (ssl.SSLError, OSError) as e:
+                with lock:
+                    bad.append(repr(e))
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    t.is_(good[0], 240, "240 verified handshakes with a greeting")
+    t.ok(not bad, "no handshake failed", bad[:3])
+    log = r.log()[since:]
+    t.is_(len(re.findall(r"smtp event=tls version=TLS1\.3", log)), 240, "relayd logged 240 TLS 1.3 handshakes")
+    # (relaytest's start probes leave "non-properly terminated" handshakes behind: not these)
+    t.unlike(log, r"tls-handshake: (?!The TLS connection was non-properly terminated)", "and no failed one")
+    r.stop()
+
+
+@t.test("two RSA certificates: each client gets the one for the name it asks for (SNI)")
+def _():
+    r = t.Relay()
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    for name in ("alpha", "beta"):
+        with open(j(f"{name}.tmpl"), "w") as f:
+            f.write(f'organization = "relayd tests"\ncn = "{name}.example"\ndns_name = "{name}.example"\n'
+                    "tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n")
+        t._run(["certtool", "--generate-privkey", "--key-type=rsa", "--bits=2048", "--outfile", j(f"{name}-key.pem")])
+        t._run(["certtool", "--generate-certificate", "--load-privkey", j(f"{name}-key.pem"), "--load-ca-certificate",
+                j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j(f"{name}.tmpl"),
+                "--outfile", j(f"{name}-cert.pem")])
+        os.chmod(j(f"{name}-key.pem"), 0o600)
+    with open(r.conf, "a") as f:
+        f.write("tls_cert alpha-cert.pem\ntls_key alpha-key.pem\ntls_cert beta-cert.pem\ntls_key beta-key.pem\n")
+    r.start()
+    t.is_(len(re.findall(r"signer=rsakey", r.log())), 3, "three RSA keys, each through rsakey")
+    for name in ("alpha", "beta"):
+        rc, out = openssl_sigalg(r, "-servername", f"{name}.example", "-verify_hostname", f"{name}.example")
+        t.ok(rc == 0 and f"CN = {name}.example" in out and "Verification: OK" in out,
+             f"SNI {name}.example: its certificate, verified", out)
+    r.stop()
+
+
+@t.test("RSA key forms: PKCS #8, 3072 bits; a key for another certificate is refused as before")
+def _():
+    r = t.Relay()
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-privkey", "--key-type=rsa", "--bits=3072", "--outfile", j("rsa3072.pem")])
+    t._run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", j("rsa3072.pem"), "-out", j("p8-key.pem")])
+    t._run(["certtool", "--generate-certificate", "--load-privkey", j("p8-key.pem"), "--load-ca-certificate",
+            j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"),
+            "--outfile", j("p8-cert.pem")])
+    with open(j("p8-key.pem")) as f:
+        t.like(f.read(), r"^-----BEGIN PRIVATE KEY-----", "the key file is PKCS #8")
+    os.chmod(j("p8-key.pem"), 0o600)
+    conf = open(r.conf).read()
+    with open(r.conf, "w") as f:
+        f.write(conf.replace("server-cert.pem", "p8-cert.pem").replace("server-key.pem", "p8-key.pem"))
+    r.start()
+    t.like(r.log(), r'key="[^"]*p8-key\.pem" signer=rsakey', "a PKCS #8 RSA-3072 key signs through rsakey")
+    rc, out = openssl_sigalg(r, "-tls1_3")
+    t.ok(rc == 0 and "Verification: OK" in out, "and a TLS 1.3 handshake verifies", out)
+    t.like(out, r"Signature type: RSA-PSS", "signed RSA-PSS")
+    r.stop()
+    with open(r.conf, "w") as f:
+        f.write(conf.replace("server-key.pem", "p8-key.pem"))
+    rc, out = relayd_run(r.conf, "-f")
+    t.is_(rc, 1, "server-cert.pem with another certificate's key: relayd exits 1")
+    t.like(out, r"cannot load certificate \S*server-cert\.pem / key \S*p8-key\.pem: "
+           r"The certificate and the given key do not match", "in GnuTLS's words, as before rsakey")
+
+
 @t.test("key exchange: X25519 for a client that offers it, P-256 for one that offers only that (gnutls-cli)")
 def _():
     r = t.Relay()
