@@ -818,20 +818,32 @@ def _():
     r.stop()
 
 
+def issue_cert(r, key, cert, template="server.tmpl"):
+    """a certificate for the key file key from r's CA (names from template), in r's folder"""
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-certificate", "--load-privkey", j(key), "--load-ca-certificate", j("ca.pem"),
+            "--load-ca-privkey", j("ca-key.pem"), "--template", j(template), "--outfile", j(cert)])
+
+
 def ec_cert(r, key, cert):
     """an ECDSA P-256 key and a certificate for it from r's CA (server.tmpl names), in r's folder"""
-    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
-    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile", j(key)])
-    t._run(["certtool", "--generate-certificate", "--load-privkey", j(key), "--load-ca-certificate", j("ca.pem"),
-            "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"), "--outfile", j(cert)])
+    t._run(["certtool", "--generate-privkey", "--key-type=ecdsa", "--curve=secp256r1", "--outfile",
+            os.path.join(r.dir, key)])
+    issue_cert(r, key, cert)
 
 
-@t.test("two certificates (RSA and ECDSA): each client gets one it can use")
-def _():
+def relay_rsa_and_ec():
+    """a Relay (not started) with its RSA certificate and an ECDSA one beside it"""
     r = t.Relay()
     ec_cert(r, "ec-key.pem", "ec-cert.pem")
     with open(r.conf, "a") as f:
         f.write("tls_cert ec-cert.pem\ntls_key ec-key.pem\n")
+    return r
+
+
+@t.test("two certificates (RSA and ECDSA): each client gets one it can use")
+def _():
+    r = relay_rsa_and_ec()
     r.add_user(USER, PW)
     r.start()
     import ssl
@@ -874,10 +886,7 @@ def openssl_sigalg(r, *args):
 
 @t.test("RSA key: relayd's own signer (rsakey) makes every signature scheme a client may ask for (openssl)")
 def _():
-    r = t.Relay()
-    ec_cert(r, "ec-key.pem", "ec-cert.pem")
-    with open(r.conf, "a") as f:
-        f.write("tls_cert ec-cert.pem\ntls_key ec-key.pem\n")
+    r = relay_rsa_and_ec()
     r.start()
     t.like(r.log(), r'tls event=certificate cert="[^"]*server-cert\.pem" key="[^"]*server-key\.pem" signer=rsakey',
            "the RSA key signs through rsakey (logged)")
@@ -944,9 +953,7 @@ def _():
             f.write(f'organization = "relayd tests"\ncn = "{name}.example"\ndns_name = "{name}.example"\n'
                     "tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n")
         t._run(["certtool", "--generate-privkey", "--key-type=rsa", "--bits=2048", "--outfile", j(f"{name}-key.pem")])
-        t._run(["certtool", "--generate-certificate", "--load-privkey", j(f"{name}-key.pem"), "--load-ca-certificate",
-                j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j(f"{name}.tmpl"),
-                "--outfile", j(f"{name}-cert.pem")])
+        issue_cert(r, f"{name}-key.pem", f"{name}-cert.pem", f"{name}.tmpl")
         os.chmod(j(f"{name}-key.pem"), 0o600)
     with open(r.conf, "a") as f:
         f.write("tls_cert alpha-cert.pem\ntls_key alpha-key.pem\ntls_cert beta-cert.pem\ntls_key beta-key.pem\n")
@@ -965,9 +972,7 @@ def _():
     j = lambda n: os.path.join(r.dir, n)  # noqa: E731
     t._run(["certtool", "--generate-privkey", "--key-type=rsa", "--bits=3072", "--outfile", j("rsa3072.pem")])
     t._run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", j("rsa3072.pem"), "-out", j("p8-key.pem")])
-    t._run(["certtool", "--generate-certificate", "--load-privkey", j("p8-key.pem"), "--load-ca-certificate",
-            j("ca.pem"), "--load-ca-privkey", j("ca-key.pem"), "--template", j("server.tmpl"),
-            "--outfile", j("p8-cert.pem")])
+    issue_cert(r, "p8-key.pem", "p8-cert.pem")
     with open(j("p8-key.pem")) as f:
         t.like(f.read(), r"^-----BEGIN PRIVATE KEY-----", "the key file is PKCS #8")
     os.chmod(j("p8-key.pem"), 0o600)
