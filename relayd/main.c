@@ -198,7 +198,8 @@ static void main_raise_nofile(const struct config *cfg)
 }
 
 /* a file a SIGHUP re-reads as the user: a warning now if the user cannot read it. A secret
- * (auth=) must be the user's own, mode 0600: the group-readable mode of the others is refused */
+ * (auth=) must be the user's own, mode 0600: forward refuses any group or other permission
+ * on it, the others' group-readable 0640 too */
 static void main_check_rereadable(const struct config *cfg, const char *path, bool secret)
 {
 	if (access(path, R_OK) == 0)
