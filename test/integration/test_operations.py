@@ -580,6 +580,35 @@ def _():
 
 
 
+@t.test("database in the user's folder below a folder it cannot search (root's 0700): the warning names that parent")
+def _():
+    if os.geteuid() != 0:
+        t.skip("a parent folder of root's", "not root")
+        return
+    r = t.Relay(extra_config="user nobody\ndatabase secret/relayd/relayd.db\n")
+    os.chmod(r.dir, 0o755)
+    secret = os.path.join(r.dir, "secret")
+    lib = os.path.join(secret, "relayd")
+    os.mkdir(secret, 0o700)
+    os.mkdir(lib, 0o700)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(lib, nobody.pw_uid, nobody.pw_gid)  # the database's own folder is the user's
+    r.add_user(USER, PW)
+    r.start()
+    t.like(r.log(), rf"main event=database-folder-unusable path={re.escape(secret)} error=\"Permission denied\" "
+           rf"hint=\"user nobody cannot reach {re.escape(lib)}/relayd\.db through this folder above "
+           rf"{re.escape(lib)}, [^\"]*chmod o\+x {re.escape(secret)}\b", "the warning names the parent that blocks")
+    t.unlike(r.log(), rf"path={re.escape(lib)} ", "not the database's own folder, which is the user's already")
+    t.like(auth_reply(r, USER, PW), r"^454 4\.7\.0 ", "and AUTH is a temporary failure, as the warning says")
+    r.stop()
+    os.chmod(secret, 0o711)  # what the hint says
+    r.start()
+    this_run = r.log().rsplit("===== relaytest: starting", 1)[-1]
+    t.unlike(this_run, r"database-folder-unusable", "the parent searchable: no warning")
+    t.like(auth_reply(r, USER, PW), r"^235 ", "and AUTH works")
+    r.stop()
+
+
 @t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
 def _():
     if os.geteuid() != 0:
