@@ -1120,11 +1120,12 @@ static int forward_read_secret(struct forward_upstream *u, char *err, size_t err
 			close(fd);
 		return -1;
 	}
-	if (st.st_mode & (S_IRGRP | S_IROTH)) {
+	if (st.st_mode & (S_IRWXG | S_IRWXO)) { /* writable would let them swap the credentials */
 		log_warn("forward event=insecure-secret file=%s mode=%03o hint=\"chmod 600 %s\"", path,
 			 (unsigned)(st.st_mode & 0777), path);
-		snprintf(err, errlen, "%s:%d: auth file %s is readable by group or others: refused (chmod 600 it)",
-			 forward_cfg->path, u->cfg->line, path);
+		snprintf(err, errlen, "%s:%d: auth file %s is %s by group or others: refused (chmod 600 it)",
+			 forward_cfg->path, u->cfg->line, path, st.st_mode & (S_IRGRP | S_IROTH) ? "readable" :
+			 st.st_mode & (S_IWGRP | S_IWOTH) ? "writable" : "executable");
 		close(fd);
 		return -1;
 	}

@@ -198,7 +198,8 @@ static void main_raise_nofile(const struct config *cfg)
 }
 
 /* a file a SIGHUP re-reads as the user: a warning now if the user cannot read it. A secret
- * (auth=) must be the user's own, mode 0600: the group-readable mode of the others is refused */
+ * (auth=) must be the user's own, mode 0600: forward refuses any group or other permission
+ * on it, the others' group-readable 0640 too */
 static void main_check_rereadable(const struct config *cfg, const char *path, bool secret)
 {
 	if (access(path, R_OK) == 0)
@@ -229,13 +230,31 @@ static void main_check_reloadable(const struct config *cfg)
 	}
 }
 
+/* the first folder on path that the user cannot search, path cut there in place: its errno,
+ * or 0 when the user reaches the whole path */
+static int main_first_unsearchable(char *path)
+{
+	for (char *p = path + 1;; p++) {
+		if (*p != '/' && *p != '\0')
+			continue;
+		char c = *p;
+		*p = '\0';
+		if (access(path, X_OK) < 0)
+			return errno;
+		if (!c)
+			return 0;
+		*p = c;
+	}
+}
+
 /* after the drop: each worker thread opens the database itself, as the user, so the user
- * must be able to search its folder (relayd does not chown a folder that may be /var/lib;
- * systemd's StateDirectory= without User= gives /var/lib/relayd back to root). Writing there
- * is not needed: the -wal and -shm files stay while the loop's connection is open. */
+ * must be able to search its folder and every folder above it (relayd does not chown a
+ * folder that may be /var/lib; systemd's StateDirectory= without User= gives /var/lib/relayd
+ * back to root). The warning names the first folder that blocks. Writing there is not
+ * needed: the -wal and -shm files stay while the loop's connection is open. */
 static void main_check_database_dir(const struct config *cfg)
 {
-	char dir[PATH_MAX];
+	char dir[PATH_MAX], block[PATH_MAX];
 	snprintf(dir, sizeof(dir), "%s", cfg->database);
 	char *slash = strrchr(dir, '/');
 	if (!slash)
@@ -244,11 +263,20 @@ static void main_check_database_dir(const struct config *cfg)
 		dir[1] = '\0'; /* "/x.db": the folder is "/" */
 	else
 		*slash = '\0';
-	if (access(dir, X_OK) < 0)
+	snprintf(block, sizeof(block), "%s", dir);
+	int err = main_first_unsearchable(block);
+	if (!err)
+		return;
+	if (!strcmp(block, dir))
 		log_warn("main event=database-folder-unusable path=%s error=\"%s\" hint=\"user %s cannot reach %s "
 			 "through this folder, so every AUTH fails with 454 4.7.0: give the folder to that user "
-			 "(chown %s %s) or let it search there (mode 0711)\"", dir, strerror(errno), cfg->user,
+			 "(chown %s %s) or let it search there (mode 0711)\"", dir, strerror(err), cfg->user,
 			 cfg->database, cfg->user, dir);
+	else
+		log_warn("main event=database-folder-unusable path=%s error=\"%s\" hint=\"user %s cannot reach %s "
+			 "through this folder above %s, so every AUTH fails with 454 4.7.0: let it search there "
+			 "(chmod o+x %s, or g+x with a group of the user's)\"", block, strerror(err), cfg->user,
+			 cfg->database, dir, block);
 }
 
 static void main_drop_privileges(const struct config *cfg)

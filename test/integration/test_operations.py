@@ -458,6 +458,59 @@ def _():
     r.stop()
 
 
+def secret_relay(mode):
+    """a relay (as nobody when root) with an upstream auth= file of that mode, its owner the
+    user's: the relay and the file's path"""
+    root = os.geteuid() == 0
+    r = t.Relay(extra_config="user nobody\n" if root else "")
+    os.chmod(r.dir, 0o755)
+    secret = os.path.join(r.dir, "upstream.secret")
+    with open(secret, "w") as f:
+        f.write("relay:upstream-password\n")
+    if root:  # a SIGHUP re-reads the key and the secret as nobody
+        nobody = pwd.getpwnam("nobody")
+        for path in (secret, os.path.join(r.dir, "server-key.pem")):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(secret, mode)
+    r.write_config(("user nobody\n" if root else "") + f"upstream 127.0.0.1:{t.free_port()} tls=none auth={secret}\n")
+    r.add_user(USER, PW)
+    return r, secret
+
+
+@t.test("an auth= file writable by group or others (0620, 0602) is refused at start, with the chmod to run")
+def _():
+    for mode in (0o620, 0o602):
+        r, secret = secret_relay(mode)
+        try:  # the listeners are bound before the forwarder starts: wait for the exit too
+            r.start(timeout=5)
+        except RuntimeError:
+            pass
+        t.ok(t.wait_for(lambda: not r.running(), 10 * t.SLOW), f"{mode:04o}: relayd refused to start")
+        t.is_(r.proc.returncode, 1, f"{mode:04o}: exit 1")
+        t.like(r.log(), rf"auth file {re.escape(secret)} is writable by group or others: refused \(chmod 600 it\)",
+               f"{mode:04o}: the error names the file, the problem and the chmod")
+        t.like(r.log(), rf"forward event=insecure-secret file={re.escape(secret)} mode={mode:03o} ",
+               f"{mode:04o}: logged as an insecure secret")
+        r.stop()
+
+
+@t.test("an auth= file made group-writable (0620) is refused on SIGHUP, the old config kept")
+def _():
+    r, secret = secret_relay(0o600)
+    r.start()
+    os.chmod(secret, 0o620)
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: "reload-failed" in r.log(), 10 * t.SLOW), "the reload fails")
+    t.like(r.log(), rf"main event=reload-failed error=\"[^\"]*auth file {re.escape(secret)} is writable by group "
+           r"or others: refused \(chmod 600 it\)\" action=kept-old-config", "named, with the chmod to run")
+    t.unlike(r.log(), r"main event=reloaded", "nothing reloaded")
+    t.like(one_message(r, "after-refused-secret"), t.QUEUED_RE, "still serving with the old config")
+    os.chmod(secret, 0o600)
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: "main event=reloaded" in r.log(), 10 * t.SLOW), "back to 0600: the reload works")
+    r.stop()
+
+
 @t.test("privilege drop keeps the user's groups: a key readable by its group reloads on SIGHUP")
 def _():
     if os.geteuid() != 0:
@@ -525,6 +578,35 @@ def _():
     t.like(auth_reply(r, USER, PW), r"^235 ", "and AUTH works")
     r.stop()
 
+
+
+@t.test("database in the user's folder below a folder it cannot search (root's 0700): the warning names that parent")
+def _():
+    if os.geteuid() != 0:
+        t.skip("a parent folder of root's", "not root")
+        return
+    r = t.Relay(extra_config="user nobody\ndatabase secret/relayd/relayd.db\n")
+    os.chmod(r.dir, 0o755)
+    secret = os.path.join(r.dir, "secret")
+    lib = os.path.join(secret, "relayd")
+    os.mkdir(secret, 0o700)
+    os.mkdir(lib, 0o700)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(lib, nobody.pw_uid, nobody.pw_gid)  # the database's own folder is the user's
+    r.add_user(USER, PW)
+    r.start()
+    t.like(r.log(), rf"main event=database-folder-unusable path={re.escape(secret)} error=\"Permission denied\" "
+           rf"hint=\"user nobody cannot reach {re.escape(lib)}/relayd\.db through this folder above "
+           rf"{re.escape(lib)}, [^\"]*chmod o\+x {re.escape(secret)}\b", "the warning names the parent that blocks")
+    t.unlike(r.log(), rf"path={re.escape(lib)} ", "not the database's own folder, which is the user's already")
+    t.like(auth_reply(r, USER, PW), r"^454 4\.7\.0 ", "and AUTH is a temporary failure, as the warning says")
+    r.stop()
+    os.chmod(secret, 0o711)  # what the hint says
+    r.start()
+    this_run = r.log().rsplit("===== relaytest: starting", 1)[-1]
+    t.unlike(this_run, r"database-folder-unusable", "the parent searchable: no warning")
+    t.like(auth_reply(r, USER, PW), r"^235 ", "and AUTH works")
+    r.stop()
 
 
 @t.test("user added to a relayd that ran as root: what it queued then is forwarded after the drop")
