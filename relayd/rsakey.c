@@ -12,7 +12,9 @@
  * rsakey keeps the same constant-time root (nettle's rsa_compute_root) and keeps blinding, but
  * draws the blinding factor as OpenSSL's BN_BLINDING does: a random r, with r^e and r^-1 mod n
  * computed once (the inverse in constant time), then both squared after each use, so each
- * signature has its own factor; a fresh r after RSAKEY_BLIND_USES uses. Each signature is
+ * signature has its own factor; a fresh r after RSAKEY_BLIND_USES uses, drawn by the thread
+ * that used the last one up, outside the lock. The blinding arithmetic is constant-time too
+ * (mpn_sec_mul and mpn_sec_div_r, as nettle's own blinding). Each signature is
  * checked (s^e = m mod n) before it leaves, so a fault in the CRT root cannot hand out a
  * signature that reveals a factor of n (Boneh-DeMillo-Lipton); nettle's _tr variant checks
  * the same.
@@ -21,11 +23,17 @@
  * RFC 8446 4.2.3 rsa_pss_rsae_*), and EMSA-PKCS1-v1_5 over the DigestInfo GnuTLS hands over
  * (RFC 8017 9.2; TLS 1.2 peers without PSS).
  *
+ * A key file's n, p and q are taken as they are written (GnuTLS recomputes only d, e1, e2
+ * and u), so rsakey checks that they belong together (rsakey_consistent) before nettle sees
+ * them: an n that is not pq would trip an assertion in rsa_compute_root.
+ *
  * Invariants: the key's secret numbers live only in struct rsakey and are wiped when it is
- * freed; a signature that fails its check is never returned; the blinding pair is shared by
- * the TLS threads under a mutex and each signature takes a different one.
+ * freed; a signature that fails its check is never returned (and is logged); the blinding
+ * pair is shared by the TLS threads under a mutex and each signature takes a different one.
  */
 #include "rsakey.h"
+
+#include "log.h"
 
 #include <gmp.h>
 #include <nettle/bignum.h>
@@ -45,7 +53,7 @@ struct rsakey {
 	pthread_mutex_t lock; /* guards the blinding pair */
 	mpz_t blind;	      /* r^e mod n */
 	mpz_t unblind;	      /* r^-1 mod n */
-	unsigned blind_uses;  /* signatures left for this r; 0: draw a fresh one */
+	unsigned blind_uses;  /* signatures left for this r; 0: a fresh one is being drawn */
 };
 
 /* rsakey_wipe - zero an mpz's limbs, then free it */
@@ -93,72 +101,120 @@ static int rsakey_random(mpz_t x, const mpz_t n)
 	return rc;
 }
 
+/* rsakey_limbs - x (< n) as exactly nn limbs, zero-padded, in dst */
+static void rsakey_limbs(mp_limb_t *dst, const mpz_t x, mp_size_t nn)
+{
+	size_t xn = mpz_size(x);
+	memcpy(dst, mpz_limbs_read(x), xn * sizeof(mp_limb_t));
+	memset(dst + xn, 0, ((size_t)nn - xn) * sizeof(mp_limb_t));
+}
+
 /* rsakey_sec_invert - inv = x^-1 mod n in time independent of x (GMP's mpn_sec_invert);
  * -1 when x has no inverse */
 static int rsakey_sec_invert(mpz_t inv, const mpz_t x, const mpz_t n)
 {
 	mp_size_t nn = mpz_size(n);
-	mp_limb_t *a = calloc((size_t)nn, sizeof(mp_limb_t));
-	mp_limb_t *t = calloc((size_t)mpn_sec_invert_itch(nn), sizeof(mp_limb_t));
+	size_t tn = (size_t)mpn_sec_invert_itch(nn);
+	mp_limb_t a[RSAKEY_MAX_LIMBS];
+	mp_limb_t *t = calloc(tn, sizeof(mp_limb_t));
 	int ok = 0;
-	if (a && t) {
-		memcpy(a, mpz_limbs_read(x), mpz_size(x) * sizeof(mp_limb_t)); /* x < n: fits, rest zero */
+	if (t) {
+		rsakey_limbs(a, x, nn);
 		ok = mpn_sec_invert(mpz_limbs_write(inv, nn), a, mpz_limbs_read(n), nn, 2 * nn * GMP_NUMB_BITS, t);
 		mpz_limbs_finish(inv, ok ? nn : 0);
+		gnutls_memset(t, 0, tn * sizeof(mp_limb_t));
 	}
-	if (a)
-		gnutls_memset(a, 0, (size_t)nn * sizeof(mp_limb_t));
-	free(a);
+	gnutls_memset(a, 0, sizeof(a));
 	free(t);
 	return ok ? 0 : -1;
 }
 
-/* rsakey_next_blinding - the blinding pair for one signature (under k->lock): a fresh r
- * every RSAKEY_BLIND_USES signatures, otherwise the last pair squared */
+/* rsakey_sec_mulmod - r = a*b mod n (a, b < n) in time independent of a and b (GMP's
+ * mpn_sec_mul and mpn_sec_div_r, as nettle blinds); -1 when out of memory */
+static int rsakey_sec_mulmod(mpz_t r, const mpz_t a, const mpz_t b, const mpz_t n)
+{
+	mp_size_t nn = mpz_size(n);
+	size_t tn = (size_t)mpn_sec_mul_itch(nn, nn), dn = (size_t)mpn_sec_div_r_itch(2 * nn, nn);
+	mp_limb_t ap[RSAKEY_MAX_LIMBS], bp[RSAKEY_MAX_LIMBS], prod[2 * RSAKEY_MAX_LIMBS];
+	mp_limb_t *t = calloc(tn > dn ? tn : dn, sizeof(mp_limb_t));
+	if (!t)
+		return -1;
+	rsakey_limbs(ap, a, nn);
+	rsakey_limbs(bp, b, nn);
+	mpn_sec_mul(prod, ap, nn, bp, nn, t);
+	mpn_sec_div_r(prod, 2 * nn, mpz_limbs_read(n), nn, t);
+	memcpy(mpz_limbs_write(r, nn), prod, (size_t)nn * sizeof(mp_limb_t));
+	mpz_limbs_finish(r, nn);
+	gnutls_memset(prod, 0, sizeof(prod));
+	gnutls_memset(t, 0, (tn > dn ? tn : dn) * sizeof(mp_limb_t));
+	free(t);
+	return 0;
+}
+
+/* rsakey_draw - a fresh blinding pair for k: r random, blind = r^e, unblind = r^-1 mod n */
+static int rsakey_draw(const struct rsakey *k, mpz_t blind, mpz_t unblind)
+{
+	mpz_t r;
+	mpz_init(r);
+	int rc = rsakey_random(r, k->pub.n);
+	if (rc == 0)
+		rc = rsakey_sec_invert(unblind, r, k->pub.n);
+	if (rc == 0)
+		mpz_powm_sec(blind, r, k->pub.e, k->pub.n);
+	rsakey_wipe(r);
+	return rc;
+}
+
+/* rsakey_next_blinding - the blinding pair for one signature: the last pair squared; the
+ * signature that uses up RSAKEY_BLIND_USES draws the next pair outside the lock, while the
+ * other threads go on squaring the old one */
 static int rsakey_next_blinding(struct rsakey *k, mpz_t blind, mpz_t unblind)
 {
-	if (k->blind_uses == 0) {
-		mpz_t r;
-		mpz_init(r);
-		int rc = rsakey_random(r, k->pub.n);
-		if (rc == 0)
-			rc = rsakey_sec_invert(k->unblind, r, k->pub.n);
-		if (rc == 0)
-			mpz_powm_sec(k->blind, r, k->pub.e, k->pub.n);
-		rsakey_wipe(r);
-		if (rc < 0)
-			return -1;
-		k->blind_uses = RSAKEY_BLIND_USES;
-	} else {
-		mpz_mul(k->blind, k->blind, k->blind);
-		mpz_mod(k->blind, k->blind, k->pub.n);
-		mpz_mul(k->unblind, k->unblind, k->unblind);
-		mpz_mod(k->unblind, k->unblind, k->pub.n);
-	}
-	k->blind_uses--;
+	pthread_mutex_lock(&k->lock);
+	int rc = rsakey_sec_mulmod(k->blind, k->blind, k->blind, k->pub.n);
+	if (rc == 0)
+		rc = rsakey_sec_mulmod(k->unblind, k->unblind, k->unblind, k->pub.n);
 	mpz_set(blind, k->blind);
 	mpz_set(unblind, k->unblind);
+	bool draw = rc == 0 && k->blind_uses > 0 && --k->blind_uses == 0;
+	pthread_mutex_unlock(&k->lock);
+	if (!draw)
+		return rc;
+	mpz_t b, u;
+	mpz_inits(b, u, NULL);
+	bool drawn = rsakey_draw(k, b, u) == 0;
+	pthread_mutex_lock(&k->lock);
+	if (drawn) {
+		mpz_swap(k->blind, b);
+		mpz_swap(k->unblind, u);
+	}
+	k->blind_uses = drawn ? RSAKEY_BLIND_USES : 1; /* not drawn: the next signature tries again */
+	pthread_mutex_unlock(&k->lock);
+	rsakey_wipe(b);
+	rsakey_wipe(u);
 	return 0;
 }
 
 /* rsakey_root - s = m^d mod n, blinded, through the constant-time CRT root, and checked:
- * -1 (s zeroed) when s^e is not m */
+ * -1 (s zeroed, logged) when s^e is not m */
 static int rsakey_root(struct rsakey *k, mpz_t s, const mpz_t m)
 {
 	mpz_t blind, unblind, x;
 	mpz_inits(blind, unblind, x, NULL);
-	pthread_mutex_lock(&k->lock);
 	int rc = rsakey_next_blinding(k, blind, unblind);
-	pthread_mutex_unlock(&k->lock);
+	if (rc == 0)
+		rc = rsakey_sec_mulmod(x, m, blind, k->pub.n);
 	if (rc == 0) {
-		mpz_mul(x, m, blind);
-		mpz_mod(x, x, k->pub.n);
 		rsa_compute_root(&k->priv, s, x);
-		mpz_mul(s, s, unblind);
-		mpz_mod(s, s, k->pub.n);
+		rc = rsakey_sec_mulmod(s, s, unblind, k->pub.n);
+	}
+	if (rc == 0) {
 		mpz_powm(x, s, k->pub.e, k->pub.n);
-		if (mpz_cmp(x, m) != 0)
+		if (mpz_cmp(x, m) != 0) {
 			rc = -1;
+			log_err("rsakey event=signature-check-failed bits=%zu: not sent (a fault in the CRT root, "
+				"or a key whose numbers do not belong together)", mpz_sizeinbase(k->pub.n, 2));
+		}
 	}
 	if (rc < 0)
 		mpz_set_ui(s, 0);
@@ -259,7 +315,7 @@ static int rsakey_info(gnutls_privkey_t key, unsigned flags, void *userdata)
 		gnutls_sign_algorithm_t algo = GNUTLS_FLAGS_TO_SIGN_ALGO(flags);
 		return rsakey_pss_hash(algo) || rsakey_pkcs1(algo);
 	}
-	return GNUTLS_E_INVALID_REQUEST;
+	return -1; /* what GnuTLS's API asks for a question it does not know */
 }
 
 /* rsakey_deinit - GnuTLS's deinit callback */
@@ -273,6 +329,30 @@ static void rsakey_deinit(gnutls_privkey_t key, void *userdata)
 static void rsakey_set(mpz_t z, const gnutls_datum_t *d)
 {
 	nettle_mpz_set_str_256_u(z, d->size, d->data);
+}
+
+/* rsakey_between - 0 < x < bound? */
+static bool rsakey_between(const mpz_t x, const mpz_t bound)
+{
+	return mpz_sgn(x) > 0 && mpz_cmp(x, bound) < 0;
+}
+
+/* rsakey_consistent - do k's numbers make a key nettle can take (n = pq, p and q odd, the
+ * CRT exponents and coefficient below their primes, n no longer than RSAKEY_MAX_LIMBS)? A
+ * file whose n is not pq would trip an assertion in nettle's rsa_compute_root */
+static bool rsakey_consistent(struct rsakey *k)
+{
+	if (!rsa_public_key_prepare(&k->pub) || !rsa_private_key_prepare(&k->priv) || k->priv.size != k->pub.size ||
+	    mpz_size(k->pub.n) > RSAKEY_MAX_LIMBS || !mpz_odd_p(k->priv.p) || !mpz_odd_p(k->priv.q) ||
+	    !mpz_odd_p(k->pub.e) || !rsakey_between(k->priv.a, k->priv.p) || !rsakey_between(k->priv.b, k->priv.q) ||
+	    !rsakey_between(k->priv.c, k->priv.p))
+		return false;
+	mpz_t pq;
+	mpz_init(pq);
+	mpz_mul(pq, k->priv.p, k->priv.q);
+	bool same = mpz_cmp(pq, k->pub.n) == 0;
+	mpz_clear(pq);
+	return same;
 }
 
 /* rsakey_from_numbers - a key from its numbers in nettle's form; NULL if they do not make one */
@@ -289,10 +369,11 @@ static struct rsakey *rsakey_from_numbers(const gnutls_datum_t v[RSAKEY_NUMBERS]
 				       &k->priv.q, &k->priv.c, &k->priv.a, &k->priv.b };
 	for (int i = 0; i < RSAKEY_NUMBERS; i++)
 		rsakey_set(*dst[i], &v[i]);
-	if (!rsa_public_key_prepare(&k->pub) || !rsa_private_key_prepare(&k->priv) || k->pub.size > 1024) {
+	if (!rsakey_consistent(k) || rsakey_draw(k, k->blind, k->unblind) < 0) {
 		rsakey_free(k);
 		return NULL;
 	}
+	k->blind_uses = RSAKEY_BLIND_USES;
 	return k;
 }
 

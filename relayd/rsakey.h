@@ -8,6 +8,9 @@
 #include <gnutls/abstract.h>
 #include <gnutls/x509.h>
 
+/* the longest modulus rsakey takes, in 64-bit limbs (8192 bits); longer keys go through GnuTLS */
+#define RSAKEY_MAX_LIMBS 128
+
 /* how many signatures one blinding factor serves (squared after each) before a fresh one */
 #define RSAKEY_BLIND_USES 32
 

@@ -116,17 +116,39 @@ static void test_threads(gnutls_privkey_t k)
 	is_int(good, 160, "four threads sharing the blinding pair: 160 signatures that verify");
 }
 
+/* refused - does rsakey refuse the numbers w (and not abort)? */
+static bool refused(const gnutls_datum_t *w)
+{
+	gnutls_privkey_t k = rsakey_import_numbers(w);
+	gnutls_privkey_deinit(k);
+	return k == NULL;
+}
+
 static void test_faulty_key(void)
 {
-	gnutls_datum_t v[RSAKEY_NUMBERS];
+	gnutls_datum_t v[RSAKEY_NUMBERS], w[RSAKEY_NUMBERS];
 	gnutls_x509_privkey_export_rsa_raw2(x509_key, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
-	gnutls_privkey_t k = rsakey_import_numbers(v);
-	ok(k != NULL, "the key's own numbers are taken");
-	gnutls_privkey_deinit(k);
-	v[RSAKEY_E1].data[v[RSAKEY_E1].size - 1] ^= 2; /* d mod (p-1) off by two: a faulty CRT half */
-	k = rsakey_import_numbers(v);
-	ok(k == NULL, "with e1 off by two they are refused: the self-test signature does not verify");
-	gnutls_privkey_deinit(k);
+	memcpy(w, v, sizeof(w));
+	ok(!refused(w), "the key's own numbers are taken");
+	w[RSAKEY_E1].data[w[RSAKEY_E1].size - 1] ^= 2; /* d mod (p-1) off by two: a faulty CRT half */
+	ok(refused(w), "with e1 off by two they are refused: the self-test signature does not verify");
+	w[RSAKEY_E1].data[w[RSAKEY_E1].size - 1] ^= 2;
+	w[RSAKEY_N].data[w[RSAKEY_N].size / 2] ^= 0x10; /* GnuTLS takes n as a file has it */
+	ok(refused(w), "an n that is not pq is refused");
+	w[RSAKEY_N].data[w[RSAKEY_N].size / 2] ^= 0x10;
+	unsigned char longer[RSAKEY_MAX_LIMBS * 8 + 1] = { 1 }; /* 1 || n: a byte longer than pq */
+	memcpy(longer + 1, v[RSAKEY_N].data, v[RSAKEY_N].size);
+	w[RSAKEY_N] = (gnutls_datum_t){ longer, v[RSAKEY_N].size + 1 };
+	ok(refused(w), "an n a byte longer than pq is refused (nettle would abort on an assertion)");
+	w[RSAKEY_N] = v[RSAKEY_N];
+	w[RSAKEY_E1] = v[RSAKEY_N];
+	ok(refused(w), "a CRT exponent above p is refused");
+	memcpy(w, v, sizeof(w));
+	w[RSAKEY_P] = v[RSAKEY_Q];
+	w[RSAKEY_Q] = v[RSAKEY_P];
+	ok(refused(w), "p and q swapped, e1, e2 and u left: refused");
+	memcpy(w, v, sizeof(w));
+	ok(!refused(w), "and the key's own numbers once more: taken");
 	for (int i = 0; i < RSAKEY_NUMBERS; i++)
 		gnutls_free(v[i].data);
 }
@@ -142,7 +164,7 @@ static void test_not_rsa(void)
 
 int main(void)
 {
-	plan(15);
+	plan(20);
 	gnutls_global_init();
 	gnutls_x509_privkey_init(&x509_key);
 	if (gnutls_x509_privkey_generate(x509_key, GNUTLS_PK_RSA, 2048, 0) < 0)
