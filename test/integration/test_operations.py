@@ -1026,6 +1026,66 @@ def _():
     r.stop()
 
 
+def rsa_numbers(path):
+    """the numbers of the RSA key file path, by name (openssl rsa -text)"""
+    out = t._run(["openssl", "rsa", "-in", path, "-noout", "-text"]).decode()
+    names = {"modulus": "n", "publicExponent": "e", "privateExponent": "d", "prime1": "p", "prime2": "q",
+             "exponent1": "e1", "exponent2": "e2", "coefficient": "u"}
+    nums, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^(\w+):\s*(\d+)?", line)
+        if m and m.group(1) in names:
+            cur = names[m.group(1)]
+            nums[cur] = m.group(2) or ""
+            if m.group(2):  # publicExponent: 65537 (0x10001)
+                nums[cur] = int(m.group(2))
+                cur = None
+        elif cur and line.startswith(" "):
+            nums[cur] += line.strip().replace(":", "")
+    return {k: (v if isinstance(v, int) else int(v, 16)) for k, v in nums.items()}
+
+
+def der_rsa_key(nums):
+    """a PKCS #1 RSAPrivateKey in PEM from nums (no check that they belong together)"""
+    import base64
+
+    def length(n):
+        return bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+            (n.bit_length() + 7) // 8, "big")
+
+    def integer(v):
+        b = v.to_bytes(v.bit_length() // 8 + 1, "big")
+        return b"\x02" + length(len(b)) + b
+    body = integer(0) + b"".join(integer(nums[k]) for k in ("n", "e", "d", "p", "q", "e1", "e2", "u"))
+    der = b"\x30" + length(len(body)) + body
+    b64 = base64.b64encode(der).decode()
+    return ("-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+            + "\n-----END RSA PRIVATE KEY-----\n")
+
+
+@t.test("RSA key file whose n is not pq: relayd neither aborts at start nor on SIGHUP (GnuTLS signs, as before)")
+def _():
+    r = t.Relay()
+    j = lambda n: os.path.join(r.dir, n)  # noqa: E731
+    t._run(["certtool", "--generate-privkey", "--key-type=rsa", "--bits=1024", "--outfile", j("small.pem")])
+    mixed = rsa_numbers(j("small.pem"))
+    mixed["n"] = rsa_numbers(j("server-key.pem"))["n"]  # the certificate's n, a smaller key's p, q, d
+    with open(j("mixed-key.pem"), "w") as f:
+        f.write(der_rsa_key(mixed))
+    os.chmod(j("mixed-key.pem"), 0o600)
+    r.start()
+    os.replace(j("mixed-key.pem"), j("server-key.pem"))
+    since = len(r.log())
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: "event=reload" in r.log()[since:], 10), "the reload is done", r.log()[since:])
+    t.ok(r.running(), "relayd runs on after a SIGHUP with that key (nettle aborted on an assertion before)")
+    t.like(r.log()[since:], r'key="[^"]*server-key\.pem" signer=gnutls', "the key went to GnuTLS")
+    r.stop()
+    r.start()
+    t.ok(r.running(), "and relayd starts with it")
+    r.stop()
+
+
 @t.test("two RSA certificates: each client gets the one for the name it asks for (SNI)")
 def _():
     r = t.Relay()
