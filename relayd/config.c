@@ -67,6 +67,7 @@ void config_defaults(struct config *c)
 	c->timeout_idle = 300;
 	c->timeout_session = 3600;
 	c->max_errors = 10;
+	c->max_junk_commands = 100;
 	c->max_sessions = 10000;
 	c->retry_min = 60;
 	c->retry_max = 3600;
@@ -455,6 +456,8 @@ static int config_directive(struct config_ctx *x, int argc, char **argv)
 		return config_positive(x, argc, argv, &c->max_recipients, 100000);
 	if (!strcmp(d, "max_errors"))
 		return config_positive(x, argc, argv, &c->max_errors, 1000);
+	if (!strcmp(d, "max_junk_commands"))
+		return config_positive(x, argc, argv, &c->max_junk_commands, 100000);
 	if (!strcmp(d, "max_sessions"))
 		return config_positive(x, argc, argv, &c->max_sessions, 1000000);
 	if (!strcmp(d, "timeout_idle"))

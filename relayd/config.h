@@ -70,6 +70,7 @@ struct config {
 	unsigned timeout_session; /* total session seconds (default 3600) */
 	unsigned upstream_timeout; /* forwarder: every wait for an upstream (0 = RFC 5321 §4.5.3.2's, the default) */
 	unsigned max_errors;      /* bad commands before 421 (default 10) */
+	unsigned max_junk_commands; /* commands without progress (NOOP, RSET...) before 421 (default 100) */
 	unsigned max_sessions;    /* concurrent sessions (default 10000) */
 
 	unsigned retry_min;       /* forwarding backoff, seconds (default 60) */

@@ -11,7 +11,9 @@
  *  - after STARTTLS all earlier state is forgotten (conn.c drops pipelined clear text);
  *  - lines must end in CRLF; bare LF, bare CR and NUL are refused (SMTP smuggling);
  *  - "250 queued" is sent only from the commit callback, i.e. after the message is on disk;
- *  - async work (AUTH steps, commits) finds its session again by id, never by pointer.
+ *  - async work (AUTH steps, commits) finds its session again by id, never by pointer;
+ *  - a session ends with 421 after max_errors bad commands, or past max_junk_commands
+ *    commands without progress (see session_junk()).
  */
 #include "smtp_server.h"
 
@@ -91,6 +93,7 @@ struct session {
 	bool delay_locked;              /* ... which is the lockout's 454, not 535 */
 	ev_idle more;                   /* more buffered commands: continue when the loop is idle */
 	unsigned errors;
+	unsigned junk;                  /* commands without progress since AUTH or the last message */
 	unsigned auth_failures;
 	ev_timer timer;
 	double t_accept;                /* clock_mono() at accept(): the session's age (timeout_session) and latency */
@@ -259,6 +262,24 @@ static void session_error(struct session *s, const char *reply)
 		log_info("%s smtp event=disconnect reason=too-many-errors", s->idstr);
 		session_enter_state(s, SS_QUIT);
 	}
+}
+
+/* a command that moves nothing forward: NOOP, RSET, VRFY, HELP, and an EHLO or HELO when
+ * this session has already greeted since it began or began TLS (the EHLO that RFC 3207 §4.2
+ * asks for after STARTTLS is free). A successful AUTH and an accepted message start the count
+ * again, so a client that sends an RSET or an EHLO before each message is never stopped. Past
+ * max_junk_commands the command is not carried out: 421 and the close, which RFC 5321 §3.8
+ * allows after any command (Postfix: smtpd_junk_command_limit) */
+static bool session_junk(struct session *s, const struct smtp_cmd *c)
+{
+	bool junk = c->verb == SMTP_NOOP || c->verb == SMTP_RSET || c->verb == SMTP_VRFY || c->verb == SMTP_HELP ||
+		    ((c->verb == SMTP_EHLO || c->verb == SMTP_HELO) && s->helo[0]);
+	if (!junk || ++s->junk <= smtp_cfg->max_junk_commands)
+		return false;
+	session_reply(s, "421 4.7.0 %s Too many commands without progress, closing connection", smtp_cfg->hostname);
+	log_info("%s smtp event=disconnect reason=too-many-junk-commands verb=%s", s->idstr, smtp_verb_name(c->verb));
+	session_enter_state(s, SS_QUIT);
+	return true;
 }
 
 /* --- transaction ------------------------------------------------------------- */
@@ -580,6 +601,7 @@ static void session_auth_ok(struct session *s, struct auth_req *r)
 		stats_inc(ST_AUTH_CACHED, 1);
 	s->limits = r->limits;
 	s->authed = true;
+	s->junk = 0; /* progress */
 	snprintf(s->user, sizeof(s->user), "%s", r->user);
 	s->senders = r->senders;
 	s->nsenders = r->nsenders;
@@ -857,6 +879,8 @@ static void session_command(struct session *s, char *line)
 	struct smtp_cmd c;
 	smtp_parse_command(line, &c);
 	log_debug("%s smtp event=command verb=%s", s->idstr, smtp_verb_name(c.verb));
+	if (session_junk(s, &c))
+		return;
 	switch (c.verb) {
 	case SMTP_EHLO: cmd_helo(s, &c, true); break;
 	case SMTP_HELO: cmd_helo(s, &c, false); break;
@@ -1036,6 +1060,7 @@ static void session_commit_done(uint64_t owner, const char *id, int qerrno)
 	}
 	s->busy = false;
 	if (qerrno == 0) {
+		s->junk = 0; /* progress */
 		policy_count(s->user, PC_ACCEPTED);
 		session_observe_latency(s);
 		stats_inc(ST_ACCEPTED, 1);

@@ -4,7 +4,7 @@
 One relayd (timeout_idle 2s) takes: slowloris clients, clients that never read their replies,
 10,000 pipelined commands in one write, a 100 MB line without a newline, TLS garbage and
 truncated handshakes on the implicit-TLS port and after STARTTLS, AUTH PLAIN with bad base64,
-idle sessions. Between and during these, other clients must be served promptly, and relayd's
+idle sessions, floods of commands without progress (max_junk_commands). Between and during these, other clients must be served promptly, and relayd's
 RSS (VmRSS in /proc/PID/status) must stay bounded. A second relayd (limit_loopback yes,
 max_conn_rate_per_ip) takes a connection flood from 127.0.0.1 while ::1 is still served.
 At the end relayd is alive, its RSS is back near the baseline, and its log holds no sanitizer
@@ -34,7 +34,9 @@ RSS_SLACK_MB = 50 * LOOSE
 if LOOSE > 1:
     t.diag(f"relayd under {'a wrapper' if UNDER_WRAPPER else 'ASan'}: time and memory limits x{LOOSE}")
 
-relay = t.Relay(extra_config="timeout_idle 2s\nmax_errors 10\n")
+# the floods below are NOOP, RSET and VRFY: max_junk_commands (default 100) would end them
+# early; its own tests use a relayd of their own
+relay = t.Relay(extra_config="timeout_idle 2s\nmax_errors 10\nmax_junk_commands 100000\n")
 relay.add_user("alice@example.org", "alice-pw")
 relay.start()
 
@@ -504,6 +506,65 @@ def _():
         t.ok(c.eof(), "and the connection is closed")
     finally:
         c.close()
+
+
+JUNK_RE = r"^421 4\.7\.0 relay\.test Too many commands without progress"
+
+
+def junk_limit(r, limit, what):
+    """a session of r: greeting and EHLO (free), limit NOOPs (250 each), then a NOOP that gets
+    421 4.7.0 alone and the close"""
+    c = r.raw()
+    try:
+        c.reply(); c.ehlo()
+        codes = [c.cmd("NOOP")[0] for _ in range(limit)]
+        t.is_(codes, [250] * limit, f"{what}: {limit} NOOPs after EHLO, 250 each")
+        t.like(c.cmd("NOOP")[1], JUNK_RE, f"{what}: NOOP number {limit + 1} gets 421 4.7.0 (and not its 250)")
+        t.is_(c.reply(), (None, ""), f"{what}: nothing after it, the connection is closed")
+    finally:
+        c.close()
+
+
+@t.test("max_junk_commands (default 100): NOOP number 101 gets 421 4.7.0 instead of its 250, "
+        "and the close; pipelined junk likewise; a reload changes the limit")
+def _():
+    r = t.Relay(ipv6=False)
+    r.start()
+    junk_limit(r, 100, "default")
+    t.like(r.log(), r"smtp event=disconnect reason=too-many-junk-commands verb=NOOP", "logged with the verb")
+
+    # one write: EHLO (the first: free), 150 commands without progress, QUIT
+    cycle = [("NOOP", 250), ("RSET", 250), ("VRFY someone", 252), ("HELP", 214), ("EHLO again.test", 250),
+             ("HELO again.test", 250)]
+    cmds = [cycle[i % len(cycle)] for i in range(150)]
+    c = r.raw()
+    try:
+        c.reply()
+        c.send("EHLO client.test\r\n" + "".join(line + "\r\n" for line, _ in cmds) + "QUIT\r\n")
+        codes = [c.reply()[0] for _ in range(101)]
+        t.is_(codes, [250] + [code for _, code in cmds[:100]],
+              "pipelined: the first EHLO and 100 NOOP/RSET/VRFY/HELP/EHLO/HELO get their replies")
+        t.like(c.reply_text(), JUNK_RE, "the 101st command without progress gets 421 4.7.0")
+        t.is_(c.reply(), (None, ""), "the rest of the group (QUIT too) is not carried out, the connection closes")
+    finally:
+        c.close()
+    t.like(r.log(), rf"reason=too-many-junk-commands verb={cmds[100][0].split()[0]}\n",
+           "logged with the verb that passed the limit (a second EHLO counts)")
+
+    reloads = r.log().count("event=reloaded")
+    r.write_config("max_junk_commands 3\n")
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: r.log().count("event=reloaded") > reloads, 10 * SLOW), "reloaded with max_junk_commands 3")
+    junk_limit(r, 3, "after the reload")
+    r.write_config("max_junk_commands 0\n")
+    r.proc.send_signal(signal.SIGHUP)
+    t.ok(t.wait_for(lambda: re.search(r"reload-failed .*max_junk_commands must be at least 1", r.log()), 10 * SLOW),
+         "a reload with max_junk_commands 0 is refused")
+    junk_limit(r, 3, "the old config kept")
+    r.write_config("max_junk_commands 100001\n")
+    rc, out = t._runner([t.RELAYD, "-n", "-c", r.conf], 10)
+    t.ok(rc == 1 and 'max_junk_commands: bad value "100001"' in out, "relayd -n refuses max_junk_commands 100001", out)
+    t.is_(r.stop(), 0, "clean exit")
 
 
 @t.test("timeout_session: a client that keeps a session busy past it gets 421 4.4.2 and the close")

@@ -1091,6 +1091,93 @@ def _():
     t.is_(msg.split(b"\r\n")[0], b"Received: from client.test ([IPv6:::1])", "Received: names [IPv6:::1]")
 
 
+# --- commands without progress (max_junk_commands) ----------------------------------------------
+JUNK_RE = r"^421 4\.7\.0 relay\.test Too many commands without progress"
+
+
+@t.test("max_junk_commands (default 100): the EHLO after STARTTLS is not counted, a successful AUTH "
+        "starts the count again")
+def _():
+    c = relay.raw()
+    try:
+        c.reply()
+        c.ehlo()
+        t.is_(c.cmd("STARTTLS")[0], 220, "STARTTLS: 220")
+        c.starttls()
+        t.is_(c.ehlo()[0], 250, "EHLO after STARTTLS: 250 (RFC 3207 4.2 asks for it: not counted)")
+        t.is_([c.cmd("NOOP")[0] for _ in range(100)], [250] * 100, "100 NOOPs: 250 each (neither EHLO counted)")
+        t.is_(c.auth_plain(ALICE, ALICE_PW)[0], 235, "AUTH PLAIN: 235, progress")
+        t.is_(c.ehlo()[0], 250, "EHLO after AUTH: 250 (a second greeting: counted, 1)")
+        t.is_([c.cmd("NOOP")[0] for _ in range(99)], [250] * 99, "99 NOOPs: 250 each")
+        t.like(c.cmd("NOOP")[1], JUNK_RE, "the next NOOP, the 101st command without progress since AUTH: 421 4.7.0")
+        t.ok(c.eof(), "and the connection is closed")
+    finally:
+        c.close()
+
+
+@t.test("max_junk_commands (default 100): an accepted message (DATA or BDAT LAST) starts the count again, a "
+        "refused one does not; a MAIL/RSET loop is stopped at its 101st RSET")
+def _():
+    c = relay.session(ALICE)
+
+    def mail_rset(n):
+        codes = []
+        for _ in range(n):
+            codes += [c.cmd(f"MAIL FROM:<{ALICE}>")[0], c.cmd("RSET")[0]]
+        return codes
+    try:
+        t.is_(mail_rset(100), [250, 250] * 100, "100 x MAIL, RSET: 250 each (MAIL is not counted, RSET is)")
+        code, text = transaction(c, ALICE, ["rcpt@example.com"], t.make_message(ALICE, "rcpt@example.com"))
+        t.like(text, t.QUEUED_RE, "a message by DATA: 250 queued, progress")
+        t.is_(mail_rset(100), [250, 250] * 100, "100 x MAIL, RSET again: 250 each")
+        msg = t.make_message(ALICE, "rcpt@example.com")
+        c.cmd(f"MAIL FROM:<{ALICE}>")
+        c.cmd("RCPT TO:<rcpt@example.com>")
+        c.send(f"BDAT {len(msg)} LAST\r\n".encode() + msg)
+        t.like(c.reply_text(), t.QUEUED_RE, "a message by BDAT LAST: 250 queued, progress")
+        t.is_(mail_rset(100), [250, 250] * 100, "100 x MAIL, RSET again: 250 each")
+        code, text = transaction(c, ALICE, ["rcpt@example.com"],
+                                 t.make_message("mallory@example.com", "rcpt@example.com"))
+        t.like(text, r"^553 5\.7\.1 ", "a message with a From: alice may not use: 553 5.7.1, no progress")
+        t.is_(c.cmd(f"MAIL FROM:<{ALICE}>")[0], 250, "MAIL: 250")
+        t.like(c.cmd("RSET")[1], JUNK_RE, "the 101st RSET since the last accepted message: 421 4.7.0")
+        t.ok(c.eof(), "and the connection is closed")
+    finally:
+        c.close()
+
+
+@t.test("max_junk_commands 1: real clients are not stopped (swaks STARTTLS and AUTH; smtplib with EHLO after "
+        "STARTTLS and after AUTH, RSET between messages, NOOP)")
+def _():
+    r = t.Relay(extra_config="max_junk_commands 1", ipv6=False)
+    r.add_user(ALICE, ALICE_PW)
+    r.start()
+
+    def queued(m):
+        return [q for q, data in r.queue_files().items() if m.encode() in data]
+    try:
+        m = marker("junk-swaks")
+        rc, out = t.swaks(swaks_args(r.port_starttls, subject=m) + ["-tls", "--auth", "PLAIN"])
+        t.is_(rc, 0, "swaks -tls --auth PLAIN: rc 0") or t.diag(out)
+        t.is_(len(queued(m)), 1, "swaks message queued")
+
+        s = r.smtp_starttls()  # EHLO, STARTTLS, EHLO
+        s.login(ALICE, ALICE_PW)
+        t.is_(s.ehlo()[0], 250, "smtplib: EHLO again after AUTH: 250 (the one command without progress allowed)")
+        marks = [marker(f"junk-smtplib-{i}") for i in range(3)]
+        for i, m in enumerate(marks):
+            if i:
+                t.is_(s.rset()[0], 250, f"smtplib: RSET before message {i + 1}: 250")
+            t.is_(s.sendmail(ALICE, ["x@example.com"], t.make_message(ALICE, "x@example.com", subject=m)), {},
+                  f"smtplib: message {i + 1} accepted")
+        t.is_(s.noop()[0], 250, "smtplib: NOOP after the last message: 250")
+        t.is_(s.quit()[0], 221, "smtplib: QUIT: 221")
+        t.is_([len(queued(m)) for m in marks], [1, 1, 1], "the three messages are queued")
+        t.unlike(r.log(), r"too-many-junk-commands", "no session was ended for commands without progress")
+    finally:
+        t.is_(r.stop(), 0, "relayd exits 0 on SIGTERM")
+
+
 # --- idle timeout (its own relayd) ---------------------------------------------------------------
 @t.test("idle timeout")
 def _():

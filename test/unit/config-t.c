@@ -81,7 +81,7 @@ int main(void)
 	   "timeout_idle 0 (no idle timeout at all) refused: %s", err);
 	ok(load(BASE "timeout_session 0s\n", &c, err, sizeof(err)) < 0 && strstr(err, "timeout_session must be at least 1s"),
 	   "timeout_session 0 refused: %s", err);
-	const char *positive[] = { "max_sessions", "max_errors", "max_recipients" };
+	const char *positive[] = { "max_sessions", "max_errors", "max_recipients", "max_junk_commands" };
 	for (size_t i = 0; i < sizeof(positive) / sizeof(*positive); i++) {
 		char line[256], expect[96];
 		snprintf(line, sizeof(line), BASE "%s 0\n", positive[i]);
@@ -91,6 +91,13 @@ int main(void)
 		snprintf(line, sizeof(line), BASE "%s 1\n", positive[i]);
 		ok(load(line, &c, err, sizeof(err)) == 0, "%s 1 loads", positive[i]);
 	}
+	ok(load(BASE, &c, err, sizeof(err)) == 0 && c.max_junk_commands == 100, "max_junk_commands defaults to 100");
+	ok(load(BASE "max_junk_commands 100000\n", &c, err, sizeof(err)) == 0 && c.max_junk_commands == 100000,
+	   "max_junk_commands 100000 loads: %s", err);
+	ok(load(BASE "max_junk_commands 100001\n", &c, err, sizeof(err)) < 0 &&
+	   strstr(err, "relayd.conf:6: max_junk_commands: bad value \"100001\""), "max_junk_commands 100001 refused: %s", err);
+	ok(load(BASE "max_junk_commands -1\n", &c, err, sizeof(err)) < 0 && strstr(err, "max_junk_commands: bad value"),
+	   "max_junk_commands -1 refused: %s", err);
 	ok(load(BASE "auth_lockout 0\n# end\n", &c, err, sizeof(err)) < 0 &&
 	   strstr(err, "relayd.conf:6: auth_lockout must be at least 1s (auth_fail_limit 0 turns lockouts off)"),
 	   "auth_lockout 0 (no lockout and no growing delay) refused: %s", err);
