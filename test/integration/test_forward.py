@@ -1474,4 +1474,43 @@ def _():
     done(relay, up)
 
 
+@t.test("pacing across a step back of the wall clock: messages counted 'in the future' do not hold the next for an hour")
+def _():
+    up = ClockUpstream()
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=1/second"], start=False)
+    clock.start(relay)
+    submit(relay, ["pace1@example.net"])
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the first message sent")
+    clock.step("-3600")
+    submit(relay, ["pace2@example.net"])
+    t.ok(t.wait_for(lambda: len(up.messages) == 2, 3 + 5 * t.SLOW),
+         "rate=1/second: the next goes within seconds, though the first was counted an hour ahead of the clock now",
+         relay.log()[-600:])
+    clock.step("+0")
+    done(relay, up)
+
+
+@t.test("pacing across a step forward of the wall clock: the window is not emptied (no burst over the rate)")
+def _():
+    up = ClockUpstream()
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=2/minute"], start=False)
+    clock.start(relay)
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    for n in range(3):
+        submit(relay, [f"burst{n}@example.net"], conn=c)
+    t.ok(t.wait_for(lambda: len(up.messages) == 2 and relay.stat("upstream.0.waiting") == 1, 10 * t.SLOW),
+         "rate=2/minute: two sent, the third held")
+    clock.step("+86400")
+    submit(relay, ["burst3@example.net"], conn=c)
+    c.quit()
+    t.ok(t.wait_for(lambda: relay.stat("upstream.0.waiting") == 2, 10 * t.SLOW),
+         "a day later by the wall clock, a fourth message waits with the third", relay.stat("upstream.0.waiting"))
+    t.is_(len(up.messages), 2, "still two sent within the minute")
+    clock.step("+0")
+    done(relay, up)
+
+
 t.done()
