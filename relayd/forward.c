@@ -909,12 +909,14 @@ static void forward_rate_cb(struct ev_loop *loop, ev_timer *w, int revents)
 	forward_upstream_dispatch(u);
 }
 
-/* may one more message start now? If not, wake up when the window allows */
+/* may one more message start now? If not, wake up when the window allows. The window counts
+ * in clock_mono_sec() (it lives in memory only): a step of the wall clock neither holds mail
+ * for as long as it went back nor empties the window when it goes forward */
 static bool forward_rate_allows(struct forward_upstream *u)
 {
 	if (!u->cfg->rate_count)
 		return true;
-	time_t now = time(NULL);
+	time_t now = clock_mono_sec();
 	if (ratelimit_allows(&u->rate, now, 1))
 		return true;
 	if (!u->rate_waiting) {
@@ -968,7 +970,7 @@ void forward_upstream_dispatch(struct forward_upstream *u)
 			break;
 		struct forward_msg *m = forward_upstream_pop(u);
 		if (u->cfg->rate_count)
-			ratelimit_add(&u->rate, time(NULL), 1);
+			ratelimit_add(&u->rate, clock_mono_sec(), 1);
 		forward_session_take(s, m);
 	}
 	while (u->nwait > u->nsetup && u->nsessions < u->cfg->max_connections)

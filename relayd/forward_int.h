@@ -140,7 +140,7 @@ struct forward_upstream {
 	unsigned nwait;
 	ev_tstamp down_until;
 	unsigned fail_streak;
-	struct ratelimit_window rate;
+	struct ratelimit_window rate;   /* pacing (rate=), in clock_mono_sec() */
 	ev_timer rate_timer;
 	bool rate_waiting;
 	/* stats */

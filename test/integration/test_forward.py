@@ -8,7 +8,9 @@ auth= file readable by others refused, and DSN notices (RFC 3461/3464): "relayed
 NOTIFY=SUCCESS through an upstream without DSN (none when it offers DSN), one "delayed" after
 delay_warning; a reload that changes the list of upstreams (the old upstream finishes the
 transaction in progress, the rest goes to the new list, same process); reloads free the trust
-anchors and secrets they replace (RSS, relayctl stats credential_sets).
+anchors and secrets they replace (RSS, relayctl stats credential_sets); wall-clock steps
+(libfaketime) change neither an upstream's down time, nor a deferred message's retry, nor the
+upstream latencies in /metrics.
 
 Run by `make check`, or by hand: top_builddir=. /usr/bin/python3 test/integration/test_forward.py
 """
@@ -1265,6 +1267,249 @@ def _():
     t.like(eml, "Final-Recipient: utf-8; b\u00e4d@example.net\r\n".encode(), "Final-Recipient: utf-8; the address")
     t.ok(("Subject: " + subj).encode() in eml, "the returned message's UTF-8 Subject intact")
     t.unlike(eml, rb"message/rfc822|message/delivery-status\r", "no legacy type holds UTF-8")
+    done(relay, up)
+
+
+# --- wall-clock steps (NTP): libfaketime moves relayd's CLOCK_REALTIME only -----------------
+# What the forwarder times on which clock (forward.c, forward_session.c):
+#  - an upstream's down time (down_until) and a transaction's latency: CLOCK_MONOTONIC
+#    (clock_mono), in memory only: a step changes neither;
+#  - a message's next attempt: a T record holds it as wall-clock seconds (on disk, for a
+#    restart), but the timer is relative (ev_timer, on libev's monotonic clock), armed for
+#    next_attempt - time(NULL) at once: a step afterwards neither stretches nor skips it;
+#  - a message's age (queue_lifetime, delay_warning): created, wall-clock on purpose (stored
+#    in the queue file, it must survive a restart): a forward step past queue_lifetime does
+#    expire a message, so the test keeps the step (1 day) below it (2 days).
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+with open(t.RELAYD, "rb") as _f:  # an ASan build (tools/run-hardening)
+    SANITIZED = b"__asan_init" in _f.read()
+
+
+class WallClock:
+    """the wall clock of a relayd started with start(relay): step("-3600") sets its offset
+    from the real time (libfaketime reads the file on every call; CLOCK_MONOTONIC stays real)"""
+
+    def __init__(self):
+        self.rc = os.path.join(t.mkdtemp("relaytest-clock-"), "faketime.rc")
+        self.step("+0")
+
+    def step(self, offset):
+        with open(self.rc + ".new", "w") as f:
+            f.write(offset + "\n")
+        os.replace(self.rc + ".new", self.rc)  # never read half written
+
+    def _faked(self):  # in relayd's child before exec
+        os.environ.update(LD_PRELOAD=FAKETIME, FAKETIME_TIMESTAMP_FILE=self.rc, FAKETIME_NO_CACHE="1",
+                          FAKETIME_DONT_FAKE_MONOTONIC="1")
+        if SANITIZED:  # ASan must come first among the preloaded libraries otherwise
+            os.environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":")
+
+    def start(self, relay):
+        return relay.start(preexec_fn=self._faked)
+
+
+class ClockUpstream(t.AsyncServer):
+    """a scripted upstream for the clock-step tests, one command at a time (no PIPELINING): 421
+    at the greeting on its first `refuse` connections, 451 to its first `fail_mail` MAILs; mails:
+    the (test's monotonic) time of every MAIL; messages: the recipients of every message taken.
+    With hold, the reply to a final dot waits for release (10 s at most), held set meanwhile;
+    with one_per_conn, the upstream closes the connection after that reply."""
+
+    def __init__(self, refuse=0, fail_mail=0, hold=False, one_per_conn=False):
+        self.refuse, self.fail_mail, self.hold, self.one_per_conn = refuse, fail_mail, hold, one_per_conn
+        self.held, self.release = threading.Event(), threading.Event()
+        self.connections, self.mails, self.messages = 0, [], []
+        t.AsyncServer.__init__(self)
+
+    async def _dot(self, reader, rcpts):
+        while await asyncio.wait_for(reader.readline(), 30) not in (b".\r\n", b""):
+            pass
+        if self.hold:
+            self.held.set()
+            for _ in range(200):
+                if self.release.is_set():
+                    break
+                await asyncio.sleep(0.05)
+        self.messages.append(rcpts)
+        return b"250 2.0.0 queued\r\n"
+
+    def _mail(self):
+        self.mails.append(time.monotonic())
+        failing = self.fail_mail > 0
+        self.fail_mail -= failing
+        return b"451 4.3.0 try again later\r\n" if failing else b"250 2.1.0 ok\r\n"
+
+    async def _client(self, reader, writer):
+        self.connections += 1
+        rcpts = []
+        try:
+            if self.refuse > 0:
+                self.refuse -= 1
+                writer.write(b"421 4.3.2 not now\r\n")
+                await writer.drain()
+                return
+            writer.write(b"220 up.test ESMTP\r\n")
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 30)
+                verb = line[:4].upper()
+                if not line or verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    return
+                reply = b"250 2.0.0 ok\r\n"
+                if verb == b"EHLO":
+                    reply = b"250-up.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+                elif verb == b"MAIL":
+                    rcpts = []
+                    reply = self._mail()
+                elif verb == b"RCPT":
+                    rcpts.append(line[8:].split(b">")[0].lstrip(b"<").decode())
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    reply = await self._dot(reader, rcpts)
+                writer.write(reply)
+                await writer.drain()
+                if verb == b"DATA" and self.one_per_conn:
+                    return
+        except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def upstream_state(relay, i):
+    m = re.search(rf"^upstream\.{i}\.state=(\w+)$", relay.relayctl("stats")[1], re.M)
+    return m.group(1) if m else None
+
+
+@t.test("an upstream marked down is back after its down time, no more, no less, across wall-clock steps")
+def _():
+    down = max(3, round(3 * t.SLOW))  # retry_min: the first down time
+    first, second = ClockUpstream(refuse=1, one_per_conn=True), ClockUpstream()
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{first.port} tls=none", f"127.0.0.1:{second.port} tls=none"],
+                       extra=f"retry_min {down}s\nretry_max {down}s\n", start=False)
+    clock.start(relay)
+    refused = rf"upstream-failed upstream=127\.0\.0\.1:{first.port} state=greeting"
+    submit(relay, ["one@example.net"])
+    t.ok(wait_log(relay, refused, 10), "the first upstream said 421 at its greeting: marked down")
+    t.ok(t.wait_for(lambda: second.messages, 10 * t.SLOW), "the message went to the second")
+    t.is_(upstream_state(relay, 0), "down", "relayctl stats: the first is down")
+    clock.step("-3600")  # NTP steps the clock back an hour
+    t.ok(t.wait_for(lambda: upstream_state(relay, 0) == "up", down + 5 * t.SLOW),
+         f"{down} s of real time later it is up again, an hour back notwithstanding")
+    submit(relay, ["two@example.net"])
+    t.ok(t.wait_for(lambda: first.messages, 10 * t.SLOW), "the next message goes to the first again")
+    t.is_(first.messages, [["two@example.net"]], "that one")
+    t.ok(t.wait_for(lambda: relay.stat("upstream.0.connections") == 0, 10 * t.SLOW),
+         "the first closed its connection after the message")
+
+    first.refuse = 1  # the next connection is refused: down again, as long (the first failure since it delivered)
+    submit(relay, ["three@example.net"])
+    t.ok(t.wait_for(lambda: len(re.findall(refused, relay.log())) == 2, 10 * t.SLOW), "the first refused again")
+    failed_at = time.monotonic()
+    t.ok(t.wait_for(lambda: len(second.messages) == 2, 10 * t.SLOW), "that message went to the second")
+    clock.step("+86400")  # forward a day
+    t.is_(upstream_state(relay, 0), "down", "a day later by the wall clock it is still down")
+    submit(relay, ["four@example.net"])
+    t.ok(t.wait_for(lambda: len(second.messages) == 3, 10 * t.SLOW), "the next message goes to the second too")
+    t.is_(first.connections, 3, "the first, ready now, was not tried before its down time")
+    t.ok(time.monotonic() - failed_at < down, f"(checked within the down time of {down} s)")
+    clock.step("+0")
+    done(relay, first, second)
+
+
+@t.test("a deferred message is retried on schedule across wall-clock steps: an hour back does not stretch "
+        "its retry, a day forward neither skips it nor expires it")
+def _():
+    up = ClockUpstream(fail_mail=2)
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"],
+                       extra="retry_min 2s\nretry_max 2s\nqueue_lifetime 2d\n", start=False)
+    clock.start(relay)
+    code, qid, _ = submit(relay, ["kate@example.net"])
+    t.is_(code, 250, "accepted")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1 retry=2s", 10), "451: deferred for 2 s")
+    clock.step("-3600")
+    t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=2 retry=2s", 5 + 5 * t.SLOW),
+         "retried 2 s later, though the wall clock went back an hour meanwhile")
+    clock.step("+86400")
+    t.ok(t.wait_for(lambda: up.messages, 5 + 5 * t.SLOW), "retried again and delivered, the clock a day ahead")
+    t.ok(t.wait_for(lambda: qid not in relay.queue_ids(), 5 * t.SLOW), "and removed from the queue")
+    gaps = [round(b - a, 2) for a, b in zip(up.mails, up.mails[1:])]
+    t.is_(len(up.mails), 3, "three attempts in all: not one more")
+    t.ok(len(gaps) == 2 and all(1.0 <= g <= 3 + 3 * t.SLOW for g in gaps),
+         "each retry about 2 s after the one before (the delay counted in whole seconds)", gaps)
+    t.unlike(relay.log(), rf"{qid} forward event=(expired|bounced)", "a day forward is no reason to give it up")
+    clock.step("+0")
+    done(relay, up)
+
+
+def latencies(mport):
+    """relayd_upstream_latency_{avg,last}_seconds from /metrics, as floats"""
+    rc, out = t.curl(["-s", f"http://127.0.0.1:{mport}/metrics"])
+    got = dict(re.findall(r"^relayd_upstream_latency_(avg|last)_seconds\{[^}]*\} (\S+)$", out, re.M))
+    return {k: float(v) for k, v in got.items()}
+
+
+@t.test("upstream latencies in /metrics stay true across wall-clock steps in a transaction: never negative")
+def _():
+    up = ClockUpstream(hold=True)
+    clock = WallClock()
+    mport = t.free_port()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra=RETRY + f"metrics 127.0.0.1:{mport}\n", start=False)
+    clock.start(relay)
+    for n, offset in enumerate(("-3600", "+86400")):
+        up.held.clear()
+        up.release.clear()
+        submit(relay, [f"lat{n}@example.net"])
+        t.ok(up.held.wait(10 * t.SLOW), f"message {n + 1}: the upstream holds its reply to the final dot")
+        clock.step(offset)
+        up.release.set()
+        t.ok(wait_log(relay, rf"forward event=delivered upstream=\S+ rcpt=<lat{n}@example\.net>", 10),
+             "then delivered")
+        lat = latencies(mport)
+        t.ok(set(lat) == {"avg", "last"} and all(0 <= v < 30 for v in lat.values()),
+             f"latency last and avg between 0 and 30 s, though the wall clock stepped {offset} s", lat)
+    clock.step("+0")
+    done(relay, up)
+
+
+@t.test("pacing across a step back of the wall clock: messages counted 'in the future' do not hold the next for an hour")
+def _():
+    up = ClockUpstream()
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=1/second"], start=False)
+    clock.start(relay)
+    submit(relay, ["pace1@example.net"])
+    t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the first message sent")
+    clock.step("-3600")
+    submit(relay, ["pace2@example.net"])
+    t.ok(t.wait_for(lambda: len(up.messages) == 2, 3 + 5 * t.SLOW),
+         "rate=1/second: the next goes within seconds, though the first was counted an hour ahead of the clock now",
+         relay.log()[-600:])
+    clock.step("+0")
+    done(relay, up)
+
+
+@t.test("pacing across a step forward of the wall clock: the window is not emptied (no burst over the rate)")
+def _():
+    up = ClockUpstream()
+    clock = WallClock()
+    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=2/minute"], start=False)
+    clock.start(relay)
+    c = relay.smtp_starttls()
+    c.login(ALICE, ALICE_PW)
+    for n in range(3):
+        submit(relay, [f"burst{n}@example.net"], conn=c)
+    t.ok(t.wait_for(lambda: len(up.messages) == 2 and relay.stat("upstream.0.waiting") == 1, 10 * t.SLOW),
+         "rate=2/minute: two sent, the third held")
+    clock.step("+86400")
+    submit(relay, ["burst3@example.net"], conn=c)
+    c.quit()
+    t.ok(t.wait_for(lambda: relay.stat("upstream.0.waiting") == 2, 10 * t.SLOW),
+         "a day later by the wall clock, a fourth message waits with the third", relay.stat("upstream.0.waiting"))
+    t.is_(len(up.messages), 2, "still two sent within the minute")
+    clock.step("+0")
     done(relay, up)
 
 
