@@ -1,7 +1,8 @@
 /*
  * clock - seconds on CLOCK_MONOTONIC (vDSO, no system call), for times that live in memory
- * only: session ages and latencies, lockouts, an upstream marked down. The wall clock (and
- * libev's ev_now(), which follows it) jumps when NTP steps it; this one does not.
+ * only: session ages and latencies, lockouts, an upstream marked down, its pacing (rate=).
+ * The wall clock (and libev's ev_now(), which follows it) jumps when NTP steps it; this one
+ * does not.
  */
 #ifndef RELAYD_CLOCK_H
 #define RELAYD_CLOCK_H
