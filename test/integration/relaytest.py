@@ -317,6 +317,39 @@ def have_ipv6():
         return False
 
 
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def sanitized():
+    """is relayd an ASan build (tools/run-hardening)?"""
+    with open(RELAYD, "rb") as f:
+        return b"__asan_init" in f.read()
+
+
+class WallClock:
+    """the wall clock of a relayd started with start(relay), for NTP-step tests:
+    step("-3600") sets its offset from the real time (libfaketime reads the file on every call;
+    CLOCK_MONOTONIC stays real)"""
+
+    def __init__(self):
+        self.rc = os.path.join(mkdtemp("relaytest-clock-"), "faketime.rc")
+        self.step("+0")
+
+    def step(self, offset):
+        with open(self.rc + ".new", "w") as f:
+            f.write(offset + "\n")
+        os.replace(self.rc + ".new", self.rc)  # never read half written
+
+    def _faked(self):  # in relayd's child before exec
+        os.environ.update(LD_PRELOAD=FAKETIME, FAKETIME_TIMESTAMP_FILE=self.rc, FAKETIME_NO_CACHE="1",
+                          FAKETIME_DONT_FAKE_MONOTONIC="1")
+        if sanitized():  # ASan must come first among the preloaded libraries otherwise
+            os.environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":")
+
+    def start(self, relay):
+        return relay.start(preexec_fn=self._faked)
+
+
 def free_port(host="127.0.0.1"):
     """a port that was free a moment ago (bind port 0, close)"""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET

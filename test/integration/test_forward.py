@@ -1280,34 +1280,6 @@ def _():
 #  - a message's age (queue_lifetime, delay_warning): created, wall-clock on purpose (stored
 #    in the queue file, it must survive a restart): a forward step past queue_lifetime does
 #    expire a message, so the test keeps the step (1 day) below it (2 days).
-FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-with open(t.RELAYD, "rb") as _f:  # an ASan build (tools/run-hardening)
-    SANITIZED = b"__asan_init" in _f.read()
-
-
-class WallClock:
-    """the wall clock of a relayd started with start(relay): step("-3600") sets its offset
-    from the real time (libfaketime reads the file on every call; CLOCK_MONOTONIC stays real)"""
-
-    def __init__(self):
-        self.rc = os.path.join(t.mkdtemp("relaytest-clock-"), "faketime.rc")
-        self.step("+0")
-
-    def step(self, offset):
-        with open(self.rc + ".new", "w") as f:
-            f.write(offset + "\n")
-        os.replace(self.rc + ".new", self.rc)  # never read half written
-
-    def _faked(self):  # in relayd's child before exec
-        os.environ.update(LD_PRELOAD=FAKETIME, FAKETIME_TIMESTAMP_FILE=self.rc, FAKETIME_NO_CACHE="1",
-                          FAKETIME_DONT_FAKE_MONOTONIC="1")
-        if SANITIZED:  # ASan must come first among the preloaded libraries otherwise
-            os.environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":")
-
-    def start(self, relay):
-        return relay.start(preexec_fn=self._faked)
-
-
 class ClockUpstream(t.AsyncServer):
     """a scripted upstream for the clock-step tests, one command at a time (no PIPELINING): 421
     at the greeting on its first `refuse` connections, 451 to its first `fail_mail` MAILs; mails:
@@ -1385,7 +1357,7 @@ def upstream_state(relay, i):
 def _():
     down = max(3, round(3 * t.SLOW))  # retry_min: the first down time
     first, second = ClockUpstream(refuse=1, one_per_conn=True), ClockUpstream()
-    clock = WallClock()
+    clock = t.WallClock()
     relay = make_relay([f"127.0.0.1:{first.port} tls=none", f"127.0.0.1:{second.port} tls=none"],
                        extra=f"retry_min {down}s\nretry_max {down}s\n", start=False)
     clock.start(relay)
@@ -1422,7 +1394,7 @@ def _():
         "its retry, a day forward neither skips it nor expires it")
 def _():
     up = ClockUpstream(fail_mail=2)
-    clock = WallClock()
+    clock = t.WallClock()
     relay = make_relay([f"127.0.0.1:{up.port} tls=none"],
                        extra="retry_min 2s\nretry_max 2s\nqueue_lifetime 2d\n", start=False)
     clock.start(relay)
@@ -1454,7 +1426,7 @@ def latencies(mport):
 @t.test("upstream latencies in /metrics stay true across wall-clock steps in a transaction: never negative")
 def _():
     up = ClockUpstream(hold=True)
-    clock = WallClock()
+    clock = t.WallClock()
     mport = t.free_port()
     relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra=RETRY + f"metrics 127.0.0.1:{mport}\n", start=False)
     clock.start(relay)
@@ -1477,7 +1449,7 @@ def _():
 @t.test("pacing across a step back of the wall clock: messages counted 'in the future' do not hold the next for an hour")
 def _():
     up = ClockUpstream()
-    clock = WallClock()
+    clock = t.WallClock()
     relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=1/second"], start=False)
     clock.start(relay)
     submit(relay, ["pace1@example.net"])
@@ -1494,7 +1466,7 @@ def _():
 @t.test("pacing across a step forward of the wall clock: the window is not emptied (no burst over the rate)")
 def _():
     up = ClockUpstream()
-    clock = WallClock()
+    clock = t.WallClock()
     relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=2/minute"], start=False)
     clock.start(relay)
     c = relay.smtp_starttls()
