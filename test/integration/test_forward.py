@@ -1280,6 +1280,14 @@ def _():
 #  - a message's age (queue_lifetime, delay_warning): created, wall-clock on purpose (stored
 #    in the queue file, it must survive a restart): a forward step past queue_lifetime does
 #    expire a message, so the test keeps the step (1 day) below it (2 days).
+def clocked_relay(upstreams, **kw):
+    """make_relay(upstreams, **kw) started with a wall clock the test steps: (clock, relay)"""
+    clock = t.WallClock()
+    relay = make_relay(upstreams, start=False, **kw)
+    clock.start(relay)
+    return clock, relay
+
+
 class ClockUpstream(t.AsyncServer):
     """a scripted upstream for the clock-step tests, one command at a time (no PIPELINING): 421
     at the greeting on its first `refuse` connections, 451 to its first `fail_mail` MAILs; mails:
@@ -1357,10 +1365,8 @@ def upstream_state(relay, i):
 def _():
     down = max(3, round(3 * t.SLOW))  # retry_min: the first down time
     first, second = ClockUpstream(refuse=1, one_per_conn=True), ClockUpstream()
-    clock = t.WallClock()
-    relay = make_relay([f"127.0.0.1:{first.port} tls=none", f"127.0.0.1:{second.port} tls=none"],
-                       extra=f"retry_min {down}s\nretry_max {down}s\n", start=False)
-    clock.start(relay)
+    clock, relay = clocked_relay([f"127.0.0.1:{first.port} tls=none", f"127.0.0.1:{second.port} tls=none"],
+                                 extra=f"retry_min {down}s\nretry_max {down}s\n")
     refused = rf"upstream-failed upstream=127\.0\.0\.1:{first.port} state=greeting"
     submit(relay, ["one@example.net"])
     t.ok(wait_log(relay, refused, 10), "the first upstream said 421 at its greeting: marked down")
@@ -1394,10 +1400,8 @@ def _():
         "its retry, a day forward neither skips it nor expires it")
 def _():
     up = ClockUpstream(fail_mail=2)
-    clock = t.WallClock()
-    relay = make_relay([f"127.0.0.1:{up.port} tls=none"],
-                       extra="retry_min 2s\nretry_max 2s\nqueue_lifetime 2d\n", start=False)
-    clock.start(relay)
+    clock, relay = clocked_relay([f"127.0.0.1:{up.port} tls=none"],
+                                 extra="retry_min 2s\nretry_max 2s\nqueue_lifetime 2d\n")
     code, qid, _ = submit(relay, ["kate@example.net"])
     t.is_(code, 250, "accepted")
     t.ok(wait_log(relay, rf"{qid} forward event=deferred attempts=1 retry=2s", 10), "451: deferred for 2 s")
@@ -1426,10 +1430,8 @@ def latencies(mport):
 @t.test("upstream latencies in /metrics stay true across wall-clock steps in a transaction: never negative")
 def _():
     up = ClockUpstream(hold=True)
-    clock = t.WallClock()
     mport = t.free_port()
-    relay = make_relay([f"127.0.0.1:{up.port} tls=none"], extra=RETRY + f"metrics 127.0.0.1:{mport}\n", start=False)
-    clock.start(relay)
+    clock, relay = clocked_relay([f"127.0.0.1:{up.port} tls=none"], extra=RETRY + f"metrics 127.0.0.1:{mport}\n")
     for n, offset in enumerate(("-3600", "+86400")):
         up.held.clear()
         up.release.clear()
@@ -1449,9 +1451,7 @@ def _():
 @t.test("pacing across a step back of the wall clock: messages counted 'in the future' do not hold the next for an hour")
 def _():
     up = ClockUpstream()
-    clock = t.WallClock()
-    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=1/second"], start=False)
-    clock.start(relay)
+    clock, relay = clocked_relay([f"127.0.0.1:{up.port} tls=none rate=1/second"])
     submit(relay, ["pace1@example.net"])
     t.ok(t.wait_for(lambda: up.messages, 10 * t.SLOW), "the first message sent")
     clock.step("-3600")
@@ -1466,9 +1466,7 @@ def _():
 @t.test("pacing across a step forward of the wall clock: the window is not emptied (no burst over the rate)")
 def _():
     up = ClockUpstream()
-    clock = t.WallClock()
-    relay = make_relay([f"127.0.0.1:{up.port} tls=none rate=2/minute"], start=False)
-    clock.start(relay)
+    clock, relay = clocked_relay([f"127.0.0.1:{up.port} tls=none rate=2/minute"])
     c = relay.smtp_starttls()
     c.login(ALICE, ALICE_PW)
     for n in range(3):
