@@ -32,32 +32,26 @@ if grep -q '^idle: \([1-9][0-9]*\) of \1 TLS sessions open' "$out"; then
 else
 	echo "not ok 5 - idle sessions established"
 fi
+# check N NAME STATUS [DETAIL]: ok or not ok N (a failure has the output dumped below)
+dump=
+check() {
+	if [ "$3" = 0 ]; then
+		echo "ok $1 - $2"
+	else
+		echo "not ok $1 - $2${4:+ ($4)}"
+		dump=1
+	fi
+}
 half=$(grep '^RESULT server=relayd mode=half-of-peak' "$out")
-if printf '%s\n' "$half" | grep -Eq 'offered=[1-9][0-9]* msgs=[1-9][0-9]* .*dot_p99=[0-9.]*[1-9][0-9.]* errors=0 runs=1 '; then
-	echo "ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
-else
-	echo "not ok 6 - half-of-peak open-loop run: messages sent, final-dot latency measured, no errors"
-	half=bad
-fi
-if printf '%s\n' "$half" | grep -Eq ' srv_p50=[0-9.]*[1-9][0-9.]* srv_p99=[0-9.]*[1-9][0-9.]* '; then
-	echo "ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
-else
-	echo "not ok 7 - half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener"
-	half=bad
-fi
-if grep -Eq '^RESULT server=relayd clients=[0-9]+ mode=resume msgs=[1-9][0-9]* .* errors=0 resumed=[1-9]' "$out"; then
-	echo "ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
-else
-	echo "not ok 8 - the resumption row: sessions resumed with the tickets relayd issued"
-	half=bad
-fi
+printf '%s\n' "$half" | grep -Eq 'offered=[1-9][0-9]* msgs=[1-9][0-9]* .*dot_p99=[0-9.]*[1-9][0-9.]* errors=0 runs=1 '
+check 6 "half-of-peak open-loop run: messages sent, final-dot latency measured, no errors" $?
+printf '%s\n' "$half" | grep -Eq ' srv_p50=[0-9.]*[1-9][0-9.]* srv_p99=[0-9.]*[1-9][0-9.]* '
+check 7 "half-of-peak run: relayd's own accept-to-250 histogram read from its metrics listener" $?
+grep -Eq '^RESULT server=relayd clients=[0-9]+ mode=resume msgs=[1-9][0-9]* .* errors=0 resumed=[1-9]' "$out"
+check 8 "the resumption row: sessions resumed with the tickets relayd issued" $?
 sink=$(grep '^sink (relayd): received' "$out")
-if printf '%s\n' "$sink" | grep -Eq '^sink \(relayd\): received ([1-9][0-9]*) of \1 messages answered 250 \(0 files still'; then
-	echo "ok 9 - every message answered 250 reached the sink, none left in the queue"
-else
-	echo "not ok 9 - every message answered 250 reached the sink, none left in the queue ($sink)"
-	half=bad
-fi
-if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ "$half" = bad ] || [ -n "$bad_rate$bad_err" ]; then
+printf '%s\n' "$sink" | grep -Eq '^sink \(relayd\): received ([1-9][0-9]*) of \1 messages answered 250 \(0 files still'
+check 9 "every message answered 250 reached the sink, none left in the queue" $? "$sink"
+if [ "$rc" != 0 ] || [ "$n" -lt 1 ] || [ -n "$dump$bad_rate$bad_err" ]; then
 	sed 's/^/# /' "$out"
 fi

@@ -27,6 +27,14 @@ relay.add_user(USER, PW)
 relay.start()
 
 
+def nobody_relay(extra="", as_nobody=True):
+    """a Relay (not started) that drops to user nobody (as_nobody), with extra config; its
+    folder searchable by others, so that nobody reaches the database and queue inside"""
+    r = t.Relay(extra_config=("user nobody\n" if as_nobody else "") + extra)
+    os.chmod(r.dir, 0o755)
+    return r
+
+
 def one_message(r, tag):
     c = r.session(USER)
     try:
@@ -415,8 +423,7 @@ def _():
     if os.geteuid() != 0:
         t.ok(True, "not root: relayd keeps its uid (nothing to drop)")
         return
-    r = t.Relay(extra_config="user nobody\n")
-    os.chmod(r.dir, 0o755)  # nobody must reach the database and queue inside
+    r = nobody_relay()
     r.add_user(USER, PW)
     r.start()  # returns after main event=started, which is logged after the drop
     with open(f"/proc/{r.proc.pid}/status") as f:
@@ -440,8 +447,7 @@ def _():
         t.skip("files relayd's user cannot re-read", "not root")
         return
     import shutil
-    r = t.Relay(extra_config="user nobody\n")
-    os.chmod(r.dir, 0o755)
+    r = nobody_relay()
     secret, ca = os.path.join(r.dir, "upstream.secret"), os.path.join(r.dir, "upstream-ca.pem")
     with open(secret, "w") as f:
         f.write("relay:upstream-password\n")
@@ -462,8 +468,7 @@ def secret_relay(mode):
     """a relay (as nobody when root) with an upstream auth= file of that mode, its owner the
     user's: the relay and the file's path"""
     root = os.geteuid() == 0
-    r = t.Relay(extra_config="user nobody\n" if root else "")
-    os.chmod(r.dir, 0o755)
+    r = nobody_relay(as_nobody=root)
     secret = os.path.join(r.dir, "upstream.secret")
     with open(secret, "w") as f:
         f.write("relay:upstream-password\n")
@@ -521,8 +526,7 @@ def _():
     try:
         subprocess.run(["gpasswd", "-a", "nobody", group], check=True, capture_output=True)
         gid = grp.getgrnam(group).gr_gid
-        r = t.Relay(extra_config="user nobody\n")
-        os.chmod(r.dir, 0o755)
+        r = nobody_relay()
         key = os.path.join(r.dir, "server-key.pem")
         os.chown(key, 0, gid)
         os.chmod(key, 0o640)  # root:group 0640, the ssl-cert way
@@ -560,8 +564,7 @@ def _():
     if os.geteuid() != 0:
         t.skip("database folder of root's", "not root")
         return
-    r = t.Relay(extra_config="user nobody\ndatabase lib/relayd.db\n")
-    os.chmod(r.dir, 0o755)
+    r = nobody_relay("database lib/relayd.db\n")
     lib = os.path.join(r.dir, "lib")
     os.mkdir(lib, 0o700)
     r.add_user(USER, PW)
@@ -585,8 +588,7 @@ def _():
     if os.geteuid() != 0:
         t.skip("a parent folder of root's", "not root")
         return
-    r = t.Relay(extra_config="user nobody\ndatabase secret/relayd/relayd.db\n")
-    os.chmod(r.dir, 0o755)
+    r = nobody_relay("database secret/relayd/relayd.db\n")
     secret = os.path.join(r.dir, "secret")
     lib = os.path.join(secret, "relayd")
     os.mkdir(secret, 0o700)
@@ -796,8 +798,7 @@ def accepts(r):
 def _():
     root = os.geteuid() == 0
     for kind, abstract in (("path", False), ("abstract", True)):
-        r = t.Relay(extra_config="user nobody\n" if root else "")
-        os.chmod(r.dir, 0o755)
+        r = nobody_relay(as_nobody=root)
         s, value = notify_socket(r, abstract)
         s.settimeout(10 * t.SLOW)
         try:
@@ -844,8 +845,7 @@ def _():
         t.skip("links planted by the relayd user", "not root")
         return
     nobody = pwd.getpwnam("nobody")
-    r = t.Relay(extra_config="user nobody\n")
-    os.chmod(r.dir, 0o755)
+    r = nobody_relay()
     r.add_user(USER, PW)
     r.start()
     r.stop()  # the queue now belongs to nobody
